@@ -1,0 +1,1 @@
+"""Dataset facts (class names, zero-shot splits) and, for training, dataset readers."""
