@@ -1,0 +1,148 @@
+"""CLIP ViT image tower with deep visual prompts → pixel and global embeddings (spec §3).
+
+The transformer blocks, patch embedding and norms are open_clip's modules (so OpenAI CLIP
+weights load directly); the forward loop is ours, because OTSeg inserts and replaces prompt
+tokens between blocks and interpolates positions to any token grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import VisionConfig
+
+
+@dataclass
+class ImageEmbedding:
+    """Output of the image tower for a batch of crops."""
+
+    pixels: torch.Tensor  # (B, C, h, w) unit-norm pixel embeddings
+    cls: torch.Tensor  # (B, C) unit-norm global embedding
+
+
+class PromptedViT(nn.Module):
+    """open_clip ``VisionTransformer`` parts plus VPT prompts; state-dict keys match the original
+    ``backbone.*`` names minus the prefix."""
+
+    def __init__(self, cfg: VisionConfig, visual: nn.Module | None = None) -> None:
+        super().__init__()
+        if visual is None:
+            visual = build_visual(cfg)
+        check_visual(visual, cfg)
+        self.cfg = cfg
+        self.conv1 = visual.conv1
+        self.class_embedding = visual.class_embedding
+        self.positional_embedding = nn.Parameter(
+            resize_positions(visual.positional_embedding.detach(), cfg.image_size // cfg.patch_size)
+        )
+        self.ln_pre = visual.ln_pre
+        self.transformer = visual.transformer
+        self.ln_post = visual.ln_post
+        self.proj = visual.proj
+        for p in self.parameters():
+            p.requires_grad_(False)  # the CLIP tower stays frozen; only the prompts train
+
+        w, p = cfg.width, cfg.num_prompt_tokens
+        bound = math.sqrt(6.0 / float(3 * cfg.patch_size**2 + w))  # VPT init (spec §3)
+        self.prompt_embeddings = nn.Parameter(torch.empty(1, p, w).uniform_(-bound, bound))
+        self.deep_prompt_embeddings = nn.Parameter(
+            torch.empty(cfg.deep_prompt_layers, p, w).uniform_(-bound, bound)
+        )
+        self.prompt_proj = nn.Linear(w, w)
+        nn.init.kaiming_normal_(self.prompt_proj.weight, a=0, mode="fan_out")
+        self.prompt_norm = nn.LayerNorm(w, eps=1e-6)
+        self.prompt_dropout = nn.Dropout(cfg.prompt_dropout)
+        self.grad_checkpointing = False
+
+    def _prompts(self, embeddings: torch.Tensor, batch: int) -> torch.Tensor:
+        return self.prompt_dropout(self.prompt_proj(embeddings).expand(batch, -1, -1))
+
+    def forward(self, images: torch.Tensor) -> ImageEmbedding:
+        """images: (B, 3, H, W) normalised, H and W multiples of the patch size."""
+        x = self.conv1(images)  # (B, W, h, w)
+        b, _, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        pos = self.positional_embedding.to(x.dtype)
+        cls_pos = pos[:1] + self.class_embedding.to(x.dtype)
+        spatial = resize_positions(pos, (h, w))[1:]
+        # The class embedding is added twice: as the token and inside its position (§11 #1).
+        cls = self.class_embedding.to(x.dtype).expand(b, 1, -1)
+        x = torch.cat([cls, x], dim=1) + torch.cat([cls_pos, spatial], dim=0)
+        x = self.ln_pre(x)
+        p = self.cfg.num_prompt_tokens
+        x = torch.cat([x[:, :1], self._prompts(self.prompt_embeddings, b), x[:, 1:]], dim=1)
+        deep = self.deep_prompt_embeddings.shape[0]
+        for i, block in enumerate(self.transformer.resblocks):
+            if 1 <= i <= deep:
+                prompts = self._prompts(self.deep_prompt_embeddings[i - 1 : i], b)
+                x = torch.cat([x[:, :1], prompts, x[:, 1 + p :]], dim=1)
+            elif i > deep and x.shape[1] > 1 + h * w:
+                x = torch.cat([x[:, :1], x[:, -h * w :]], dim=1)  # prompts dropped after the last set
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        x = self.ln_post(self.prompt_norm(x)) @ self.proj  # prompt_norm then ln_post (§11 #2)
+        pixels = x[:, -h * w :].transpose(1, 2).reshape(b, -1, h, w)
+        return ImageEmbedding(pixels=F.normalize(pixels, dim=1), cls=F.normalize(x[:, 0], dim=-1))
+
+    def trainable_state_keys(self) -> list[str]:
+        return [k for k in self.state_dict() if "prompt" in k]
+
+
+def build_visual(cfg: VisionConfig) -> nn.Module:
+    """A randomly initialised open_clip ViT with QuickGELU and the config's dimensions."""
+    from open_clip.model import VisionTransformer
+    from open_clip.transformer import QuickGELU
+
+    return VisionTransformer(
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        width=cfg.width,
+        layers=cfg.layers,
+        heads=cfg.heads,
+        mlp_ratio=cfg.mlp_ratio,
+        output_dim=cfg.embed_dim,
+        act_layer=QuickGELU,
+    )
+
+
+def check_visual(visual: nn.Module, cfg: VisionConfig) -> None:
+    """Raise a readable error when an open_clip image tower does not match the config."""
+    found = {
+        "patch_size": visual.conv1.kernel_size[0],
+        "width": visual.conv1.out_channels,
+        "layers": len(visual.transformer.resblocks),
+        "heads": visual.transformer.resblocks[0].attn.num_heads,
+        "embed_dim": visual.proj.shape[1] if visual.proj is not None else None,
+    }
+    wrong = {k: (v, getattr(cfg, k)) for k, v in found.items() if v != getattr(cfg, k)}
+    if wrong:
+        detail = ", ".join(f"{k}: CLIP has {a}, config wants {b}" for k, (a, b) in wrong.items())
+        raise ValueError(f"CLIP image tower does not match the model config ({detail})")
+    act = visual.transformer.resblocks[0].mlp.gelu
+    if type(act).__name__ != "QuickGELU":
+        raise ValueError(
+            "CLIP image tower uses nn.GELU; OpenAI CLIP weights need QuickGELU "
+            "(use 'ViT-B-16-quickgelu' or quick_gelu=True)"
+        )
+
+
+def resize_positions(pos: torch.Tensor, grid: int | tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resize the spatial rows of a (1 + g², W) position table to ``grid``.
+
+    Returns (1 + h·w, W); the identity when the grid already matches.
+    """
+    h, w = (grid, grid) if isinstance(grid, int) else grid
+    g = int(math.isqrt(pos.shape[0] - 1))
+    if (g, g) == (h, w):
+        return pos
+    spatial = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    spatial = F.interpolate(spatial, size=(h, w), mode="bilinear", align_corners=False)
+    return torch.cat([pos[:1], spatial.permute(0, 2, 3, 1).reshape(h * w, -1)], dim=0)

@@ -1,0 +1,62 @@
+"""Multi-Prompt Sinkhorn (MPS) score maps: prompts compete for pixels (spec §4.2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .sinkhorn import sinkhorn
+
+TRANSPORTS = ("sinkhorn", "softmax")
+
+
+@dataclass
+class Transport:
+    """Pixel ↔ prompt assignment of one attention or score-map call."""
+
+    similarity: torch.Tensor  # (B, K, M, N) cosine similarity S
+    plan: torch.Tensor  # (B, K, M, N) transport plan T (columns sum to 1/N)
+
+
+def transport_plan(
+    similarity: torch.Tensor,
+    kind: str = "sinkhorn",
+    *,
+    eps: float = 0.05,
+    max_iter: int = 100,
+    tol: float | None = 1e-6,
+) -> torch.Tensor:
+    """(B, K, M, N) similarities → (B, K, M, N) plan with each prompt's mass 1/N over pixels.
+
+    ``sinkhorn`` solves entropic OT with both marginals uniform (prompts compete for pixels);
+    ``softmax`` is the same without the pixel marginal: an independent softmax over pixels of
+    S/ε per prompt, scaled by 1/N (the ablation the paper compares against).
+    """
+    if kind == "sinkhorn":
+        return sinkhorn(1.0 - similarity, eps=eps, max_iter=max_iter, tol=tol)
+    if kind == "softmax":
+        return torch.softmax(similarity.float() / eps, dim=-2) / similarity.shape[-1]
+    raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")
+
+
+def mps_score(
+    pixels: torch.Tensor,
+    queries: torch.Tensor,
+    kind: str = "sinkhorn",
+    **sinkhorn_args,
+) -> tuple[torch.Tensor, Transport]:
+    """MPS[b,k,m] = Σ_n M·N·T[b,k,m,n]·S[b,k,m,n] with S the pixel–prompt cosine similarity.
+
+    Args:
+        pixels: (B, M, C) pixel embeddings.
+        queries: (B, K, N, C) per-prompt class queries.
+
+    Returns:
+        score (B, K, M) and the :class:`Transport` (per-prompt maps are M·N·T·S).
+    """
+    sim = torch.einsum("bmc,bknc->bkmn", F.normalize(pixels, dim=-1), F.normalize(queries, dim=-1))
+    plan = transport_plan(sim, kind, **sinkhorn_args)
+    m, n = sim.shape[-2:]
+    return (m * n * plan * sim).sum(-1), Transport(similarity=sim, plan=plan)

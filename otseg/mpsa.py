@@ -1,0 +1,65 @@
+"""Cross-attention from class-prompt queries to pixels: Multi-Prompt Sinkhorn Attention (MPSA)
+or the softmax attention of the ZegCLIP baseline, on one set of weights (spec §4.3, §10)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import HeadConfig
+from .mps import Transport, transport_plan
+
+ATTENTIONS = ("sinkhorn", "softmax")
+
+
+class PromptPixelAttention(nn.Module):
+    """q/k/v/proj projections shared by both variants (keys match ``multihead_attn.*``)."""
+
+    def __init__(self, dim: int, cfg: HeadConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop = nn.Dropout(cfg.attn_dropout)
+
+    def forward(
+        self, queries: torch.Tensor, pixels: torch.Tensor, attention: str = "sinkhorn"
+    ) -> tuple[torch.Tensor, torch.Tensor, Transport | None]:
+        """queries (B, K, N, C), pixels (B, M, C) → output (B, K, N, C), mask (B, K, M), transport."""
+        if attention == "sinkhorn":
+            return self._sinkhorn(queries, pixels)
+        if attention == "softmax":
+            return self._softmax(queries, pixels)
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+
+    def _sinkhorn(self, queries, pixels):
+        q = F.normalize(self.q(queries), dim=-1)
+        k = F.normalize(self.k(pixels), dim=-1)
+        v = self.v(pixels)
+        sim = torch.einsum("bmc,bknc->bkmn", k, q)
+        c = self.cfg
+        plan = transport_plan(
+            sim, "sinkhorn", eps=c.sinkhorn_eps, max_iter=c.sinkhorn_max_iter, tol=c.sinkhorn_thresh
+        )
+        m, n = sim.shape[-2:]
+        mask = (m * n * sim * plan).sum(-1)
+        # The plan is not rescaled: each query's weights over pixels sum to 1/N (§11 #5).
+        out = torch.einsum("bkmn,bmc->bknc", self.attn_drop(plan).to(v.dtype), v)
+        return self.proj(out), mask, Transport(similarity=sim, plan=plan)
+
+    def _softmax(self, queries, pixels):
+        b, k, n, c = queries.shape
+        h = self.cfg.softmax_heads
+        q = self.q(queries).reshape(b, k * n, h, c // h).transpose(1, 2)  # (B, H, KN, d)
+        key = self.k(pixels).reshape(b, -1, h, c // h).transpose(1, 2)  # (B, H, M, d)
+        v = self.v(pixels).reshape(b, -1, h, c // h).transpose(1, 2)
+        logits = q @ key.transpose(-2, -1) * (c // h) ** -0.5  # (B, H, KN, M)
+        # ZegCLIP's mask: pre-softmax logits averaged over heads (and here over prompts).
+        mask = logits.mean(1).reshape(b, k, n, -1).mean(2)
+        weights = self.attn_drop(logits.softmax(-1))
+        out = (weights @ v).transpose(1, 2).reshape(b, k, n, c)
+        plan = weights.mean(1).reshape(b, k, n, -1).transpose(-2, -1) / n  # (B, K, M, N)
+        return self.proj(out), mask, Transport(similarity=plan.new_zeros(()), plan=plan)
