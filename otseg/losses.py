@@ -1,0 +1,119 @@
+"""Training targets and losses: label remapping, transductive pseudo-labels, focal + dice (§6)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import OTSegConfig
+from .ensemble import fuse
+from .model import OTSegOutput
+
+IGNORE = 255
+
+
+def remap_labels(labels: torch.Tensor, config: OTSegConfig) -> torch.Tensor:
+    """Dataset ids → training targets of the head's output channels.
+
+    labels: (B, H, W) integer, dataset class ids, 255 = ignore. Returns int64 where
+    inductive: seen id → its position among the seen ids, unseen → −1;
+    transductive: seen id kept, unseen → −1 (to be pseudo-labelled);
+    fully supervised: unchanged. 255 stays 255.
+    """
+    k = len(config.class_names)
+    labels = labels.long()
+    if config.setting == "fully" or not config.unseen:
+        return labels
+    lut = torch.full((256,), IGNORE, dtype=torch.long, device=labels.device)
+    lut[:k] = -1
+    seen = torch.tensor(config.seen, dtype=torch.long, device=labels.device)
+    lut[seen] = torch.arange(len(seen), device=labels.device) if config.setting == "inductive" else seen
+    return lut[labels.clamp(0, 255)]
+
+
+@torch.no_grad()
+def pseudo_label(targets: torch.Tensor, output: OTSegOutput, config: OTSegConfig) -> torch.Tensor:
+    """Fill unseen pixels (−1) with the best unseen class of σ(λ·MPS↑ + (1 − λ)·D↑); others → 255.
+
+    The ground truth tells *where* unseen objects are, not which ones (§11 #24).
+    targets: (B, H, W) from :func:`remap_labels`; output maps (B, K, S, S) with S = H = W.
+    """
+    if config.setting == "transductive":
+        probs = torch.sigmoid(fuse(output.decoder_map, output.score_map, config.ensemble_lambda))
+        probs = probs.float()
+        probs[:, list(config.seen)] = -1.0
+        guess = probs.argmax(1)
+        targets = torch.where(targets == -1, guess, targets)
+    return torch.where(targets == -1, torch.full_like(targets, IGNORE), targets)
+
+
+def count_masks(targets: torch.Tensor) -> torch.Tensor:
+    """Σ over images of the number of distinct non-ignored labels (a float tensor, ≥ 0)."""
+    n = sum(int((t.unique() != IGNORE).sum()) for t in targets)
+    return torch.tensor(float(n), device=targets.device)
+
+
+def seg_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    num_masks: torch.Tensor | float,
+    *,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+) -> dict[str, torch.Tensor]:
+    """Sigmoid focal loss over all K channels and dice over the present classes.
+
+    logits: (B, K, S, S) raw map; targets: (B, H, W) int64, 255 = ignore (a negative for every
+    class). Returns unweighted ``focal``, ``dice`` and ``acc`` (top-1 %, ignore excluded).
+    """
+    logits = logits.float()
+    if logits.shape[-2:] != targets.shape[-2:]:
+        logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
+    b, k = logits.shape[:2]
+    valid = targets != IGNORE
+    onehot = F.one_hot(torch.where(valid, targets, 0), k).permute(0, 3, 1, 2).float()
+    onehot = onehot * valid[:, None]
+    x, t = logits.flatten(2), onehot.flatten(2)  # (B, K, HW)
+    prob = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    p_t = prob * t + (1 - prob) * (1 - t)
+    alpha_t = alpha * t + (1 - alpha) * (1 - t)
+    focal = (alpha_t * ce * (1 - p_t) ** gamma).mean(-1).sum() / num_masks
+    present = t.sum(-1) > 0  # (B, K)
+    dice = 1 - (2 * (prob * t).sum(-1) + 1) / (prob.sum(-1) + t.sum(-1) + 1)
+    dice = dice[present].sum() / num_masks
+    pred = logits.argmax(1)
+    acc = (pred[valid] == targets[valid]).float().mean() * 100 if valid.any() else logits.new_zeros(())
+    return {"focal": focal, "dice": dice, "acc": acc.detach()}
+
+
+def otseg_losses(
+    output: OTSegOutput,
+    targets: torch.Tensor,
+    *,
+    mask_weight: float = 100.0,
+    dice_weight: float = 1.0,
+    reduce_num_masks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The six logged values of the original (``decode.*`` on D↑, ``score.*`` on MPS↑) + ``loss``.
+
+    targets: (B, H, W) after :func:`remap_labels` / :func:`pseudo_label`.
+    reduce_num_masks: averages the mask count over processes in distributed training.
+    """
+    num_masks = count_masks(targets)
+    if reduce_num_masks is not None:
+        num_masks = reduce_num_masks(num_masks)
+    num_masks = num_masks.clamp(min=1.0)
+    out: dict[str, torch.Tensor] = {}
+    maps = {"decode": output.decoder_map, "score": output.score_map}
+    for name, logits in maps.items():
+        if logits is None:
+            continue
+        parts = seg_loss(logits, targets, num_masks)
+        out[f"{name}.loss_mask"] = mask_weight * parts["focal"]
+        out[f"{name}.loss_dice"] = dice_weight * parts["dice"]
+        out[f"{name}.acc_seg"] = parts["acc"]
+    out["loss"] = sum(v for k, v in out.items() if "loss_" in k)
+    return out
