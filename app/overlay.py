@@ -1,0 +1,288 @@
+"""Pure drawing: palette, blended overlay, legend, palette PNG, per-prompt score grids.
+
+Everything takes and returns numpy arrays or PIL images; nothing here imports gradio or torch,
+and nothing touches a global random state, so the same inputs always draw the same pixels.
+Label maps are ``(H, W)`` integer arrays of ids into the class list; a negative id means
+"no label" and leaves the image pixel untouched.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import html
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# Sasha Trubetskoy's 20 distinct colours, in his recommended order
+_DISTINCT_20 = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+    (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
+    (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128),
+)  # fmt: skip
+_GOLDEN = 0.618033988749895
+_BLOCK = 27
+_SAT_VAL = (
+    (0.85, 0.95), (0.55, 0.75), (0.85, 0.60), (0.45, 0.95), (0.70, 0.80),
+    (0.95, 0.75), (0.60, 0.60), (0.70, 0.95), (0.45, 0.80),
+)  # fmt: skip
+
+# viridis sampled at 0, 1/8, ..., 1; linear interpolation between anchors is within a few
+# levels of the full 256-entry table
+_VIRIDIS_ANCHORS = np.array(
+    [
+        (68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 144, 141),
+        (39, 173, 129), (92, 200, 99), (170, 220, 50), (253, 231, 37),
+    ],
+    dtype=np.float64,
+)  # fmt: skip
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """Deterministic colours for ``num_classes`` classes.
+
+    Returns:
+        ``(K, 3)`` uint8 RGB. The first 20 are hand-picked distinct colours; later ones walk the
+        hue circle by the golden ratio, 27 at a time for each of 9 (saturation, value) pairs.
+    """
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+    colors = list(_DISTINCT_20[:num_classes])
+    for i in range(len(_DISTINCT_20), num_classes):
+        j = i - len(_DISTINCT_20)
+        # blocks of 27 golden-ratio hues per (saturation, value) pair: consecutive golden
+        # hues stay well apart, whereas a short s/v cycle aligns with Fibonacci strides
+        sat, val = _SAT_VAL[(j // _BLOCK) % len(_SAT_VAL)]
+        hue = (0.05 + j * _GOLDEN) % 1.0
+        colors.append(tuple(round(255 * c) for c in colorsys.hsv_to_rgb(hue, sat, val)))
+    return np.array(colors, dtype=np.uint8).reshape(num_classes, 3)
+
+
+def to_hex(color: Sequence[int]) -> str:
+    """``(r, g, b)`` in 0..255 → ``"#rrggbb"``."""
+    r, g, b = (int(c) for c in color)
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def _check_labels(labels: np.ndarray, num_classes: int) -> None:
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels must be an (H, W) integer array, got {labels.dtype} {labels.shape}"
+        )
+    if labels.size and labels.max() >= num_classes:
+        raise ValueError(f"label id {labels.max()} out of range for {num_classes} classes")
+
+
+def overlay(
+    image: np.ndarray, labels: np.ndarray, colors: np.ndarray, opacity: float = 0.5
+) -> np.ndarray:
+    """Blend class colours over an image.
+
+    ``out = round((1 - opacity) * image + opacity * colors[labels])`` per channel, computed in
+    float64; pixels with a negative label keep ``image``.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+        labels: ``(H, W)`` integer class ids, ``< len(colors)``.
+        colors: ``(K, 3)`` uint8 RGB, e.g. ``palette(K)``.
+        opacity: in [0, 1]; 0 returns the image, 1 the flat colour map.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image.dtype} {image.shape}")
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"labels {labels.shape} do not match image {image.shape[:2]}")
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity must be in [0, 1], got {opacity}")
+    _check_labels(labels, len(colors))
+    valid = labels >= 0
+    painted = np.asarray(colors, dtype=np.float64)[np.where(valid, labels, 0)]
+    blended = np.rint((1.0 - opacity) * image + opacity * painted)
+    return np.where(valid[..., None], blended, image).astype(np.uint8)
+
+
+def class_shares(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Percentage of labelled pixels per class.
+
+    Returns:
+        ``(K,)`` float64 in [0, 100], summing to 100 (all zeros if no pixel is labelled).
+    """
+    _check_labels(labels, num_classes)
+    counts = np.bincount(labels[labels >= 0].ravel(), minlength=num_classes).astype(np.float64)
+    total = counts.sum()
+    return counts * (100.0 / total) if total else counts
+
+
+@dataclass(frozen=True)
+class LegendRow:
+    name: str  # class name as the user typed it
+    color: str  # "#rrggbb"
+    badge: str  # "seen", "novel", or "" when the model's training split is unknown
+    share: float  # % of labelled pixels, 0..100
+
+
+def legend_rows(
+    names: Sequence[str],
+    colors: np.ndarray,
+    labels: np.ndarray,
+    seen: Sequence[bool] | None = None,
+) -> list[LegendRow]:
+    """One legend row per class, in the user's order (absent classes get share 0)."""
+    if seen is not None and len(seen) != len(names):
+        raise ValueError(f"{len(seen)} seen flags for {len(names)} names")
+    shares = class_shares(labels, len(names))
+    return [
+        LegendRow(
+            name=name,
+            color=to_hex(colors[i]),
+            badge="" if seen is None else ("seen" if seen[i] else "novel"),
+            share=float(shares[i]),
+        )
+        for i, name in enumerate(names)
+    ]
+
+
+def legend_html(rows: Sequence[LegendRow]) -> str:
+    """A compact HTML legend; names are escaped, so user text never becomes markup."""
+    items = []
+    for row in rows:
+        badge = f' <small class="badge-{row.badge}">{row.badge}</small>' if row.badge else ""
+        items.append(
+            f'<li><span style="display:inline-block;width:0.9em;height:0.9em;'
+            f'background:{row.color}"></span> {html.escape(row.name)}{badge} '
+            f"<small>{row.share:.1f}%</small></li>"
+        )
+    return '<ul class="otseg-legend">' + "".join(items) + "</ul>"
+
+
+def label_image(labels: np.ndarray, colors: np.ndarray) -> Image.Image:
+    """Label map → palette ("P" mode) image whose pixel values are the class ids.
+
+    Negative labels are stored as 255 (the usual ignore index), so at most 255 classes may be
+    used then; otherwise up to 256. The palette holds ``colors`` (ignore index black).
+    """
+    num_classes = len(colors)
+    _check_labels(labels, num_classes)
+    has_ignore = labels.size > 0 and labels.min() < 0
+    if num_classes > (255 if has_ignore else 256):
+        raise ValueError(f"a palette PNG holds at most 256 ids, got {num_classes} classes")
+    ids = np.ascontiguousarray(np.where(labels < 0, 255, labels), dtype=np.uint8)
+    out = Image.frombytes("P", (ids.shape[1], ids.shape[0]), ids.tobytes())
+    table = np.zeros((256, 3), dtype=np.uint8)
+    table[:num_classes] = colors
+    out.putpalette(table.ravel().tolist())
+    return out
+
+
+def label_png_bytes(labels: np.ndarray, colors: np.ndarray) -> bytes:
+    """``label_image`` encoded as PNG; ``np.array(Image.open(...))`` gives back the ids."""
+    buffer = io.BytesIO()
+    label_image(labels, colors).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def colormap(
+    values: np.ndarray, vmin: float | None = None, vmax: float | None = None
+) -> np.ndarray:
+    """Float map → viridis-like RGB.
+
+    Args:
+        values: any-shape float array. NaNs are drawn as the lowest colour.
+        vmin, vmax: range mapped to the ends of the map; default the array's min and max.
+
+    Returns:
+        ``values.shape + (3,)`` uint8 RGB.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    lo = np.nanmin(values) if vmin is None else vmin
+    hi = np.nanmax(values) if vmax is None else vmax
+    scale = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    t = np.clip(np.nan_to_num(scale, nan=0.0), 0.0, 1.0) * (len(_VIRIDIS_ANCHORS) - 1)
+    i = np.minimum(t.astype(np.int64), len(_VIRIDIS_ANCHORS) - 2)
+    frac = (t - i)[..., None]
+    rgb = (1.0 - frac) * _VIRIDIS_ANCHORS[i] + frac * _VIRIDIS_ANCHORS[i + 1]
+    return np.rint(rgb).astype(np.uint8)
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> str:
+    """Truncate ``text`` with an ellipsis until it fits ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def prompt_score_grid(
+    scores: np.ndarray,
+    class_id: int,
+    templates: Sequence[str],
+    class_name: str = "",
+    tile: int = 160,
+    columns: int = 4,
+) -> Image.Image:
+    """One colour-mapped tile per prompt for one class, titled by the filled template.
+
+    All N tiles share one colour scale (the class's min and max over prompts), so tiles can be
+    compared with each other.
+
+    Args:
+        scores: ``(K, N, h, w)`` float score maps (any resolution; tiles are resized bilinearly).
+        class_id: which of the K classes to show.
+        templates: N prompt templates with a ``{}`` for the class name.
+        class_name: fills the templates' ``{}``.
+        tile: tile width in pixels; the height follows the maps' aspect ratio.
+        columns: tiles per row (fewer if N is smaller).
+
+    Returns:
+        RGB image of ``ceil(N / columns)`` rows of tiles, each with an 18-pixel title strip.
+    """
+    scores = np.asarray(scores)
+    if scores.ndim != 4:
+        raise ValueError(f"scores must be (K, N, h, w), got shape {scores.shape}")
+    num_prompts = scores.shape[1]
+    if len(templates) != num_prompts:
+        raise ValueError(f"{len(templates)} templates for {num_prompts} prompt maps")
+    if not 0 <= class_id < scores.shape[0]:
+        raise ValueError(f"class_id {class_id} out of range for {scores.shape[0]} classes")
+    maps = scores[class_id].astype(np.float32)
+    lo, hi = float(np.nanmin(maps)), float(np.nanmax(maps))
+    font = ImageFont.load_default(size=12)
+    title_h = 18
+    tile_h = max(1, round(tile * maps.shape[1] / maps.shape[2]))  # keep the map's aspect
+    cols = max(1, min(columns, num_prompts))
+    rows = -(-num_prompts // cols)
+    grid = Image.new("RGB", (cols * tile, rows * (tile_h + title_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for n, template in enumerate(templates):
+        x, y = (n % cols) * tile, (n // cols) * (tile_h + title_h)
+        resized = np.asarray(Image.fromarray(maps[n]).resize((tile, tile_h)))
+        grid.paste(Image.fromarray(colormap(resized, lo, hi)), (x, y + title_h))
+        title = template.replace("{}", class_name) if class_name else template
+        draw.text((x + 3, y + 2), _fit(draw, title, font, tile - 6), fill=(0, 0, 0), font=font)
+    return grid
+
+
+def annotations(
+    image: np.ndarray, labels: np.ndarray, names: Sequence[str]
+) -> tuple[np.ndarray, list[tuple[np.ndarray, str]]]:
+    """The value of a ``gr.AnnotatedImage``: the image and one mask per present class.
+
+    Returns:
+        ``(image, [(mask, name), ...])`` with ``mask`` an ``(H, W)`` float32 array of 0/1, in
+        the user's class order, classes with no pixel left out.
+    """
+    _check_labels(labels, len(names))
+    present = np.unique(labels[labels >= 0])
+    return image, [((labels == k).astype(np.float32), names[k]) for k in present.tolist()]
+
+
+def color_map(names: Sequence[str], colors: np.ndarray) -> dict[str, str]:
+    """``{name: "#rrggbb"}`` for ``gr.AnnotatedImage(color_map=...)``."""
+    return {name: to_hex(colors[i]) for i, name in enumerate(names)}

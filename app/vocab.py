@@ -1,0 +1,136 @@
+"""Text box of class names → ordered, validated vocabulary; presets; seen/novel marking.
+
+Names are separated by commas or newlines. Duplicates are dropped case- and
+whitespace-insensitively, keeping the first spelling and the user's order (never ``set()``:
+the order is the colour order and the label ids).
+
+Markup: a name containing ``<`` or ``>`` is rejected with a message rather than silently
+stripped, so what the user typed is exactly what is segmented and shown. Everything that
+renders names as HTML still escapes them (``overlay.legend_html``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from otseg.data.classes import CLASS_NAMES, DATASET_TITLES
+
+MAX_CLASSES = 200  # each class costs N prompts of the text tower (~40 ms each on 2 CPU cores)
+MAX_NAME_LENGTH = 60  # characters, after trimming; CLIP's context is 77 tokens per prompt
+
+#: Preset label shown in the UI → dataset key of ``otseg.data.classes``.
+PRESETS: dict[str, str] = {
+    "VOC-20": "voc",
+    "Context-59": "context",
+    "COCO-Stuff-171": "coco",
+}
+
+BACKGROUND_NOTE = (
+    "OTSeg has no background class: every pixel is given the best-matching name in your "
+    "list, even when none of them fits. Add a catch-all name such as “background” or "
+    "“other” to absorb pixels that match nothing else; leave it out to force every pixel "
+    "into one of your classes."
+)
+
+_SEPARATORS = re.compile(r"[,\n\r]+")
+_WHITESPACE = re.compile(r"\s+")
+_KEY_DROP = re.compile(r"[\s_\-]+")
+
+
+def _clean(name: str) -> str:
+    """Trim and collapse inner whitespace: ``"  tv \\t monitor "`` → ``"tv monitor"``."""
+    return _WHITESPACE.sub(" ", name).strip()
+
+
+def _check_name(name: str) -> None:
+    if "<" in name or ">" in name:
+        raise ValueError(
+            f"Class name {name!r} contains '<' or '>'; markup is not allowed in class names."
+        )
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(
+            f"Class name {name[:20]!r}… is {len(name)} characters long; "
+            f"the limit is {MAX_NAME_LENGTH}."
+        )
+    if not any(ch.isalnum() for ch in name):
+        raise ValueError(f"Class name {name!r} has no letters or digits.")
+    if any(not ch.isprintable() for ch in name):
+        raise ValueError(f"Class name {name!r} contains control characters.")
+
+
+def parse_vocabulary(text: str) -> list[str]:
+    """Parse a text box into the class names to segment, in the user's order.
+
+    Args:
+        text: names separated by commas and/or newlines.
+
+    Returns:
+        Non-empty list of at most ``MAX_CLASSES`` trimmed, unique names (first spelling kept).
+
+    Raises:
+        ValueError: empty vocabulary, too many classes, a name too long, a name with no letter
+            or digit, or a name containing ``<``/``>``; the message says which and why.
+    """
+    names: list[str] = []
+    seen: set[str] = set()
+    for raw in _SEPARATORS.split(text or ""):
+        name = _clean(raw)
+        if not name:
+            continue
+        _check_name(name)
+        key = name.casefold()
+        if key not in seen:
+            seen.add(key)
+            names.append(name)
+    if not names:
+        raise ValueError("Enter at least one class name (separate names with commas or newlines).")
+    if len(names) > MAX_CLASSES:
+        raise ValueError(f"{len(names)} class names given; the limit is {MAX_CLASSES}.")
+    return names
+
+
+def preset_text(preset: str) -> str:
+    """The class names of a preset (UI label or dataset key) as editable ``", "``-joined text."""
+    dataset = PRESETS.get(preset, preset)
+    if dataset not in CLASS_NAMES:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    return ", ".join(CLASS_NAMES[dataset])
+
+
+def preset_title(preset: str) -> str:
+    """Human-readable dataset title of a preset, e.g. ``"PASCAL VOC 2012 (20 classes)"``."""
+    return DATASET_TITLES[PRESETS.get(preset, preset)]
+
+
+def match_key(name: str) -> str:
+    """Key under which two spellings count as the same class.
+
+    Case-insensitive, ignoring spaces, hyphens and underscores: ``"Dining table"``,
+    ``"dining-table"`` and ``"diningtable"`` all give ``"diningtable"``.
+    """
+    return _KEY_DROP.sub("", name.casefold())
+
+
+def mark_seen(
+    names: Sequence[str], train_names: Sequence[str], seen_ids: Sequence[int]
+) -> list[bool]:
+    """Whether each name was a seen (trained-on) class of the loaded model.
+
+    Args:
+        names: the user's vocabulary, length K.
+        train_names: the model's training vocabulary, indexed by class id.
+        seen_ids: ids into ``train_names`` that were seen in training.
+
+    Returns:
+        K booleans: True where ``match_key(name)`` equals the key of a seen training class.
+        Names matching only unseen training classes, or no training class, are novel (False).
+
+    Raises:
+        ValueError: a seen id outside ``range(len(train_names))``.
+    """
+    bad = [i for i in seen_ids if not 0 <= i < len(train_names)]
+    if bad:
+        raise ValueError(f"seen ids {bad} out of range for {len(train_names)} training classes")
+    seen_keys = {match_key(train_names[i]) for i in seen_ids}
+    return [match_key(name) in seen_keys for name in names]
