@@ -1,0 +1,132 @@
+"""Drive a Gradio app in a real headless Chromium (Debian's, through Playwright).
+
+Usage in a test marked ``@pytest.mark.browser``::
+
+    with browser_session(demo, "smoke") as session:
+        session.page.locator("#run").click()
+        session.screenshot("after-click")
+
+The app is launched on a free localhost port, the browser gets a fresh profile, screenshots go
+to ``tests/artifacts/`` (gitignored; one is always taken at exit, ``-failed`` if the block
+raised), and everything is closed afterwards. A missing Chromium fails the test: CI installs
+it, so a skip would hide a broken setup.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    import gradio as gr
+    from playwright.sync_api import Page
+
+CHROMIUM = Path(os.environ.get("OTSEG_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = (
+    "--headless",
+    "--no-sandbox",  # runs as root in containers
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+)
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+
+@dataclass
+class BrowserSession:
+    page: Page  # Playwright page already showing the app
+    url: str  # "http://127.0.0.1:PORT/"
+    name: str  # prefix of screenshot files
+    page_errors: list[str] = field(default_factory=list)  # uncaught JavaScript errors
+
+    def screenshot(self, label: str) -> Path:
+        """Save a full-page PNG as ``tests/artifacts/<name>-<label>.png`` and return its path."""
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS / f"{self.name}-{label}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+def require_chromium() -> Path:
+    """The Chromium binary; fails the calling test with install instructions if it is missing."""
+    if not CHROMIUM.is_file():
+        pytest.fail(
+            f"Chromium not found at {CHROMIUM}. Install it with `apt-get install -y chromium` "
+            "(.ci/run does) or point OTSEG_CHROMIUM at a Chromium binary.",
+            pytrace=False,
+        )
+    return CHROMIUM
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def launched(demo: gr.Blocks) -> Iterator[str]:
+    """Serve ``demo`` on a free localhost port in this process; yields its URL."""
+    demo.launch(
+        prevent_thread_lock=True,
+        server_name="127.0.0.1",
+        server_port=free_port(),
+        quiet=True,
+        share=False,
+    )
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
+
+
+@contextmanager
+def browser_session(
+    demo: gr.Blocks, name: str, timeout_ms: float = 30_000
+) -> Iterator[BrowserSession]:
+    """Launch ``demo``, open it in headless Chromium and yield a ``BrowserSession``.
+
+    The page has loaded the Gradio frontend (``gradio-app`` is in the DOM) when it is yielded.
+    """
+    executable = require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with (
+        launched(demo) as url,
+        sync_playwright() as playwright,
+        tempfile.TemporaryDirectory(prefix="otseg-chromium-") as profile,
+    ):
+        context = playwright.chromium.launch_persistent_context(
+            profile,  # a fresh --user-data-dir; Playwright refuses it inside args
+            executable_path=str(executable),
+            headless=True,
+            args=list(CHROMIUM_ARGS),
+            viewport={"width": 1280, "height": 900},
+        )
+        try:
+            context.set_default_timeout(timeout_ms)
+            page = context.new_page()
+            session = BrowserSession(page=page, url=url, name=name)
+            page.on("pageerror", lambda error: session.page_errors.append(str(error)))
+            page.goto(url, wait_until="domcontentloaded")
+            page.wait_for_selector("gradio-app .gradio-container", state="attached")
+            try:
+                yield session
+            except BaseException:
+                session.screenshot("failed")
+                raise
+            session.screenshot("final")
+        finally:
+            context.close()
