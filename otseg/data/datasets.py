@@ -1,0 +1,274 @@
+"""Readers for the prepared benchmark layouts (as mmsegmentation prepares them) and custom folders.
+
+Every dataset yields, before augmentation, a dict::
+
+    {"image": uint8 (H, W, 3) RGB, "label": uint8 (H, W) class ids 0..K-1 (255 = ignore),
+     "path": str (the image file)}
+
+``reduce_zero_label`` (VOC, Context) is applied on reading: 0 → 255, k → k − 1, 255 stays 255
+(spec §7). A ``transform(sample, rng)`` hook receives that dict and a ``numpy.random.Generator``
+seeded from ``(seed, epoch, index)``, so augmentation does not depend on worker count or order
+and a resumed run repeats it exactly (call ``set_epoch`` per pass over the data).
+
+Accepted layouts (``root`` may be the folder shown or one that contains it):
+
+* ``voc``: ``VOCdevkit/VOC2012/{JPEGImages/*.jpg, SegmentationClass/*.png,
+  SegmentationClassAug/*.png, ImageSets/Segmentation/*.txt}``. Splits ``train``/``val`` read
+  ``SegmentationClass``. Split ``trainaug`` is, when ``aug.txt`` exists, mmseg's VOC-aug config
+  (``train.txt`` with ``SegmentationClass`` + ``aug.txt`` with ``SegmentationClassAug``,
+  concatenated: train images appear twice, as in the original); otherwise ``trainaug.txt``
+  with ``SegmentationClassAug`` (the DeepLab layout).
+* ``context``: ``VOCdevkit/VOC2010/{JPEGImages, SegmentationClassContext,
+  ImageSets/SegmentationContext/{train,val}.txt}`` (59 classes, 0 = background).
+* ``coco``: ``coco_stuff164k/{images,annotations}/{train2017,val2017}/`` with labels
+  ``<stem>_labelTrainIds.png`` (0..170, 255 ignore); every ``.jpg`` of the image folder is used.
+* ``custom``: ``root/classes.txt`` (one name per line), ``root/images/<split>/`` and
+  ``root/labels/<split>/<stem>.png``; see :class:`CustomDataset`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .classes import CLASS_NAMES
+
+Sample = dict[str, Any]
+Transform = Callable[[Sample, np.random.Generator], Sample]
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def _require(path: Path, what: str, layout: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}\n  expected layout: {layout}")
+    return path
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file as uint8 (H, W, 3) RGB."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """A label PNG (palette or grayscale) as uint8 (H, W) of stored indices."""
+    with Image.open(path) as im:
+        if im.mode not in ("P", "L", "I", "I;16"):
+            raise ValueError(f"{path}: label images must be palette or grayscale, got {im.mode}")
+        label = np.asarray(im)
+    if label.max(initial=0) > 255:
+        raise ValueError(f"{path}: label values above 255 are not supported")
+    return label.astype(np.uint8)
+
+
+def reduce_zero(label: np.ndarray) -> np.ndarray:
+    """mmseg ``reduce_zero_label``: 0 → 255, k → k − 1 (1 ≤ k ≤ 254), 255 → 255."""
+    out = label.astype(np.int16) - 1
+    out[(label == 0) | (label == 255)] = 255
+    return out.astype(np.uint8)
+
+
+def _read_split(path: Path, layout: str) -> list[str]:
+    _require(path, "split file", layout)
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+class SegmentationDataset(Dataset):
+    """Pairs of (image, label) files; the readers below only build the list of pairs.
+
+    Args:
+        pairs: ``(image_path, label_path)`` in dataset order.
+        class_names: names of the K label ids, in id order.
+        reduce_zero_label: apply :func:`reduce_zero` to labels.
+        ignore_index: label value meaning "ignore" (after ``reduce_zero_label``); mapped to 255.
+        transform: ``transform(sample, rng) -> sample``; None returns the raw sample.
+        seed: seed of the per-sample generators given to ``transform``.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[Path, Path]],
+        class_names: Sequence[str],
+        *,
+        reduce_zero_label: bool = False,
+        ignore_index: int = 255,
+        transform: Transform | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.pairs = [(Path(i), Path(label)) for i, label in pairs]
+        self.class_names = tuple(class_names)
+        self.reduce_zero_label = reduce_zero_label
+        self.ignore_index = ignore_index
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of pass ``epoch`` over the data."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int) -> Sample:
+        """The raw sample ``index``: image, label (dataset ids, 255 ignore) and path."""
+        image_path, label_path = self.pairs[index]
+        image, label = read_image(image_path), read_label(label_path)
+        if image.shape[:2] != label.shape:
+            raise ValueError(f"{label_path}: label {label.shape} vs image {image.shape[:2]}")
+        if self.reduce_zero_label:
+            label = reduce_zero(label)
+        if self.ignore_index != 255:
+            label = np.where(label == self.ignore_index, 255, label).astype(np.uint8)
+        return {"image": image, "label": label, "path": str(image_path)}
+
+    def __getitem__(self, index: int) -> Sample:
+        sample = self.load(index)
+        if self.transform is None:
+            return sample
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return self.transform(sample, rng)
+
+
+def _pairs(image_dir: Path, label_dir: Path, stems: Sequence[str], img_suffix: str,
+           label_suffix: str, layout: str) -> list[tuple[Path, Path]]:
+    pairs = []
+    for stem in stems:
+        image = _require(image_dir / f"{stem}{img_suffix}", "image", layout)
+        label = _require(label_dir / f"{stem}{label_suffix}", "label file", layout)
+        pairs.append((image, label))
+    return pairs
+
+
+def _find(root: Path, *candidates: str) -> Path:
+    """``root`` itself or the first ``root/candidate`` that exists."""
+    for candidate in candidates:
+        if (root / candidate).is_dir():
+            return root / candidate
+    return root
+
+
+VOC_LAYOUT = ("VOCdevkit/VOC2012/{JPEGImages/*.jpg, SegmentationClass/*.png, "
+              "SegmentationClassAug/*.png, ImageSets/Segmentation/{train,val,aug|trainaug}.txt}")
+
+
+def voc_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
+    """(image, label) pairs of PASCAL VOC 2012 ``split`` in {train, val, trainaug}."""
+    root = _require(Path(root), "VOC root", VOC_LAYOUT)
+    base = _find(root, "VOCdevkit/VOC2012", "VOC2012")
+    images = _require(base / "JPEGImages", "image folder", VOC_LAYOUT)
+    sets = _require(base / "ImageSets/Segmentation", "split folder", VOC_LAYOUT)
+    if split in ("train", "val"):
+        stems = _read_split(sets / f"{split}.txt", VOC_LAYOUT)
+        labels = _require(base / "SegmentationClass", "label folder", VOC_LAYOUT)
+        return _pairs(images, labels, stems, ".jpg", ".png", VOC_LAYOUT)
+    if split not in ("trainaug", "aug"):
+        raise ValueError(f"VOC split must be train, val or trainaug, got {split!r}")
+    aug_labels = _require(base / "SegmentationClassAug", "label folder", VOC_LAYOUT)
+    if (sets / "aug.txt").exists():  # mmseg: ConcatDataset(train + aug)
+        train = voc_pairs(root, "train")
+        aug = _read_split(sets / "aug.txt", VOC_LAYOUT)
+        return train + _pairs(images, aug_labels, aug, ".jpg", ".png", VOC_LAYOUT)
+    if not (sets / "trainaug.txt").exists():
+        raise FileNotFoundError(
+            f"split file not found: neither {sets / 'aug.txt'} (mmseg) nor "
+            f"{sets / 'trainaug.txt'}\n  expected layout: {VOC_LAYOUT}")
+    stems = _read_split(sets / "trainaug.txt", VOC_LAYOUT)
+    return _pairs(images, aug_labels, stems, ".jpg", ".png", VOC_LAYOUT)
+
+
+CONTEXT_LAYOUT = ("VOCdevkit/VOC2010/{JPEGImages/*.jpg, SegmentationClassContext/*.png, "
+                  "ImageSets/SegmentationContext/{train,val}.txt}")
+
+
+def context_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
+    """(image, label) pairs of PASCAL Context-59 ``split`` in {train, val}."""
+    root = _require(Path(root), "Context root", CONTEXT_LAYOUT)
+    base = _find(root, "VOCdevkit/VOC2010", "VOC2010")
+    images = _require(base / "JPEGImages", "image folder", CONTEXT_LAYOUT)
+    labels = _require(base / "SegmentationClassContext", "label folder", CONTEXT_LAYOUT)
+    stems = _read_split(base / "ImageSets/SegmentationContext" / f"{split}.txt", CONTEXT_LAYOUT)
+    return _pairs(images, labels, stems, ".jpg", ".png", CONTEXT_LAYOUT)
+
+
+COCO_LAYOUT = ("coco_stuff164k/{images/{train2017,val2017}/*.jpg, "
+               "annotations/{train2017,val2017}/*_labelTrainIds.png}")
+
+
+def coco_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
+    """(image, label) pairs of COCO-Stuff 164K ``split`` in {train2017, val2017} (or train/val)."""
+    split = {"train": "train2017", "val": "val2017"}.get(split, split)
+    root = _require(Path(root), "COCO-Stuff root", COCO_LAYOUT)
+    base = _find(root, "coco_stuff164k")
+    images = _require(base / "images" / split, "image folder", COCO_LAYOUT)
+    labels = _require(base / "annotations" / split, "label folder", COCO_LAYOUT)
+    stems = sorted(p.stem for p in images.glob("*.jpg"))
+    return _pairs(images, labels, stems, ".jpg", "_labelTrainIds.png", COCO_LAYOUT)
+
+
+CUSTOM_LAYOUT = "root/{classes.txt, images/<split>/<stem>.<jpg|png|...>, labels/<split>/<stem>.png}"
+
+
+class CustomDataset(SegmentationDataset):
+    """A folder of images and a folder of label PNGs with the same stems.
+
+    Args:
+        image_dir: images (``.jpg .jpeg .png .bmp .webp``), sorted by name.
+        label_dir: ``<stem>.png`` per image, values = class ids (after ``reduce_zero_label``).
+        class_names: the names, or a text file with one name per line.
+        reduce_zero_label, ignore_index, transform, seed: as :class:`SegmentationDataset`.
+    """
+
+    def __init__(
+        self,
+        image_dir: str | Path,
+        label_dir: str | Path,
+        class_names: Sequence[str] | str | Path,
+        *,
+        reduce_zero_label: bool = False,
+        ignore_index: int = 255,
+        transform: Transform | None = None,
+        seed: int = 0,
+    ) -> None:
+        image_dir = _require(Path(image_dir), "image folder", CUSTOM_LAYOUT)
+        label_dir = _require(Path(label_dir), "label folder", CUSTOM_LAYOUT)
+        if isinstance(class_names, (str, Path)):
+            path = _require(Path(class_names), "class-name file", CUSTOM_LAYOUT)
+            class_names = [n.strip() for n in path.read_text().splitlines() if n.strip()]
+        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        pairs = [(p, _require(label_dir / f"{p.stem}.png", "label file", CUSTOM_LAYOUT))
+                 for p in images]
+        super().__init__(pairs, class_names, reduce_zero_label=reduce_zero_label,
+                         ignore_index=ignore_index, transform=transform, seed=seed)
+
+
+_READERS = {"voc": (voc_pairs, True), "context": (context_pairs, True), "coco": (coco_pairs, False)}
+
+
+def build_dataset(
+    name: str,
+    root: str | Path,
+    split: str,
+    transform: Transform | None = None,
+    **kwargs: Any,
+) -> SegmentationDataset:
+    """A dataset by name: ``voc`` | ``context`` | ``coco`` | ``custom``.
+
+    ``kwargs`` go to the dataset (``seed``; for ``custom`` also ``reduce_zero_label``,
+    ``ignore_index`` and ``class_names``, default ``root/classes.txt``).
+    """
+    if name == "custom":
+        root = Path(root)
+        kwargs.setdefault("class_names", root / "classes.txt")
+        return CustomDataset(root / "images" / split, root / "labels" / split,
+                             transform=transform, **kwargs)
+    if name not in _READERS:
+        raise ValueError(f"unknown dataset {name!r}; choose voc, context, coco or custom")
+    reader, reduce = _READERS[name]
+    return SegmentationDataset(reader(root, split), CLASS_NAMES[name], reduce_zero_label=reduce,
+                               transform=transform, **kwargs)

@@ -1,0 +1,142 @@
+"""Dataset readers on generated folders: layouts, label mapping, clear errors, transform hook."""
+
+from __future__ import annotations
+
+import filecmp
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from otseg.data.classes import CLASS_NAMES
+from otseg.data.datasets import CustomDataset, build_dataset, read_label, reduce_zero
+from otseg.data.synthetic import SYNTHETIC_CLASSES, write_synthetic
+
+SPLITS = {"voc": ("train", "val", "trainaug"), "context": ("train", "val"),
+          "coco": ("train2017", "val2017"), "custom": ("train", "val")}
+
+
+def test_reduce_zero_label_mapping():
+    label = np.array([[0, 1, 2], [20, 254, 255]], np.uint8)
+    np.testing.assert_array_equal(reduce_zero(label), [[255, 0, 1], [19, 253, 255]])
+    assert reduce_zero(label).dtype == np.uint8
+
+
+@pytest.mark.parametrize("layout", sorted(SPLITS))
+def test_reader_yields_raw_samples(tmp_path: Path, layout: str):
+    root = write_synthetic(tmp_path, layout, num_train=5, num_val=3, num_classes=5)
+    for split in SPLITS[layout]:
+        ds = build_dataset(layout, root, split)
+        assert len(ds) == (3 if split.startswith("val") else 5)
+        for i in range(len(ds)):
+            s = ds[i]
+            assert s["image"].dtype == np.uint8 and s["image"].ndim == 3
+            assert s["image"].shape[2] == 3 and s["image"].shape[:2] == s["label"].shape
+            values = set(np.unique(s["label"]).tolist())
+            assert values <= set(range(5)) | {255}
+            assert values - {255}, "every synthetic image holds at least one object"
+            assert Path(s["path"]).is_file()
+    expected = SYNTHETIC_CLASSES[:5] if layout == "custom" else CLASS_NAMES[layout]
+    assert ds.class_names == tuple(expected)
+
+
+def test_all_layouts_give_the_same_labels(tmp_path: Path):
+    """VOC/Context store background 0 and reduce it; COCO/custom store 255: same labels out."""
+    labels = {}
+    for layout in ("context", "coco", "custom"):
+        root = write_synthetic(tmp_path / layout, layout, num_train=3, num_val=1, seed=7)
+        labels[layout] = build_dataset(layout, root, "val")[0]["label"]
+    root = write_synthetic(tmp_path / "voc", "voc", num_train=3, num_val=1, seed=7)
+    labels["voc-aug"] = build_dataset("voc", root, "trainaug")[0]["label"]
+    labels["custom-train"] = build_dataset("custom", tmp_path / "custom", "train")[0]["label"]
+    np.testing.assert_array_equal(labels["context"], labels["coco"])
+    np.testing.assert_array_equal(labels["context"], labels["custom"])
+    np.testing.assert_array_equal(labels["voc-aug"], labels["custom-train"])
+
+
+def test_voc_palette_and_boundary(tmp_path: Path):
+    root = write_synthetic(tmp_path, "voc", num_train=2, num_val=1)
+    path = root / "VOCdevkit/VOC2012/SegmentationClass/train_00000.png"
+    assert Image.open(path).mode == "P"
+    stored = read_label(path)
+    assert set(np.unique(stored).tolist()) <= set(range(6)) | {255}
+    assert (stored == 255).any(), "VOC labels carry a 255 boundary band"
+    label = build_dataset("voc", root, "train")[0]["label"]
+    np.testing.assert_array_equal(label, reduce_zero(stored))
+
+
+def test_voc_trainaug_variants(tmp_path: Path):
+    mmseg = write_synthetic(tmp_path / "a", "voc", num_train=4, num_val=1, mmseg_aug=True)
+    ds = build_dataset("voc", mmseg, "trainaug")
+    assert len(ds) == 8  # mmseg concat: train.txt + aug.txt
+    assert "SegmentationClass" in str(ds.pairs[0][1]) and "Aug" in str(ds.pairs[-1][1])
+    deeplab = write_synthetic(tmp_path / "b", "voc", num_train=4, num_val=1)
+    ds = build_dataset("voc", deeplab / "VOCdevkit", "trainaug")  # a parent folder also works
+    assert len(ds) == 4 and all("SegmentationClassAug" in str(p[1]) for p in ds.pairs)
+
+
+def test_missing_paths_raise_clear_errors(tmp_path: Path):
+    root = write_synthetic(tmp_path, "voc", num_train=2, num_val=1)
+    base = root / "VOCdevkit/VOC2012"
+    with pytest.raises(FileNotFoundError, match="(?s)VOC root.*nowhere.*expected layout"):
+        build_dataset("voc", tmp_path / "nowhere", "train")
+    (base / "ImageSets/Segmentation/trainaug.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="aug.txt.*trainaug.txt"):
+        build_dataset("voc", root, "trainaug")
+    (base / "SegmentationClass/val_00000.png").unlink()
+    with pytest.raises(FileNotFoundError, match="label file.*val_00000.png"):
+        build_dataset("voc", root, "val")
+    with pytest.raises(FileNotFoundError, match=r"split file.*ImageSets.*test\.txt"):
+        build_dataset("context", write_synthetic(tmp_path / "c", "context", num_train=1,
+                                                 num_val=1), "test")
+    coco = write_synthetic(tmp_path / "coco", "coco", num_train=1, num_val=1)
+    with pytest.raises(FileNotFoundError, match=r"label folder.*annotations.val2017"):
+        (coco / "annotations/val2017/val_00000_labelTrainIds.png").unlink()
+        (coco / "annotations/val2017").rmdir()
+        build_dataset("coco", coco, "val")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        build_dataset("ade", root, "val")
+
+
+def test_custom_dataset_options(tmp_path: Path):
+    root = write_synthetic(tmp_path, "custom", num_train=2, num_val=1)
+    with pytest.raises(FileNotFoundError, match="class-name file"):
+        CustomDataset(root / "images/train", root / "labels/train", root / "names.txt")
+    raw = build_dataset("custom", root, "train")[0]["label"]
+    ds = CustomDataset(root / "images/train", root / "labels/train", ["a", "b", "c", "d", "e"],
+                       ignore_index=0)
+    label = ds[0]["label"]
+    np.testing.assert_array_equal(label, np.where(raw == 0, 255, raw))
+    reduced = CustomDataset(root / "images/train", root / "labels/train", list("abcde"),
+                            reduce_zero_label=True)[0]["label"]
+    np.testing.assert_array_equal(reduced, reduce_zero(raw))
+    (root / "labels/train/train_00001.png").unlink()
+    with pytest.raises(FileNotFoundError, match="train_00001.png"):
+        build_dataset("custom", root, "train")
+
+
+def test_transform_hook_gets_per_sample_generator(tmp_path: Path):
+    root = write_synthetic(tmp_path, "voc", num_train=3, num_val=1)
+
+    def draw(sample, rng):
+        return {**sample, "draw": rng.random()}
+
+    ds = build_dataset("voc", root, "train", transform=draw, seed=3)
+    first = [ds[i]["draw"] for i in range(3)]
+    assert first == [ds[i]["draw"] for i in range(3)]  # independent of access order/history
+    assert len(set(first)) == 3
+    ds.set_epoch(1)
+    assert [ds[i]["draw"] for i in range(3)] != first
+    other_seed = build_dataset("voc", root, "train", transform=draw, seed=4)
+    assert other_seed[0]["draw"] != first[0]
+
+
+def test_synthetic_is_deterministic(tmp_path: Path):
+    a = write_synthetic(tmp_path / "a", "custom", num_train=3, num_val=1, seed=11)
+    b = write_synthetic(tmp_path / "b", "custom", num_train=3, num_val=1, seed=11)
+    c = write_synthetic(tmp_path / "c", "custom", num_train=3, num_val=1, seed=12)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert len(files) == 9
+    assert all(filecmp.cmp(a / f, b / f, shallow=False) for f in files)
+    assert not all(filecmp.cmp(a / f, c / f, shallow=False) for f in files if f.suffix == ".png")
