@@ -30,12 +30,24 @@ class OTSegOutput:
     decoder_map: torch.Tensor  # (B, K, S, S) decoder map D↑ (raw, before the sigmoid)
     score_map: torch.Tensor | None  # (B, K, S, S) MPS map↑ (raw), None with the branch off
     logits: torch.Tensor  # (B, K, S, S) (1 − λ)·D↑ + λ·MPS↑
-    scores: torch.Tensor  # (B, K, H, W) σ(logits) − calibration on seen, at the input size
+    scores: torch.Tensor  # (B, K, H, W) σ(logits) − calibration on seen, at the crop size
     layer_masks: list[torch.Tensor]  # per decoder layer, (B, K, h, w)
     queries: list[torch.Tensor]  # relationship queries, then each layer's, (B, K, N, C)
     transports: list[Transport]  # the MPS call (if on), then one per decoder layer
     prompt_maps: torch.Tensor | None  # (B, K, N, h, w) per-prompt MPS maps M·N·T·S
     embedding: ImageEmbedding
+
+
+@dataclass
+class HeadMaps:
+    """Head outputs at the token grid (h, w), before upsampling and fusion."""
+
+    decoder: torch.Tensor  # (B, K, h, w) combined decoder map D
+    score: torch.Tensor | None  # (B, K, h, w) MPS map, None with the branch off
+    layer_masks: list[torch.Tensor]  # per decoder layer, (B, K, h, w)
+    queries: list[torch.Tensor]  # relationship queries, then each layer's, (B, K, N, C)
+    transports: list[Transport]  # the MPS call (if on), then one per decoder layer
+    prompt_maps: torch.Tensor | None = None  # (B, K, N, h, w) per-prompt MPS maps M·N·T·S
 
 
 class OTSeg(nn.Module):
@@ -71,6 +83,48 @@ class OTSeg(nn.Module):
         return self.embed_text(names)
 
     # -- the head ---------------------------------------------------------------------------
+    def decode(
+        self,
+        emb: ImageEmbedding,
+        text: torch.Tensor,
+        *,
+        attention: str = "sinkhorn",
+        use_mps: bool = True,
+        mask_combine: str | None = None,
+    ) -> HeadMaps:
+        """Both branches of the head at the token grid (no upsampling, fusion or sigmoid).
+
+        Args:
+            emb: image embedding of B crops (pixels (B, C, h, w)).
+            text: (K, N, C) prompt embeddings (see :meth:`embed_text`).
+            attention: ``"sinkhorn"`` (OTSeg's MPSA/MPS) or ``"softmax"`` (ZegCLIP baseline).
+            use_mps: include the MPS score-map branch.
+            mask_combine: ``"sigmoid_geomean"`` or ``"last"`` (default: by attention).
+        """
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        b, _, h, w = emb.pixels.shape
+        pixels = emb.pixels.flatten(2).transpose(1, 2)  # (B, M, C), m = y·w + x
+        q0 = relationship_queries(self.decoder.q_proj, emb.cls, text)
+        maps = HeadMaps(decoder=q0, score=None, layer_masks=[], queries=[q0], transports=[])
+        if use_mps:
+            head = self.config.head
+            sargs = {} if attention == "softmax" else {
+                "max_iter": head.sinkhorn_max_iter, "tol": head.sinkhorn_thresh,
+            }  # fmt: skip
+            score, tr = mps_score(pixels, q0, attention, eps=head.sinkhorn_eps, **sargs)
+            maps.transports.append(tr)
+            maps.score = score.reshape(b, -1, h, w)
+            m, n = tr.plan.shape[-2:]
+            per_prompt = (m * n * tr.plan * tr.similarity).permute(0, 1, 3, 2)
+            maps.prompt_maps = per_prompt.reshape(b, -1, n, h, w)
+        dec = self.decoder(q0, pixels, attention)
+        maps.transports.extend(dec.transports)
+        maps.queries.extend(dec.queries)
+        maps.layer_masks = [m.reshape(b, -1, h, w) for m in dec.masks]
+        maps.decoder = combine_masks(maps.layer_masks, mask_combine or DEFAULT_MASK_COMBINE[attention])
+        return maps
+
     def forward(
         self,
         images: torch.Tensor | ImageEmbedding,
@@ -83,67 +137,39 @@ class OTSeg(nn.Module):
         calibration: float | None = None,
         mask_combine: str | None = None,
     ) -> OTSegOutput:
-        """Segment a batch of crops.
+        """Segment a batch of crops (training and inference alike).
 
         Args:
             images: (B, 3, H, W) normalised crops, or their cached :class:`ImageEmbedding`.
-            text: (K, N, C) prompt embeddings (see :meth:`embed_text`).
-            attention: ``"sinkhorn"`` (OTSeg's MPSA/MPS) or ``"softmax"`` (ZegCLIP baseline).
-            use_mps: include the MPS score-map branch.
+            text: (K, N, C) prompt embeddings.
+            attention, use_mps, mask_combine: see :meth:`decode`.
             lam: weight of the MPS map in the ensemble (default: config, 0.5).
             seen: (K,) bool, classes that get the seen calibration (default: none).
             calibration: value subtracted on seen classes (default: config).
-            mask_combine: ``"sigmoid_geomean"`` or ``"last"`` (default: by attention).
         """
-        if attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
-        cfg = self.config
         emb = images if isinstance(images, ImageEmbedding) else self.encode_image(images)
-        b, c, h, w = emb.pixels.shape
-        in_size = (h * cfg.vision.patch_size, w * cfg.vision.patch_size)
-        if not isinstance(images, ImageEmbedding):
-            in_size = tuple(images.shape[-2:])
-        pixels = emb.pixels.flatten(2).transpose(1, 2)  # (B, M, C), m = y·w + x
-        q0 = relationship_queries(self.decoder.q_proj, emb.cls, text)
-
-        transports: list[Transport] = []
-        score_map = prompt_maps = None
-        if use_mps:
-            head = cfg.head
-            sargs = {} if attention == "softmax" else {
-                "max_iter": head.sinkhorn_max_iter, "tol": head.sinkhorn_thresh,
-            }  # fmt: skip
-            score, tr = mps_score(pixels, q0, attention, eps=head.sinkhorn_eps, **sargs)
-            transports.append(tr)
-            m, n = tr.plan.shape[-2:]
-            prompt_maps = (m * n * tr.plan * tr.similarity).permute(0, 1, 3, 2)
-            prompt_maps = prompt_maps.reshape(b, -1, n, h, w)
-            score_map = self._upsample(score.reshape(b, -1, h, w))
-
-        dec = self.decoder(q0, pixels, attention)
-        transports.extend(dec.transports)
-        masks = [m.reshape(b, -1, h, w) for m in dec.masks]
-        mode = mask_combine or DEFAULT_MASK_COMBINE[attention]
-        decoder_map = self._upsample(combine_masks(masks, mode))
-
-        logits = fuse(decoder_map, score_map, cfg.ensemble_lambda if lam is None else lam)
-        weight = cfg.calibration if calibration is None else calibration
-        scores = calibrate(logits, seen, weight)
-        if scores.shape[-2:] != in_size:  # e.g. 420 crops on a 480 model (§11 #18)
-            scores = F.interpolate(scores, size=in_size, mode="bilinear", align_corners=False)
+        maps = self.decode(emb, text, attention=attention, use_mps=use_mps, mask_combine=mask_combine)
+        decoder_map = self.upsample(maps.decoder)
+        score_map = None if maps.score is None else self.upsample(maps.score)
+        logits = fuse(decoder_map, score_map, self.config.ensemble_lambda if lam is None else lam)
+        scores = calibrate(logits, seen, self.config.calibration if calibration is None else calibration)
+        if not isinstance(images, ImageEmbedding) and scores.shape[-2:] != images.shape[-2:]:
+            # e.g. 420 crops on a 480 model (§11 #18)
+            scores = F.interpolate(scores, size=images.shape[-2:], mode="bilinear", align_corners=False)
         return OTSegOutput(
             decoder_map=decoder_map,
             score_map=score_map,
             logits=logits,
             scores=scores,
-            layer_masks=masks,
-            queries=[q0, *dec.queries],
-            transports=transports,
-            prompt_maps=prompt_maps,
+            layer_masks=maps.layer_masks,
+            queries=maps.queries,
+            transports=maps.transports,
+            prompt_maps=maps.prompt_maps,
             embedding=emb,
         )
 
-    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
+    def upsample(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, K, h, w) → (B, K, S, S), bilinear (the head always outputs the model size S)."""
         s = self.config.vision.image_size
         return F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
 
@@ -162,6 +188,25 @@ class OTSeg(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    # -- hub I/O (see otseg.hub) ----------------------------------------------------------------
+    def save_pretrained(self, directory, *, card: dict | None = None):
+        """Write config.json, model.safetensors, stored text embeddings and a model card."""
+        from .hub import save_pretrained
+
+        return save_pretrained(self, directory, card=card)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, repo_or_dir, **kwargs) -> OTSeg:
+        """Load from a local directory or a Hub repo id (cache first; works offline)."""
+        from .hub import from_pretrained
+
+        return from_pretrained(repo_or_dir, **kwargs)
 
     @property
     def device(self) -> torch.device:

@@ -25,15 +25,15 @@ def sinkhorn(
         return_iterations: also return the number of iterations run.
 
     Returns:
-        (..., M, N) float32 plan T = exp((−C + u + v)/ε) with row sums ≈ 1/M and column sums
+        (..., M, N) plan (float32; float64 for float64 costs) T = exp((−C + u + v)/ε) with row sums ≈ 1/M and column sums
         = 1/N (+1e-8); not rescaled. Gradients flow through every iteration.
     """
     *batch, m, n = cost.shape
     device_type = cost.device.type
     with torch.autocast(device_type=device_type, enabled=False):
-        c = cost.float().reshape(-1, m, n)
-        log_mu = torch.log(torch.full((1, m), 1.0 / m, device=c.device) + 1e-8)
-        log_nu = torch.log(torch.full((1, n), 1.0 / n, device=c.device) + 1e-8)
+        c = (cost if cost.dtype == torch.float64 else cost.float()).reshape(-1, m, n)
+        log_mu = torch.log(c.new_full((1, m), 1.0 / m) + 1e-8)
+        log_nu = torch.log(c.new_full((1, n), 1.0 / n) + 1e-8)
         u = c.new_zeros(c.shape[0], m)
         v = c.new_zeros(c.shape[0], n)
         iterations = 0
