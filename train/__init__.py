@@ -1,0 +1,1 @@
+"""Training code for OTSeg (depends on ``otseg``; ``otseg`` never imports it)."""

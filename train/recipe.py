@@ -1,0 +1,179 @@
+"""Training recipes: a frozen dataclass loaded from ``train/configs/<name>.toml`` plus overrides.
+
+``load_recipe("voc-inductive", ["per_device_batch=2", "data_root=/data/VOCdevkit/VOC2012"])``.
+Override values are parsed as TOML values (``lr=1e-4``, ``img_scale=[1024, 256]``,
+``init_from="runs/x"``); a value that is not valid TOML is taken as a string
+(``data_root=/data/voc``); ``none`` clears an optional field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the API-identical backport
+    import tomli as tomllib
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything a training run needs besides the model config (named by ``preset``)."""
+
+    name: str  # recipe name, also the default output sub-folder
+    preset: str  # model preset of ``otseg.config.PRESETS`` ("voc-inductive", "tiny", ...)
+    dataset: str  # reader of ``otseg.data.datasets.build_dataset``: voc | context | coco | custom
+    data_root: str  # dataset root in the layout that reader documents
+    train_split: str  # "trainaug" (VOC), "train" (Context), "train2017" (COCO)
+    val_split: str
+    iterations: int  # optimizer steps (spec §7)
+    crop_size: int  # training crop; must equal the model's S (spec §6.6)
+    img_scale: tuple[int, int]  # Resize scale before the 0.5–2.0 ratio: (2048, 512) | (520, 520)
+    checkpoint_interval: int  # save every this many steps (10k; 1k for the 10k schedule)
+    global_batch: int = 16  # per_device_batch × processes × grad-accum steps
+    per_device_batch: int = 4
+    lr: float = 2e-4  # effective lr of every trainable parameter (spec §7)
+    weight_decay: float = 0.01  # on all trainable parameters, norms included (§11 #20)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_iters: int = 1500  # linear warmup from lr·warmup_ratio
+    warmup_ratio: float = 1e-6
+    min_lr: float = 1e-6  # poly floor
+    power: float = 0.9  # poly exponent
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    requires_init_from: bool = False  # transductive: must start from an inductive checkpoint
+    init_from: str | None = None  # weights to start from (fresh optimizer and schedule)
+    init_from_iter: int | None = None  # inductive step the original ST runs started from
+    seed: int = 0
+    num_workers: int = 4
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (original: fp32)
+    output_dir: str = "work_dirs"
+
+    def __post_init__(self) -> None:
+        for key in ("iterations", "global_batch", "per_device_batch", "checkpoint_interval"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be ≥ 1, got {getattr(self, key)}")
+        if self.warmup_iters < 0:
+            raise ValueError("warmup_iters must be ≥ 0")
+        if len(self.img_scale) != 2 or len(self.ratio_range) != 2:
+            raise ValueError("img_scale and ratio_range take two values")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision}")
+
+    def validate(self) -> None:
+        """Checks needing more than the recipe: the transductive start point, crop = S."""
+        if self.requires_init_from and not self.init_from:
+            step = f" (the original used its step {self.init_from_iter})" if self.init_from_iter else ""
+            raise ValueError(
+                f"recipe {self.name!r} is transductive: set init_from to the inductive "
+                f"checkpoint{step}, e.g. --set init_from=work_dirs/<inductive>/checkpoint")
+        from otseg.config import get_preset
+
+        size = get_preset(self.preset).vision.image_size
+        if self.crop_size != size:
+            raise ValueError(f"crop_size {self.crop_size} must equal the model size {size}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_HINTS = typing.get_type_hints(Recipe)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Convert a parsed value to the type of field ``key``."""
+    hint = _HINTS[key]
+    args = typing.get_args(hint)
+    optional = isinstance(hint, types.UnionType) and type(None) in args
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+        return None
+    base = next(a for a in args if a is not type(None)) if optional else hint
+    origin = typing.get_origin(base)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        item = typing.get_args(base)[0]
+        return tuple(_scalar(key, item, v) for v in value)
+    return _scalar(key, base, value)
+
+
+def _scalar(key: str, kind: type, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if kind is str:
+        return str(value)
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}: expected {kind.__name__}, got {value!r}") from None
+    if kind is int and isinstance(value, float) and number != value:
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    return number
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"key=value"`` → (key, value parsed as TOML, or the raw string)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"override must look like key=value, got {item!r}")
+    if key not in _HINTS:
+        raise ValueError(f"unknown recipe field {key!r}; fields: {sorted(_HINTS)}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, _coerce(key, value)
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """``train/configs/<name>.toml`` for a recipe name, else the given file."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = CONFIG_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+        raise FileNotFoundError(f"recipe not found: {path}; built-in recipes: {names}")
+    return path
+
+
+def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """A recipe file (name of a built-in recipe or a ``.toml`` path) with ``key=value`` overrides."""
+    path = recipe_path(name_or_path)
+    data = tomllib.loads(path.read_text())
+    data.setdefault("name", path.stem)
+    unknown = set(data) - set(_HINTS)
+    if unknown:
+        raise ValueError(f"{path}: unknown recipe fields {sorted(unknown)}")
+    values = {key: _coerce(key, value) for key, value in data.items()}
+    values.update(parse_override(item) for item in overrides)
+    return Recipe(**values)
+
+
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    """``--recipe NAME|PATH`` and repeatable ``--set key=value``."""
+    parser.add_argument("--recipe", required=True, help="recipe name (train/configs) or .toml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a recipe field (repeatable)")
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    return load_recipe(args.recipe, args.overrides)
