@@ -1,0 +1,83 @@
+"""Sinkhorn: agreement with independent solvers, marginals, gradients, the original stop rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from factories import PARITY_DIR
+from otseg.sinkhorn import sinkhorn
+
+
+def reference_loop(cost: np.ndarray, eps: float, iters: int) -> np.ndarray:
+    """Independent float64 log-domain Sinkhorn written with numpy (one problem)."""
+    m, n = cost.shape
+    f, g = np.zeros(m), np.zeros(n)
+    for _ in range(iters):
+        f = eps * np.log(1 / m) - eps * np.logaddexp.reduce((g[None, :] - cost) / eps, axis=1)
+        g = eps * np.log(1 / n) - eps * np.logaddexp.reduce((f[:, None] - cost) / eps, axis=0)
+    return np.exp((f[:, None] + g[None, :] - cost) / eps)
+
+
+def random_cost(b=3, m=64, n=6, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    sim = torch.nn.functional.normalize(torch.randn(b, m, 16, generator=g, dtype=dtype), dim=-1)
+    proto = torch.nn.functional.normalize(torch.randn(b, n, 16, generator=g, dtype=dtype), dim=-1)
+    return 1 - sim @ proto.transpose(1, 2)
+
+
+def test_matches_pot_and_a_numpy_loop_when_converged():
+    cost = random_cost()
+    plan = sinkhorn(cost, eps=0.05, max_iter=2000, tol=None)
+    for i in range(cost.shape[0]):
+        c = cost[i].numpy()
+        m, n = c.shape
+        pot = ot.bregman.sinkhorn_log(np.full(m, 1 / m), np.full(n, 1 / n), c, 0.05, numItermax=5000, stopThr=1e-14)
+        np.testing.assert_allclose(plan[i].numpy(), pot, atol=1e-9)
+        np.testing.assert_allclose(plan[i].numpy(), reference_loop(c, 0.05, 2000), atol=1e-9)
+
+
+def test_marginals():
+    plan = sinkhorn(random_cost(dtype=torch.float32), max_iter=300, tol=None)
+    m, n = plan.shape[-2:]
+    torch.testing.assert_close(plan.sum(-2), torch.full((3, n), 1 / n), atol=1e-6, rtol=0)
+    torch.testing.assert_close(plan.sum(-1), torch.full((3, m), 1 / m), atol=1e-6, rtol=1e-3)
+
+
+def test_gradients_flow_through_the_iterations():
+    cost = random_cost(b=1, m=8, n=3).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda c: sinkhorn(c, eps=0.5, max_iter=20, tol=None), (cost,))
+    cost32 = random_cost(b=2, m=16, n=3, dtype=torch.float32).requires_grad_(True)
+    (sinkhorn(cost32) * torch.randn(2, 16, 3)).sum().backward()
+    assert cost32.grad is not None and cost32.grad.abs().sum() > 0
+
+
+def test_runs_in_float32_under_autocast():
+    cost = random_cost(dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plan = sinkhorn(cost)
+    assert plan.dtype == torch.float32
+
+
+def test_stopping_rule_is_the_original_batch_global_mean():
+    cost = random_cost(b=4, m=256, n=6, dtype=torch.float32)
+    plan, n = sinkhorn(cost, return_iterations=True)
+    assert 1 < n < 100
+    torch.testing.assert_close(plan, sinkhorn(cost, max_iter=n, tol=None), atol=0, rtol=0)
+    # the stop tests the mean error of the whole batch, not each member's
+    counts = [sinkhorn(cost[i : i + 1], return_iterations=True)[1] for i in range(4)]
+    assert min(counts) <= n <= max(counts)
+
+
+@pytest.mark.skipif(not (PARITY_DIR / "tiny_voc_inductive").is_dir(), reason="parity fixtures absent")
+def test_iteration_counts_of_the_original_on_the_fixture():
+    """The parity README records 15, 16, 19 and 26 iterations for the four crop calls."""
+    ref = torch.load(PARITY_DIR / "tiny_voc_inductive" / "outputs.pt", weights_only=True)
+    counts = []
+    for i in range(4):
+        plan, n = sinkhorn(ref[f"sinkhorn.{i}.cost"], return_iterations=True)
+        counts.append(n)
+        torch.testing.assert_close(plan, ref[f"sinkhorn.{i}.T"], atol=2e-7, rtol=0)
+    assert counts == [15, 16, 19, 26]
