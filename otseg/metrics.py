@@ -21,8 +21,13 @@ def new_confusion(num_classes: int, device: torch.device | str = "cpu") -> torch
     return torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
 
 
-def update(confusion: torch.Tensor, pred: torch.Tensor, label: torch.Tensor, num_classes: int,
-           ignore_index: int = 255) -> torch.Tensor:
+def update(
+    confusion: torch.Tensor,
+    pred: torch.Tensor,
+    label: torch.Tensor,
+    num_classes: int,
+    ignore_index: int = 255,
+) -> torch.Tensor:
     """Add one batch to ``confusion`` in place and return it.
 
     Args:
@@ -40,8 +45,10 @@ def update(confusion: torch.Tensor, pred: torch.Tensor, label: torch.Tensor, num
         return confusion
     for name, ids in (("label", label), ("pred", pred)):
         if ids.min() < 0 or ids.max() >= num_classes:
-            raise ValueError(f"{name} ids must be in 0..{num_classes - 1} or {ignore_index}, "
-                             f"got {int(ids.min())}..{int(ids.max())}")
+            raise ValueError(
+                f"{name} ids must be in 0..{num_classes - 1} or {ignore_index}, "
+                f"got {int(ids.min())}..{int(ids.max())}"
+            )
     counts = torch.bincount(label * num_classes + pred, minlength=num_classes**2)
     confusion += counts.view(num_classes, num_classes).to(confusion.device)
     return confusion
@@ -81,8 +88,9 @@ class SegMetrics:
         return {k: 100 * getattr(self, k) for k in keys}
 
 
-def compute_metrics(confusion: torch.Tensor, class_names: Sequence[str],
-                    unseen: Sequence[int] = ()) -> SegMetrics:
+def compute_metrics(
+    confusion: torch.Tensor, class_names: Sequence[str], unseen: Sequence[int] = ()
+) -> SegMetrics:
     """Per-class and mean metrics from a (K, K) confusion matrix (summed over processes)."""
     conf = confusion.detach().double().cpu()
     if conf.shape != (len(class_names), len(class_names)):
@@ -97,9 +105,14 @@ def compute_metrics(confusion: torch.Tensor, class_names: Sequence[str],
     unseen_iou = [v for i, v in enumerate(iou) if i in unseen_set]
     miou_seen, miou_unseen = _nanmean(seen_iou), _nanmean(unseen_iou)
     return SegMetrics(
-        class_names=tuple(class_names), unseen=tuple(sorted(unseen_set)), iou=tuple(iou),
-        acc=tuple(acc), aacc=float(tp.sum()) / total if total else math.nan,
-        miou=_nanmean(iou), miou_seen=miou_seen, miou_unseen=miou_unseen,
+        class_names=tuple(class_names),
+        unseen=tuple(sorted(unseen_set)),
+        iou=tuple(iou),
+        acc=tuple(acc),
+        aacc=float(tp.sum()) / total if total else math.nan,
+        miou=_nanmean(iou),
+        miou_seen=miou_seen,
+        miou_unseen=miou_unseen,
         hiou=harmonic_iou(miou_seen, miou_unseen),
     )
 
@@ -119,7 +132,8 @@ def format_table(metrics: SegMetrics) -> str:
     lines.append(
         f"mIoU {_pct(metrics.miou)}  mIoU(seen) {_pct(metrics.miou_seen)}  "
         f"mIoU(unseen) {_pct(metrics.miou_unseen)}  hIoU {_pct(metrics.hiou)}  "
-        f"aAcc {_pct(metrics.aacc)}")
+        f"aAcc {_pct(metrics.aacc)}"
+    )
     return "\n".join(lines)
 
 

@@ -51,8 +51,9 @@ def _passes(crop: np.ndarray, ratio: float = 0.75) -> bool:
 
 def _windows(seed: int, h: int, w: int, crop: int, n: int) -> list[tuple[int, int]]:
     rng = np.random.default_rng(seed)
-    return [(int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1)))
-            for _ in range(n)]
+    return [
+        (int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))) for _ in range(n)
+    ]
 
 
 def test_random_crop_keeps_first_window_passing_the_cat_max_ratio_rule():
@@ -63,9 +64,9 @@ def test_random_crop_keeps_first_window_passing_the_cat_max_ratio_rule():
     for seed in range(20):
         _, crop = random_crop(image, label, 32, np.random.default_rng(seed))
         windows = _windows(seed, 32, 200, 32, 11)
-        checks = [_passes(label[y:y + 32, x:x + 32]) for y, x in windows[:10]]
+        checks = [_passes(label[y : y + 32, x : x + 32]) for y, x in windows[:10]]
         y, x = windows[checks.index(True)] if any(checks) else windows[10]
-        np.testing.assert_array_equal(crop, label[y:y + 32, x:x + 32])
+        np.testing.assert_array_equal(crop, label[y : y + 32, x : x + 32])
 
 
 def test_random_crop_single_class_uses_the_eleventh_window_and_small_images_stay_whole():
@@ -76,11 +77,11 @@ def test_random_crop_single_class_uses_the_eleventh_window_and_small_images_stay
     rng = np.random.default_rng(3)
     for _ in range(11):
         y, x = int(rng.integers(0, 25)), int(rng.integers(0, 75))
-    img, _ = random_crop(np.arange(40 * 90 * 3).reshape(40, 90, 3), label, 16,
-                         np.random.default_rng(3))
+    img, _ = random_crop(
+        np.arange(40 * 90 * 3).reshape(40, 90, 3), label, 16, np.random.default_rng(3)
+    )
     assert img[0, 0, 0] == (y * 90 + x) * 3
-    small, small_label = random_crop(image[:10, :12], label[:10, :12], 16,
-                                     np.random.default_rng(0))
+    small, small_label = random_crop(image[:10, :12], label[:10, :12], 16, np.random.default_rng(0))
     assert small.shape == (10, 12, 3) and small_label.shape == (10, 12)
 
 
@@ -126,12 +127,15 @@ def test_flip_mirrors_image_and_label_together():
 
 
 def test_hsv_matches_colorsys_and_round_trips():
-    colours = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [200, 100, 50], [90, 90, 90]]],
-                       np.uint8)
+    colours = np.array(
+        [[[255, 0, 0], [0, 255, 0], [0, 0, 255], [200, 100, 50], [90, 90, 90]]], np.uint8
+    )
     hsv = rgb_to_hsv(colours)
     for (r, g, b), (h, s, v) in zip(colours[0], hsv[0], strict=True):
         eh, es, ev = colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)
-        assert abs(int(h) - eh * 180) <= 0.5 and abs(int(s) - es * 255) <= 0.5 and v == round(ev * 255)
+        assert (
+            abs(int(h) - eh * 180) <= 0.5 and abs(int(s) - es * 255) <= 0.5 and v == round(ev * 255)
+        )
     np.testing.assert_array_equal(hsv_to_rgb(hsv)[0, :3], colours[0, :3])
     rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     assert np.abs(hsv_to_rgb(rgb_to_hsv(rgb)).astype(int) - rgb).max() <= 4  # 8-bit HSV steps
@@ -160,8 +164,10 @@ def test_test_transform_resizes_short_side_and_keeps_label():
 
 
 def test_collate_stacks_equal_shapes_and_lists_the_rest():
-    batch = [{"image": torch.zeros(3, 4, 4), "label": torch.zeros(4, 4), "path": "a"},
-             {"image": torch.ones(3, 4, 4), "label": torch.zeros(5, 4), "path": "b"}]
+    batch = [
+        {"image": torch.zeros(3, 4, 4), "label": torch.zeros(4, 4), "path": "a"},
+        {"image": torch.ones(3, 4, 4), "label": torch.zeros(5, 4), "path": "b"},
+    ]
     out = collate(batch)
     assert out["image"].shape == (2, 3, 4, 4)
     assert isinstance(out["label"], list) and out["path"] == ["a", "b"]

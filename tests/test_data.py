@@ -13,8 +13,12 @@ from otseg.data.classes import CLASS_NAMES
 from otseg.data.datasets import CustomDataset, build_dataset, read_label, reduce_zero
 from otseg.data.synthetic import SYNTHETIC_CLASSES, write_synthetic
 
-SPLITS = {"voc": ("train", "val", "trainaug"), "context": ("train", "val"),
-          "coco": ("train2017", "val2017"), "custom": ("train", "val")}
+SPLITS = {
+    "voc": ("train", "val", "trainaug"),
+    "context": ("train", "val"),
+    "coco": ("train2017", "val2017"),
+    "custom": ("train", "val"),
+}
 
 
 def test_reduce_zero_label_mapping():
@@ -88,8 +92,9 @@ def test_missing_paths_raise_clear_errors(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="label file.*val_00000.png"):
         build_dataset("voc", root, "val")
     with pytest.raises(FileNotFoundError, match=r"split file.*ImageSets.*test\.txt"):
-        build_dataset("context", write_synthetic(tmp_path / "c", "context", num_train=1,
-                                                 num_val=1), "test")
+        build_dataset(
+            "context", write_synthetic(tmp_path / "c", "context", num_train=1, num_val=1), "test"
+        )
     coco = write_synthetic(tmp_path / "coco", "coco", num_train=1, num_val=1)
     with pytest.raises(FileNotFoundError, match=r"label folder.*annotations.val2017"):
         (coco / "annotations/val2017/val_00000_labelTrainIds.png").unlink()
@@ -104,12 +109,14 @@ def test_custom_dataset_options(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="class-name file"):
         CustomDataset(root / "images/train", root / "labels/train", root / "names.txt")
     raw = build_dataset("custom", root, "train")[0]["label"]
-    ds = CustomDataset(root / "images/train", root / "labels/train", ["a", "b", "c", "d", "e"],
-                       ignore_index=0)
+    ds = CustomDataset(
+        root / "images/train", root / "labels/train", ["a", "b", "c", "d", "e"], ignore_index=0
+    )
     label = ds[0]["label"]
     np.testing.assert_array_equal(label, np.where(raw == 0, 255, raw))
-    reduced = CustomDataset(root / "images/train", root / "labels/train", list("abcde"),
-                            reduce_zero_label=True)[0]["label"]
+    reduced = CustomDataset(
+        root / "images/train", root / "labels/train", list("abcde"), reduce_zero_label=True
+    )[0]["label"]
     np.testing.assert_array_equal(reduced, reduce_zero(raw))
     (root / "labels/train/train_00001.png").unlink()
     with pytest.raises(FileNotFoundError, match="train_00001.png"):

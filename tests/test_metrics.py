@@ -80,8 +80,11 @@ def test_update_rejects_bad_input():
 
 
 def test_table_and_json():
-    m = compute_metrics(update(new_confusion(4), torch.tensor([0, 1]), torch.tensor([0, 1]), 4),
-                        ["cat", "dog", "pottedplant", "sofa"], unseen=[2, 3])
+    m = compute_metrics(
+        update(new_confusion(4), torch.tensor([0, 1]), torch.tensor([0, 1]), 4),
+        ["cat", "dog", "pottedplant", "sofa"],
+        unseen=[2, 3],
+    )
     table = format_table(m)
     assert "pottedplant" in table and "unseen" in table and "hIoU" in table
     assert "100.00" in table and "nan" in table

@@ -58,7 +58,8 @@ def test_lambdalr_follows_the_schedule_per_step():
     sched = build_scheduler(opt, max_iters=30, warmup_iters=10)
     for it in range(31):
         assert opt.param_groups[0]["lr"] == pytest.approx(
-            poly_warmup_lr(it, BASE, 30, warmup_iters=10), rel=1e-12)
+            poly_warmup_lr(it, BASE, 30, warmup_iters=10), rel=1e-12
+        )
         opt.step()
         sched.step()
     assert opt.param_groups[0]["initial_lr"] == BASE
@@ -75,8 +76,11 @@ def test_grad_accum_makes_the_global_batch():
 
 
 def test_every_preset_has_a_recipe_matching_the_spec():
-    iters = {"voc": (20000, 10000, 20000), "context": (40000, 20000, 40000),
-             "coco": (80000, 40000, 80000)}
+    iters = {
+        "voc": (20000, 10000, 20000),
+        "context": (40000, 20000, 40000),
+        "coco": (80000, 40000, 80000),
+    }
     for dataset, counts in iters.items():
         for setting, count in zip(("inductive", "transductive", "fully"), counts, strict=True):
             r = load_recipe(f"{dataset}-{setting}")
@@ -101,8 +105,17 @@ def test_transductive_recipe_requires_init_from():
 
 
 def test_overrides_are_typed():
-    r = load_recipe("tiny", ["lr=1e-4", "img_scale=[96, 48]", "data_root=/data/x y",
-                             "per_device_batch=1", "betas=0.8,0.9", "init_from=none"])
+    r = load_recipe(
+        "tiny",
+        [
+            "lr=1e-4",
+            "img_scale=[96, 48]",
+            "data_root=/data/x y",
+            "per_device_batch=1",
+            "betas=0.8,0.9",
+            "init_from=none",
+        ],
+    )
     assert r.lr == 1e-4 and r.img_scale == (96, 48) and r.data_root == "/data/x y"
     assert r.per_device_batch == 1 and r.betas == (0.8, 0.9) and r.init_from is None
     assert parse_override("requires_init_from=true") == ("requires_init_from", True)

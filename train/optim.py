@@ -16,8 +16,9 @@ BASE_LR = 2e-4  # effective: config lr 2e-5 × lr_mult 10
 WEIGHT_DECAY = 0.01
 
 
-def build_param_groups(model: nn.Module, lr: float = BASE_LR,
-                       weight_decay: float = WEIGHT_DECAY) -> list[dict]:
+def build_param_groups(
+    model: nn.Module, lr: float = BASE_LR, weight_decay: float = WEIGHT_DECAY
+) -> list[dict]:
     """One group with every parameter that requires grad (names sorted for a stable order)."""
     params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
     if not params:
@@ -25,17 +26,33 @@ def build_param_groups(model: nn.Module, lr: float = BASE_LR,
     return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
 
 
-def build_optimizer(model: nn.Module, lr: float = BASE_LR, weight_decay: float = WEIGHT_DECAY,
-                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                    ) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module,
+    lr: float = BASE_LR,
+    weight_decay: float = WEIGHT_DECAY,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
     """AdamW as the original configs (no grad clipping) over the trainable parameters."""
-    return torch.optim.AdamW(build_param_groups(model, lr, weight_decay), lr=lr, betas=betas,
-                             eps=eps, weight_decay=weight_decay)
+    return torch.optim.AdamW(
+        build_param_groups(model, lr, weight_decay),
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+    )
 
 
-def poly_warmup_lr(it: int, base_lr: float, max_iters: int, *, power: float = 0.9,
-                   min_lr: float = 1e-6, warmup_iters: int = 1500,
-                   warmup_ratio: float = 1e-6) -> float:
+def poly_warmup_lr(
+    it: int,
+    base_lr: float,
+    max_iters: int,
+    *,
+    power: float = 0.9,
+    min_lr: float = 1e-6,
+    warmup_iters: int = 1500,
+    warmup_ratio: float = 1e-6,
+) -> float:
     """The learning rate of 0-based iteration ``it`` (mmcv ``PolyLrUpdaterHook``):
     ``(base − min_lr)·(1 − it/max_iters)^power + min_lr``, times
     ``1 − (1 − it/warmup_iters)·(1 − warmup_ratio)`` while ``it < warmup_iters``."""
@@ -55,15 +72,19 @@ def poly_warmup_lambda(base_lr: float, max_iters: int, **kwargs: float) -> Calla
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, max_iters: int, **kwargs: float,
-                    ) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    max_iters: int,
+    **kwargs: float,
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-iteration schedule; call ``scheduler.step()`` after every optimizer step, so the
     ``it``-th step (0-based) runs with ``poly_warmup_lr(it)``."""
     base_lr = optimizer.param_groups[0]["lr"]
     if any(g["lr"] != base_lr for g in optimizer.param_groups):
         raise ValueError("all parameter groups must share one base lr")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, poly_warmup_lambda(base_lr, max_iters,
-                                                                           **kwargs))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, poly_warmup_lambda(base_lr, max_iters, **kwargs)
+    )
 
 
 def grad_accum_steps(global_batch: int, per_device_batch: int, num_processes: int) -> int:
@@ -73,13 +94,16 @@ def grad_accum_steps(global_batch: int, per_device_batch: int, num_processes: in
         raise ValueError(
             f"global batch {global_batch} is not a multiple of per-device batch "
             f"{per_device_batch} × {num_processes} processes; choose a per-device batch that "
-            f"divides {global_batch // max(num_processes, 1)}")
+            f"divides {global_batch // max(num_processes, 1)}"
+        )
     return global_batch // per_step
 
 
 def describe_batch(global_batch: int, per_device_batch: int, num_processes: int) -> str:
     """A log line explaining how the global batch is formed."""
     steps = grad_accum_steps(global_batch, per_device_batch, num_processes)
-    return (f"global batch {global_batch} = {per_device_batch} per device × {num_processes} "
-            f"process{'es' if num_processes > 1 else ''} × {steps} gradient-accumulation "
-            f"step{'s' if steps > 1 else ''} (the original: 4 per GPU × 4 GPUs × 1)")
+    return (
+        f"global batch {global_batch} = {per_device_batch} per device × {num_processes} "
+        f"process{'es' if num_processes > 1 else ''} × {steps} gradient-accumulation "
+        f"step{'s' if steps > 1 else ''} (the original: 4 per GPU × 4 GPUs × 1)"
+    )

@@ -68,15 +68,22 @@ class Recipe:
         if len(self.img_scale) != 2 or len(self.ratio_range) != 2:
             raise ValueError("img_scale and ratio_range take two values")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision}")
+            raise ValueError(
+                f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision}"
+            )
 
     def validate(self) -> None:
         """Checks needing more than the recipe: the transductive start point, crop = S."""
         if self.requires_init_from and not self.init_from:
-            step = f" (the original used its step {self.init_from_iter})" if self.init_from_iter else ""
+            step = (
+                f" (the original used its step {self.init_from_iter})"
+                if self.init_from_iter
+                else ""
+            )
             raise ValueError(
                 f"recipe {self.name!r} is transductive: set init_from to the inductive "
-                f"checkpoint{step}, e.g. --set init_from=work_dirs/<inductive>/checkpoint")
+                f"checkpoint{step}, e.g. --set init_from=work_dirs/<inductive>/checkpoint"
+            )
         from otseg.config import get_preset
 
         size = get_preset(self.preset).vision.image_size
@@ -99,7 +106,9 @@ def _coerce(key: str, value: Any) -> Any:
     hint = _HINTS[key]
     args = typing.get_args(hint)
     optional = isinstance(hint, types.UnionType) and type(None) in args
-    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+    if optional and (
+        value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+    ):
         return None
     base = next(a for a in args if a is not type(None)) if optional else hint
     origin = typing.get_origin(base)
@@ -171,8 +180,14 @@ def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Reci
 def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     """``--recipe NAME|PATH`` and repeatable ``--set key=value``."""
     parser.add_argument("--recipe", required=True, help="recipe name (train/configs) or .toml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a recipe field (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field (repeatable)",
+    )
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:

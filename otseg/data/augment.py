@@ -45,9 +45,13 @@ def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(x, size=size, mode="nearest")[0, 0].numpy().astype(label.dtype)
 
 
-def random_rescale(image: np.ndarray, label: np.ndarray, img_scale: Sequence[int],
-                   ratio_range: Sequence[float], rng: np.random.Generator,
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def random_rescale(
+    image: np.ndarray,
+    label: np.ndarray,
+    img_scale: Sequence[int],
+    ratio_range: Sequence[float],
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
     """mmseg ``Resize(img_scale, ratio_range, keep_ratio=True)``: the scale is
     ``int(img_scale · r)`` with r ~ U(ratio_range); the image is fitted inside it."""
     ratio = rng.random() * (ratio_range[1] - ratio_range[0]) + ratio_range[0]
@@ -56,8 +60,13 @@ def random_rescale(image: np.ndarray, label: np.ndarray, img_scale: Sequence[int
     return resize_image(image, size), resize_label(label, size)
 
 
-def random_crop(image: np.ndarray, label: np.ndarray, crop: int, rng: np.random.Generator,
-                cat_max_ratio: float = 0.75) -> tuple[np.ndarray, np.ndarray]:
+def random_crop(
+    image: np.ndarray,
+    label: np.ndarray,
+    crop: int,
+    rng: np.random.Generator,
+    cat_max_ratio: float = 0.75,
+) -> tuple[np.ndarray, np.ndarray]:
     """mmseg ``RandomCrop``: a crop×crop window (smaller images are not padded here). Up to 10
     windows are tested; one is kept when it holds >1 non-ignore class and the most frequent
     covers < ``cat_max_ratio`` of the non-ignore pixels; else the 11th window drawn is used."""
@@ -70,12 +79,12 @@ def random_crop(image: np.ndarray, label: np.ndarray, crop: int, rng: np.random.
     y, x = window()
     if cat_max_ratio < 1.0:
         for _ in range(10):
-            counts = np.bincount(label[y:y + crop, x:x + crop].ravel(), minlength=256)[:IGNORE]
+            counts = np.bincount(label[y : y + crop, x : x + crop].ravel(), minlength=256)[:IGNORE]
             counts = counts[counts > 0]
             if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
                 break
             y, x = window()
-    return image[y:y + crop, x:x + crop], label[y:y + crop, x:x + crop]
+    return image[y : y + crop, x : x + crop], label[y : y + crop, x : x + crop]
 
 
 def rgb_to_hsv(image: np.ndarray) -> np.ndarray:
@@ -109,10 +118,14 @@ def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray
     return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
 
-def photometric_distortion(image: np.ndarray, rng: np.random.Generator, brightness: int = 32,
-                           contrast: tuple[float, float] = (0.5, 1.5),
-                           saturation: tuple[float, float] = (0.5, 1.5), hue: int = 18,
-                           ) -> np.ndarray:
+def photometric_distortion(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    brightness: int = 32,
+    contrast: tuple[float, float] = (0.5, 1.5),
+    saturation: tuple[float, float] = (0.5, 1.5),
+    hue: int = 18,
+) -> np.ndarray:
     """mmseg ``PhotoMetricDistortion`` on uint8 (H, W, 3): brightness, contrast (first or last,
     50/50), saturation, hue; each applied with probability 0.5."""
     if rng.integers(2):
@@ -133,15 +146,18 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator, brightne
     return image
 
 
-def normalize(image: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
-              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+def normalize(
+    image: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
     """uint8 (H, W, 3) RGB → float32 (3, H, W), (x − mean) / std with 0..255-scale stats."""
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
     mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
     return (x - mean_t) / torch.tensor(std, dtype=torch.float32)[:, None, None]
 
 
-def pad_to(image: torch.Tensor, label: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_to(
+    image: torch.Tensor, label: torch.Tensor, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad (3, h, w) image with 0 and (h, w) label with 255 at the bottom/right to (size, size)."""
     ph, pw = max(size - image.shape[1], 0), max(size - image.shape[2], 0)
     if ph or pw:
@@ -154,22 +170,38 @@ class TrainTransform:
     """The training pipeline; ``__call__(sample, rng)`` returns ``{"image": float32 (3, S, S),
     "label": int64 (S, S) (255 = ignore), "path": str}``."""
 
-    def __init__(self, crop_size: int, img_scale: Sequence[int] = (2048, 512), *,
-                 ratio_range: Sequence[float] = (0.5, 2.0), cat_max_ratio: float = 0.75,
-                 flip_prob: float = 0.5, photometric: bool = True,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 ) -> None:
+    def __init__(
+        self,
+        crop_size: int,
+        img_scale: Sequence[int] = (2048, 512),
+        *,
+        ratio_range: Sequence[float] = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+        flip_prob: float = 0.5,
+        photometric: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
         self.crop_size, self.img_scale = crop_size, tuple(img_scale)
         self.ratio_range, self.cat_max_ratio = tuple(ratio_range), cat_max_ratio
         self.flip_prob, self.photometric = flip_prob, photometric
         self.mean, self.std = tuple(mean), tuple(std)
 
     @classmethod
-    def for_config(cls, config: OTSegConfig, img_scale: Sequence[int], **kwargs: Any,
-                   ) -> TrainTransform:
+    def for_config(
+        cls,
+        config: OTSegConfig,
+        img_scale: Sequence[int],
+        **kwargs: Any,
+    ) -> TrainTransform:
         """Crop S = ``config.vision.image_size`` and the config's normalisation stats."""
-        return cls(config.vision.image_size, img_scale, mean=config.pixel_mean,
-                   std=config.pixel_std, **kwargs)
+        return cls(
+            config.vision.image_size,
+            img_scale,
+            mean=config.pixel_mean,
+            std=config.pixel_std,
+            **kwargs,
+        )
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         image, label = sample["image"], sample["label"]
@@ -188,23 +220,33 @@ class EvalTransform:
     """Short side → ``resize_short`` (bilinear), normalise. Returns ``{"image": float32
     (3, h', w'), "label": int64 (H, W) at the original size, "path", "ori_size": (H, W)}``."""
 
-    def __init__(self, resize_short: int, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD) -> None:
+    def __init__(
+        self,
+        resize_short: int,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
         self.resize_short, self.mean, self.std = resize_short, tuple(mean), tuple(std)
 
     @classmethod
     def for_config(cls, config: OTSegConfig) -> EvalTransform:
         return cls(config.resize_short, config.pixel_mean, config.pixel_std)
 
-    def __call__(self, sample: dict[str, Any], rng: np.random.Generator | None = None,
-                 ) -> dict[str, Any]:
+    def __call__(
+        self,
+        sample: dict[str, Any],
+        rng: np.random.Generator | None = None,
+    ) -> dict[str, Any]:
         image = sample["image"]
         h, w = image.shape[:2]
         factor = self.resize_short / min(h, w)
         image = resize_image(image, (int(h * factor + 0.5), int(w * factor + 0.5)))
-        return {"image": normalize(image, self.mean, self.std),
-                "label": torch.from_numpy(np.ascontiguousarray(sample["label"])).long(),
-                "path": sample["path"], "ori_size": (h, w)}
+        return {
+            "image": normalize(image, self.mean, self.std),
+            "label": torch.from_numpy(np.ascontiguousarray(sample["label"])).long(),
+            "path": sample["path"],
+            "ori_size": (h, w),
+        }
 
 
 def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -135,8 +135,14 @@ class SegmentationDataset(Dataset):
         return self.transform(sample, rng)
 
 
-def _pairs(image_dir: Path, label_dir: Path, stems: Sequence[str], img_suffix: str,
-           label_suffix: str, layout: str) -> list[tuple[Path, Path]]:
+def _pairs(
+    image_dir: Path,
+    label_dir: Path,
+    stems: Sequence[str],
+    img_suffix: str,
+    label_suffix: str,
+    layout: str,
+) -> list[tuple[Path, Path]]:
     pairs = []
     for stem in stems:
         image = _require(image_dir / f"{stem}{img_suffix}", "image", layout)
@@ -147,14 +153,13 @@ def _pairs(image_dir: Path, label_dir: Path, stems: Sequence[str], img_suffix: s
 
 def _find(root: Path, *candidates: str) -> Path:
     """``root`` itself or the first ``root/candidate`` that exists."""
-    for candidate in candidates:
-        if (root / candidate).is_dir():
-            return root / candidate
-    return root
+    return next((root / c for c in candidates if (root / c).is_dir()), root)
 
 
-VOC_LAYOUT = ("VOCdevkit/VOC2012/{JPEGImages/*.jpg, SegmentationClass/*.png, "
-              "SegmentationClassAug/*.png, ImageSets/Segmentation/{train,val,aug|trainaug}.txt}")
+VOC_LAYOUT = (
+    "VOCdevkit/VOC2012/{JPEGImages/*.jpg, SegmentationClass/*.png, "
+    "SegmentationClassAug/*.png, ImageSets/Segmentation/{train,val,aug|trainaug}.txt}"
+)
 
 
 def voc_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
@@ -177,13 +182,16 @@ def voc_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
     if not (sets / "trainaug.txt").exists():
         raise FileNotFoundError(
             f"split file not found: neither {sets / 'aug.txt'} (mmseg) nor "
-            f"{sets / 'trainaug.txt'}\n  expected layout: {VOC_LAYOUT}")
+            f"{sets / 'trainaug.txt'}\n  expected layout: {VOC_LAYOUT}"
+        )
     stems = _read_split(sets / "trainaug.txt", VOC_LAYOUT)
     return _pairs(images, aug_labels, stems, ".jpg", ".png", VOC_LAYOUT)
 
 
-CONTEXT_LAYOUT = ("VOCdevkit/VOC2010/{JPEGImages/*.jpg, SegmentationClassContext/*.png, "
-                  "ImageSets/SegmentationContext/{train,val}.txt}")
+CONTEXT_LAYOUT = (
+    "VOCdevkit/VOC2010/{JPEGImages/*.jpg, SegmentationClassContext/*.png, "
+    "ImageSets/SegmentationContext/{train,val}.txt}"
+)
 
 
 def context_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
@@ -196,8 +204,10 @@ def context_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
     return _pairs(images, labels, stems, ".jpg", ".png", CONTEXT_LAYOUT)
 
 
-COCO_LAYOUT = ("coco_stuff164k/{images/{train2017,val2017}/*.jpg, "
-               "annotations/{train2017,val2017}/*_labelTrainIds.png}")
+COCO_LAYOUT = (
+    "coco_stuff164k/{images/{train2017,val2017}/*.jpg, "
+    "annotations/{train2017,val2017}/*_labelTrainIds.png}"
+)
 
 
 def coco_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
@@ -241,10 +251,17 @@ class CustomDataset(SegmentationDataset):
             path = _require(Path(class_names), "class-name file", CUSTOM_LAYOUT)
             class_names = [n.strip() for n in path.read_text().splitlines() if n.strip()]
         images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        pairs = [(p, _require(label_dir / f"{p.stem}.png", "label file", CUSTOM_LAYOUT))
-                 for p in images]
-        super().__init__(pairs, class_names, reduce_zero_label=reduce_zero_label,
-                         ignore_index=ignore_index, transform=transform, seed=seed)
+        pairs = [
+            (p, _require(label_dir / f"{p.stem}.png", "label file", CUSTOM_LAYOUT)) for p in images
+        ]
+        super().__init__(
+            pairs,
+            class_names,
+            reduce_zero_label=reduce_zero_label,
+            ignore_index=ignore_index,
+            transform=transform,
+            seed=seed,
+        )
 
 
 _READERS = {"voc": (voc_pairs, True), "context": (context_pairs, True), "coco": (coco_pairs, False)}
@@ -265,10 +282,16 @@ def build_dataset(
     if name == "custom":
         root = Path(root)
         kwargs.setdefault("class_names", root / "classes.txt")
-        return CustomDataset(root / "images" / split, root / "labels" / split,
-                             transform=transform, **kwargs)
+        return CustomDataset(
+            root / "images" / split, root / "labels" / split, transform=transform, **kwargs
+        )
     if name not in _READERS:
         raise ValueError(f"unknown dataset {name!r}; choose voc, context, coco or custom")
     reader, reduce = _READERS[name]
-    return SegmentationDataset(reader(root, split), CLASS_NAMES[name], reduce_zero_label=reduce,
-                               transform=transform, **kwargs)
+    return SegmentationDataset(
+        reader(root, split),
+        CLASS_NAMES[name],
+        reduce_zero_label=reduce,
+        transform=transform,
+        **kwargs,
+    )

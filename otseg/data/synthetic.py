@@ -26,8 +26,14 @@ _COLOURS = np.array([
 LAYOUTS = ("voc", "context", "coco", "custom")
 
 
-def _shape_mask(kind: int, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float,
-                ) -> np.ndarray:
+def _shape_mask(
+    kind: int,
+    yy: np.ndarray,
+    xx: np.ndarray,
+    cy: float,
+    cx: float,
+    r: float,
+) -> np.ndarray:
     """Boolean mask of shape ``kind`` centred at (cy, cx) with size ``r`` (pixels)."""
     dy, dx = yy - cy, xx - cx
     if kind == 0:  # disc
@@ -49,8 +55,11 @@ def _shape_mask(kind: int, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float,
     return (dy / (0.6 * r)) ** 2 + (dx / r) ** 2 <= 1  # ellipse
 
 
-def render_sample(rng: np.random.Generator, size: tuple[int, int], num_classes: int,
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def render_sample(
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    num_classes: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """One image uint8 (H, W, 3) and its label uint8 (H, W): class id 0..K-1 or 255 (background)."""
     h, w = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -129,8 +138,9 @@ def write_synthetic(
             image, label = render_sample(rng, shape, num_classes)
             _write_pair(root, layout, split, stem, image, label)
     if layout in ("voc", "context"):
-        base, sets = (("VOC2012", "Segmentation") if layout == "voc"
-                      else ("VOC2010", "SegmentationContext"))
+        base, sets = (
+            ("VOC2012", "Segmentation") if layout == "voc" else ("VOC2010", "SegmentationContext")
+        )
         set_dir = root / "VOCdevkit" / base / "ImageSets" / sets
         set_dir.mkdir(parents=True, exist_ok=True)
         for split, names in stems.items():
@@ -143,8 +153,9 @@ def write_synthetic(
     return root
 
 
-def _write_pair(root: Path, layout: str, split: str, stem: str, image: np.ndarray,
-                label: np.ndarray) -> None:
+def _write_pair(
+    root: Path, layout: str, split: str, stem: str, image: np.ndarray, label: np.ndarray
+) -> None:
     if layout in ("voc", "context"):
         base = root / "VOCdevkit" / ("VOC2012" if layout == "voc" else "VOC2010")
         stored = np.where(label == 255, 0, label + 1).astype(np.uint8)  # 0 = background
