@@ -1,0 +1,57 @@
+"""Text side: the shortened-context encoder equals open_clip's full encode_text; caching; bank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from factories import save_tiny_clip
+from otseg.clip_text import PromptEmbedder, TextTower
+from otseg.hub import load_clip
+from otseg.prompts import TEMPLATES_6, fill
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    d = save_tiny_clip(tmp_path_factory.mktemp("clip"))
+    return load_clip(f"local-dir:{d}")
+
+
+def test_short_context_equals_open_clip_encode_text(clip):
+    model, tokenizer = clip
+    tower = TextTower(model, tokenizer)
+    prompts = fill(TEMPLATES_6, "dining table") + ["a photo of a very long and unusual thing."]
+    with torch.no_grad():
+        ref = model.encode_text(tokenizer(prompts), normalize=True)
+    torch.testing.assert_close(tower(prompts), ref, atol=1e-6, rtol=1e-5)
+
+
+def test_embedder_caches_and_keeps_order(clip):
+    model, tokenizer = clip
+    tower = TextTower(model, tokenizer)
+    calls = []
+    original = tower.forward
+    tower.forward = lambda prompts: calls.append(len(prompts)) or original(prompts)
+    emb = PromptEmbedder(TEMPLATES_6, tower=tower)
+    a = emb(["cat", "dog"])
+    assert a.shape == (2, 6, 32) and calls == [12]
+    b = emb(["dog", "cat", "bird"])  # only the new name is encoded
+    assert calls == [12, 6]
+    torch.testing.assert_close(b[0], a[1])
+    torch.testing.assert_close(b[1], a[0])
+    torch.testing.assert_close(a.norm(dim=-1), torch.ones(2, 6))
+
+
+def test_bank_rows_are_used_as_stored_and_unknown_names_fail_without_tower():
+    row = torch.randn(3, 8).half()
+    emb = PromptEmbedder(TEMPLATES_6[:3], bank={"cat": row})
+    out = emb(["cat"])
+    assert out.dtype == torch.float32 and torch.equal(out[0], row.float())
+    with pytest.raises(ValueError, match="no text encoder"):
+        emb(["cat", "zebra"])
+
+
+def test_overlong_names_are_refused(clip):
+    emb = PromptEmbedder(TEMPLATES_6, tower=TextTower(*clip))
+    with pytest.raises(ValueError, match="token text context"):
+        emb(["word " * 80])
