@@ -53,6 +53,28 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def _hub_unreachable_reason() -> str | None:
+    """Why the Hub endpoint cannot be reached (a 3 s TCP probe), or None.
+
+    huggingface_hub retries a refused connection with back-off for ~23 s; probing first turns
+    "no network" into an immediate, actionable error. Skipped when a proxy is configured.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=3).close()
+    except OSError as e:
+        return f"cannot reach {constants.ENDPOINT} ({e.__class__.__name__}: {e})"
+    return None
+
+
 def resolve_file(
     repo_or_dir: str | Path,
     filename: str,
@@ -91,6 +113,12 @@ def resolve_file(
             f"{filename} of {repo!r} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 "
             f"forbids downloading it; download it while online (e.g. `hf download {repo}`) "
             f"or pass a local directory"
+        )
+    unreachable = _hub_unreachable_reason()
+    if unreachable:
+        raise WeightsNotFoundError(
+            f"{filename} of {repo!r} is not in the Hugging Face cache and {unreachable}; connect "
+            f"to the internet, or download it elsewhere and pass a local directory"
         )
     try:
         return Path(hf_hub_download(repo, filename, etag_timeout=5, **kw))

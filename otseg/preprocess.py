@@ -65,12 +65,12 @@ def load_image(image: ImageLike, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return _array_to_rgb(np.asarray(img))
+        return _array_to_rgb(np.array(img))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
-    return np.asarray(img.convert("RGB"))
+        return np.array(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.array(img.convert("RGB"))
 
 
 def _array_to_rgb(a: np.ndarray) -> np.ndarray:

@@ -1,0 +1,110 @@
+"""Hub I/O: save/load round trip, loading offline from a pre-filled HF cache, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from factories import fill_hf_cache, random_photo, save_tiny_clip, tiny_model
+from otseg.hub import CheckpointError, WeightsNotFoundError, from_pretrained, resolve_file
+from otseg.model import OTSeg
+from otseg.predictor import OTSegPredictor
+
+
+def outputs(model, x):
+    with torch.no_grad():
+        return model(x, model.embed_text(["class0", "class1", "class4"])).scores
+
+
+def test_round_trip_without_clip_source(tmp_path):
+    model = tiny_model(seed=3)
+    model.save_pretrained(tmp_path / "m", card={"metrics": {"mIoU": 12.5}})
+    files = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert files == ["README.md", "config.json", "model.safetensors", "text_embeddings.safetensors"]
+    info = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert info["format"] == "otseg" and info["card"]["metrics"]["mIoU"] == 12.5
+    assert "mIoU | 12.50" in (tmp_path / "m" / "README.md").read_text()
+    loaded = OTSeg.from_pretrained(tmp_path / "m")
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(outputs(loaded, x), outputs(model, x), atol=0, rtol=0)
+
+
+def test_only_trained_weights_are_stored_when_clip_comes_from_open_clip(tmp_path):
+    clip = save_tiny_clip(tmp_path / "clip")
+    model = tiny_model(seed=4, clip=f"local-dir:{clip}")
+    model.save_pretrained(tmp_path / "m")
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "m" / "model.safetensors")).keys()
+    assert all(k.startswith("decoder.") or "prompt" in k for k in keys)
+    assert not (tmp_path / "m" / "text_embeddings.safetensors").exists()
+    loaded = OTSeg.from_pretrained(tmp_path / "m")
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(outputs(loaded, x), outputs(model, x), atol=0, rtol=0)
+
+
+def test_loads_offline_from_a_prefilled_hub_cache(tmp_path):
+    """Both the otseg repo and the CLIP repo it names come from the HF cache, no network."""
+    cache = tmp_path / "hub"
+    clip_dir = save_tiny_clip(tmp_path / "clip")
+    fill_hf_cache(cache, "otseg-test/tiny-clip", {p.name: p for p in clip_dir.iterdir()})
+    model = tiny_model(seed=5, clip=f"local-dir:{clip_dir}")
+    model.config = model.config.replace(clip_model="hf-hub:otseg-test/tiny-clip")
+    model.save_pretrained(tmp_path / "m")
+    fill_hf_cache(cache, "otseg-test/tiny-otseg", {p.name: p for p in (tmp_path / "m").iterdir()})
+    loaded = from_pretrained("otseg-test/tiny-otseg", cache_dir=cache)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(outputs(loaded, x), outputs(model, x), atol=0, rtol=0)
+    p = OTSegPredictor.from_pretrained("otseg-test/tiny-otseg", cache_dir=cache)
+    p.set_image(random_photo())
+    p.set_vocabulary(["a novel thing", "class2"])  # novel names go through the cached text tower
+    assert p.predict().probs.shape[0] == 2
+
+
+def test_missing_weights_fail_fast_with_an_actionable_message(tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(WeightsNotFoundError, match="HF_HUB_OFFLINE=1.*local directory"):
+        from_pretrained("someone/not-downloaded", cache_dir=tmp_path)
+    with pytest.raises(WeightsNotFoundError, match="neither a local directory nor a valid Hub repo id"):
+        from_pretrained("no such//dir")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(WeightsNotFoundError, match="config.json is missing"):
+        from_pretrained(tmp_path / "half")
+    assert time.perf_counter() - start < 2.0
+    assert resolve_file(tmp_path / "half", "x.json", required=False) is None
+
+
+def test_offline_error_without_hf_hub_offline_is_quick(tmp_path):
+    """With no network and no HF_HUB_OFFLINE, the error still comes quickly (no long retries)."""
+    code = (
+        "import otseg, time, sys; from otseg.hub import from_pretrained, WeightsNotFoundError\n"
+        "t = time.time()\n"
+        "try: from_pretrained('someone/not-downloaded', cache_dir=sys.argv[1])\n"
+        "except WeightsNotFoundError as e: print('ERR', round(time.time() - t, 1), e)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: refused at once
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.startswith("ERR"), out.stderr[-2000:]
+    assert float(out.stdout.split()[1]) < 15
+
+
+def test_wrong_files_give_checkpoint_errors(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"state_dict": {}}))
+    with pytest.raises(CheckpointError, match="python -m otseg.convert"):
+        from_pretrained(tmp_path / "m")
+    cfg["config"]["vision"]["num_prompt_tokens"] = 7
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="shape .*prompt_embeddings"):
+        from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        from_pretrained(tmp_path / "m")
