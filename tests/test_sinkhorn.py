@@ -81,3 +81,19 @@ def test_iteration_counts_of_the_original_on_the_fixture():
         counts.append(n)
         torch.testing.assert_close(plan, ref[f"sinkhorn.{i}.T"], atol=2e-7, rtol=0)
     assert counts == [15, 16, 19, 26]
+
+
+def test_log_domain_fallback_for_extreme_cost_ranges():
+    """Costs spanning more than e^80 at this ε use the log domain and still match POT."""
+    cost = random_cost(b=1, m=32, n=4) * 3.0
+    cost[0, 0, 0], cost[0, 1, 1] = 0.0, 6.0  # a range of 6 / 0.05 = 120 nats > 80
+    plan = sinkhorn(cost, eps=0.05, max_iter=3000, tol=None)
+    c = cost[0].numpy()
+    pot = ot.bregman.sinkhorn_log(np.full(32, 1 / 32), np.full(4, 1 / 4), c, 0.05, numItermax=5000, stopThr=1e-14)
+    np.testing.assert_allclose(plan[0].numpy(), pot, atol=1e-9)
+    small = sinkhorn(random_cost(b=2, m=16, n=3), eps=0.05, max_iter=500, tol=None)
+    from otseg import sinkhorn as module
+
+    neg = -random_cost(b=2, m=16, n=3) / 0.05
+    log_plan, _ = module._log_domain(neg, neg.amax(dim=(1, 2), keepdim=True), 16, 3, 0.05, 500, None)
+    torch.testing.assert_close(small, log_plan, atol=1e-12, rtol=1e-9)
