@@ -1,0 +1,194 @@
+"""The demo end to end through ``gradio_client``: a tiny random trained-format model, the
+training-free mode on a tiny random CLIP, and a server with no model at all."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from app.inference import load_model
+from tests.demo_helpers import (
+    awkward_images,
+    big_jpeg,
+    client,
+    forged_size_jpeg,
+    forged_size_png,
+    served,
+    tiny_dirs,
+    write_photo,
+)
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+CAT = ASSETS / "chelsea.jpg"
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> tuple[Path, Path]:
+    return tiny_dirs(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def trained_url(dirs):
+    loaded = load_model(str(dirs[1]))
+    assert loaded.mode == "trained", loaded.status
+    with served(loaded) as url:
+        yield url
+
+
+def segment(c, image, names, attention="sinkhorn", lam=0.5, use_mps=True, opacity=0.5):
+    return c.predict(
+        handle_file(str(image)), names, attention, lam, use_mps, opacity, api_name="/segment"
+    )
+
+
+def label_map(files: list[str]) -> np.ndarray:
+    png = next(f for f in files if f.endswith(".png"))
+    return np.array(Image.open(png))
+
+
+def page_config(url: str) -> str:
+    with urllib.request.urlopen(url.rstrip("/") + "/config", timeout=10) as r:
+        return r.read().decode()
+
+
+def test_segment_rerender_redraw(trained_url):
+    c = client(trained_url)
+    annotated, legend, files, info, choice = segment(c, CAT, "cat, class0, Class2, background")
+    assert [k["name"] for k in info["classes"]] == ["cat", "class0", "Class2", "background"]
+    # tiny split: class1 and class3 unseen, so class0 and class2 (any spelling) are seen
+    assert [k["seen"] for k in info["classes"]] == [False, True, True, False]
+    assert info["image_size"] == list(Image.open(CAT).size)
+    assert sum(k["share"] for k in info["classes"]) == pytest.approx(100, abs=0.1)
+    assert "badge-seen" in legend and "badge-novel" in legend
+    labels = label_map(files)
+    assert labels.shape == Image.open(CAT).size[::-1] and labels.max() < 4
+    assert {a["label"] for a in annotated["value"]["annotations"]} <= set(annotated["color_map"])
+    assert choice["value"] == "cat"
+    classes_json = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())
+    assert classes_json["classes"] == info["classes"]
+
+    maps = {}
+    for attention in ("sinkhorn", "softmax"):
+        for lam in (0.0, 1.0):
+            *_, files, info = c.predict(attention, lam, True, 0.5, api_name="/rerender")
+            assert (info["attention"], info["lam"]) == (attention, lam)
+            maps[attention, lam] = label_map(files)
+    assert not np.array_equal(maps["sinkhorn", 1.0], maps["softmax", 1.0])
+    assert not np.array_equal(maps["sinkhorn", 0.0], maps["sinkhorn", 1.0])
+    *_, info = c.predict("sinkhorn", 0.5, False, 0.5, api_name="/rerender")
+    assert info["use_mps"] is False
+
+    annotated, legend2, _, info2 = c.predict(1.0, api_name="/redraw")
+    alpha = np.array(Image.open(annotated["value"]["annotations"][0]["image"]))[..., 3]
+    assert set(np.unique(alpha)) <= {0, 255} and info2["classes"] == info["classes"]
+
+
+def test_compare_and_prompt_maps(trained_url):
+    c = client(trained_url)
+    segment(c, CAT, "cat, sofa, background")
+    (left, right), note = c.predict(1.0, True, 0.5, api_name="/compare")
+    assert Image.open(left).size == Image.open(right).size == Image.open(CAT).size
+    assert "differ" in note
+    sinkhorn, softmax, note = c.predict("sofa", 0.5, api_name="/prompt_maps")
+    assert Image.open(sinkhorn).size == Image.open(softmax).size
+    assert "Sinkhorn" in note and "softmax" in note
+    with pytest.raises(AppError, match="not in the list of choices"):
+        c.predict("dog", 0.5, api_name="/prompt_maps")
+    assert "aeroplane" in c.predict("VOC-20", api_name="/preset")
+
+
+def test_needs_an_image_first(trained_url):
+    c = client(trained_url)
+    with pytest.raises(AppError, match="press Segment first"):
+        c.predict("softmax", 0.5, True, 0.5, api_name="/rerender")
+    with pytest.raises(AppError, match="Upload an image"):
+        c.predict(None, "cat", "sinkhorn", 0.5, True, 0.5, api_name="/segment")
+
+
+def test_bad_files_get_clear_messages(trained_url, tmp_path):
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image")
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(write_photo(tmp_path / "ok.jpg", format="JPEG").read_bytes()[:300])
+    cases = {
+        empty: "empty",
+        text: "not a readable image",
+        truncated: "corrupt or truncated",
+        forged_size_jpeg(tmp_path / "huge.jpg", 20000, 20000): "400 megapixels",
+        forged_size_png(tmp_path / "huge.png", 20000, 20000): "400 megapixels",
+    }
+    c = client(trained_url)
+    for path, message in cases.items():
+        with pytest.raises(AppError, match=message):
+            segment(c, path, "cat, dog")
+    *_, info, _ = segment(c, CAT, "cat, dog")  # still serving, same session usable
+    assert [k["name"] for k in info["classes"]] == ["cat", "dog"]
+
+
+def test_awkward_images_are_handled(trained_url, tmp_path):
+    c = client(trained_url)
+    for kind, path in awkward_images(tmp_path).items():
+        *_, files, info, _ = segment(c, path, "cat, dog")
+        width, height = info["image_size"]
+        assert label_map(files).shape == (height, width), kind
+        if kind == "exif-rotated":
+            assert (width, height) == (48, 96)  # stored 96×48, displayed upright
+    *_, files, info, _ = segment(c, big_jpeg(tmp_path / "big.jpg"), "cat, dog")
+    assert info["image_size"] == [1024, 1024] and "downscaled" in info["note"]
+
+
+def test_bad_vocabularies(trained_url):
+    c = client(trained_url)
+    cases = {
+        " , \n ,": "at least one class name",
+        "cat, <b>dog</b>": "markup is not allowed",
+        ", ".join(f"thing{i}" for i in range(300)): "limit is 200",
+        "cat, " + "x" * 80: "limit is 60",
+        "cat, " + "ж" * 60: "token text context",  # 60 characters, ~120 BPE tokens
+    }
+    for text, message in cases.items():
+        with pytest.raises(AppError, match=message):
+            segment(c, CAT, text)
+    *_, info, _ = segment(c, CAT, "cat, Cat , dog\ncat")
+    assert [k["name"] for k in info["classes"]] == ["cat", "dog"]
+    many = [f"object {i}" for i in range(150)]
+    *_, files, info, _ = segment(c, CAT, ", ".join(many))
+    assert [k["name"] for k in info["classes"]] == many and label_map(files).max() < 150
+
+
+def test_training_free_mode(dirs):
+    loaded = load_model(None, clip_model=f"local-dir:{dirs[0]}", clip_pretrained=None)
+    assert loaded.mode == "training-free", loaded.status
+    with served(loaded) as url:
+        assert "Training-free mode" in page_config(url) and "--model" in page_config(url)
+        c = client(url)
+        *_, files, info, _ = segment(c, CAT, "cat, grass, sky")
+        assert (
+            info["mode"] == "training-free" and [k["seen"] for k in info["classes"]] == [None] * 3
+        )
+        sinkhorn = label_map(files)
+        *_, files, info = c.predict("softmax", 1.0, True, 0.5, api_name="/rerender")
+        assert info["attention"] == "softmax" and label_map(files).shape == sinkhorn.shape
+        *_, note = c.predict("grass", 0.5, api_name="/prompt_maps")
+        assert "overlap" in note
+
+
+def test_no_model_starts_and_explains(tmp_path):
+    loaded = load_model(
+        "nobody/no-such-otseg", clip_model=f"local-dir:{tmp_path / 'missing'}", clip_pretrained=None
+    )
+    assert loaded.mode == "none" and loaded.model is None
+    with served(loaded) as url:
+        config = page_config(url)
+        assert "No model loaded" in config and "OTSEG_MODEL" in config
+        with pytest.raises(AppError, match="No model loaded"):
+            segment(client(url), CAT, "cat")

@@ -1,0 +1,108 @@
+"""Pure demo pieces on synthetic data, and the handlers' caching with a counting model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app import render
+from app.inference import Handlers, LoadedModel, UserError
+from tests.demo_helpers import write_photo
+from tests.factories import save_tiny_clip, tiny_model
+
+
+def test_fit_image_downscales_long_side_only():
+    small = np.zeros((100, 200, 3), np.uint8)
+    assert render.fit_image(small)[0] is small and render.fit_image(small)[1] == ""
+    big, note = render.fit_image(np.zeros((1000, 3000, 3), np.uint8))
+    assert big.shape == (341, 1024, 3) and "3000×1000" in note
+
+
+def test_annotated_value_scales_masks_by_opacity():
+    image = np.zeros((4, 5, 3), np.uint8)
+    labels = np.array([[0] * 5, [2] * 5, [2] * 5, [0] * 5], np.int32)
+    base, masks = render.annotated_value(image, labels, ["a", "b", "c"], 0.25)
+    assert base is image and [name for _, name in masks] == ["a", "c"]  # absent "b" left out
+    assert set(np.unique(masks[1][0])) == {0.0, 0.25}
+    with pytest.raises(ValueError, match="opacity"):
+        render.annotated_value(image, labels, ["a", "b", "c"], 1.5)
+
+
+def test_summary_and_downloads(tmp_path):
+    labels = np.array([[0, 0, 1, 1]], np.int32)
+    colors = np.array([[255, 0, 0], [0, 0, 255]], np.uint8)
+    info = render.summary(["cat", "<dog>"], labels, colors, [True, False], mode="trained")
+    assert info["mode"] == "trained" and info["image_size"] == [4, 1]
+    assert info["classes"][1] == {
+        "id": 1,
+        "name": "<dog>",
+        "color": "#0000ff",
+        "seen": False,
+        "share": 50.0,
+    }
+    assert render.summary(["a", "b"], labels, colors, None)["classes"][0]["seen"] is None
+    png, js = render.write_downloads(tmp_path, labels, colors, info)
+    assert (
+        np.array_equal(np.array(Image.open(png)), labels)
+        and json.loads(Path(js).read_text()) == info
+    )
+
+
+def test_prompt_overlap_and_changed_share():
+    same = np.ones((3, 4, 4))
+    assert render.prompt_overlap(same) == pytest.approx(1.0)
+    apart = np.zeros((2, 2, 2))
+    apart[0, 0, 0] = apart[1, 1, 1] = 1.0
+    assert render.prompt_overlap(apart) == pytest.approx(0.0)
+    a = np.zeros((2, 2), np.int32)
+    assert (
+        render.changed_share(a, a) == 0.0
+        and render.changed_share(a, a + np.eye(2, dtype=np.int32)) == 50.0
+    )
+
+
+@pytest.fixture(scope="module")
+def handlers(tmp_path_factory):
+    clip = save_tiny_clip(tmp_path_factory.mktemp("clip") / "clip")
+    model = tiny_model(clip=f"local-dir:{clip}")
+    calls = {"image": 0}
+    encode = model.encode_image
+
+    def counting(images):
+        calls["image"] += 1
+        return encode(images)
+
+    model.encode_image = counting
+    h = Handlers(LoadedModel(model, "trained", "test"), tmp_path_factory.mktemp("dl"))
+    h.calls = calls
+    return h
+
+
+def test_knob_changes_do_not_rerun_the_image_encoder(handlers, tmp_path):
+    photo = write_photo(tmp_path / "p.png")
+    knobs = {"attention": "sinkhorn", "lam": 0.5, "use_mps": True}
+    session = handlers.segment(None, str(photo), "cat, class0", knobs)
+    assert handlers.calls["image"] == 1 and session.seen == [False, True]
+    for attention, lam in (("softmax", 0.2), ("sinkhorn", 1.0), ("softmax", 0.0)):
+        handlers.rerender(session, {"attention": attention, "lam": lam, "use_mps": True})
+    handlers.outputs(session, 0.9)
+    handlers.compare(session, 0.5, True, 0.5)
+    handlers.prompt_maps(session, "cat", 0.5)
+    handlers.segment(session, str(photo), "cat, dog, sky", knobs)  # new names, same image
+    assert handlers.calls["image"] == 1 and session.names == ["cat", "dog", "sky"]
+    handlers.segment(session, str(write_photo(tmp_path / "q.png", seed=1)), "cat", knobs)
+    assert handlers.calls["image"] == 2
+
+
+def test_sessions_are_independent(handlers, tmp_path):
+    knobs = {"attention": "sinkhorn", "lam": 0.5, "use_mps": True}
+    a = handlers.segment(None, str(write_photo(tmp_path / "a.png", 64, 64)), "cat, dog", knobs)
+    b = handlers.segment(None, str(write_photo(tmp_path / "b.png", 80, 120, 2)), "sky", knobs)
+    assert a.predictor is not b.predictor and a.predictor.model is b.predictor.model
+    assert a.labels.shape == (64, 64) and b.labels.shape == (80, 120) and a.names == ["cat", "dog"]
+    with pytest.raises(UserError, match="Segment first"):
+        handlers.rerender(None, knobs)
