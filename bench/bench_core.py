@@ -69,8 +69,13 @@ def clip_like_cost(k: int, m: int, n: int, seed: int = 0) -> torch.Tensor:
 
 def bench_sinkhorn(repeats: int) -> None:
     print("\n(a) Sinkhorn on one crop, median ms")
-    print(f"{'shape':<22}{'original':>10}{'ours':>10}{'ours fixed-10':>15}{'softmax':>10}{'orig/ours':>11}{'iters':>7}")
-    for name, (k, m, n) in {"VOC K=20 M=1024 N=6": (20, 1024, 6), "COCO K=171 M=1024 N=8": (171, 1024, 8)}.items():
+    print(
+        f"{'shape':<22}{'original':>10}{'ours':>10}{'ours fixed-10':>15}{'softmax':>10}{'orig/ours':>11}{'iters':>7}"
+    )
+    for name, (k, m, n) in {
+        "VOC K=20 M=1024 N=6": (20, 1024, 6),
+        "COCO K=171 M=1024 N=8": (171, 1024, 8),
+    }.items():
         cost = clip_like_cost(k, m, n)
         _, iters = sinkhorn(cost, return_iterations=True)
         torch.testing.assert_close(sinkhorn(cost), original_sinkhorn(cost), atol=1e-7, rtol=1e-4)
@@ -78,7 +83,9 @@ def bench_sinkhorn(repeats: int) -> None:
         t_ours = timed(lambda: sinkhorn(cost), repeats)
         t_fixed = timed(lambda: sinkhorn(cost, max_iter=10, tol=None), repeats)
         t_soft = timed(lambda: torch.softmax((1 - cost) / 0.05, dim=1), repeats)
-        print(f"{name:<22}{t_orig:>10.2f}{t_ours:>10.2f}{t_fixed:>15.2f}{t_soft:>10.2f}{t_orig / t_ours:>10.2f}x{iters:>7}")
+        print(
+            f"{name:<22}{t_orig:>10.2f}{t_ours:>10.2f}{t_fixed:>15.2f}{t_soft:>10.2f}{t_orig / t_ours:>10.2f}x{iters:>7}"
+        )
 
 
 def vit_b16_model():
@@ -94,14 +101,20 @@ def bench_predictor(model, repeats: int) -> None:
     rng = np.random.default_rng(0)
     photo = rng.integers(0, 256, size=(512, 512, 3), dtype=np.uint8)
     names = list(model.config.class_names)
-    print("\n(b) predictor, 512×512 photo, VOC-20 vocabulary, median ms (set_image + first predict)")
-    print(f"{'precision':<10}{'sinkhorn':>10}{'softmax':>10}{'ratio':>8}   (c) new λ   other attention")
+    print(
+        "\n(b) predictor, 512×512 photo, VOC-20 vocabulary, median ms (set_image + first predict)"
+    )
+    print(
+        f"{'precision':<10}{'sinkhorn':>10}{'softmax':>10}{'ratio':>8}   (c) new λ   other attention"
+    )
     for precision in ("fp32", "bf16"):
         p = OTSegPredictor(model, precision=precision)
         p.set_vocabulary(names)
         row = {}
         for attention in ("sinkhorn", "softmax"):
-            row[attention] = timed(lambda a=attention: (p.set_image(photo), p.predict(attention=a)), repeats)
+            row[attention] = timed(
+                lambda a=attention: (p.set_image(photo), p.predict(attention=a)), repeats
+            )
         p.set_image(photo)
         p.predict(attention="sinkhorn")
         lams = iter(np.linspace(0.05, 0.95, 1000))
@@ -113,7 +126,9 @@ def bench_predictor(model, repeats: int) -> None:
 
         t_switch = timed(switch, repeats)
         ratio = row["sinkhorn"] / row["softmax"]
-        print(f"{precision:<10}{row['sinkhorn']:>10.0f}{row['softmax']:>10.0f}{ratio:>8.3f}   {t_lam:>9.1f}   {t_switch:>15.1f}")
+        print(
+            f"{precision:<10}{row['sinkhorn']:>10.0f}{row['softmax']:>10.0f}{ratio:>8.3f}   {t_lam:>9.1f}   {t_switch:>15.1f}"
+        )
 
 
 def bench_text(model, repeats: int) -> None:
@@ -127,7 +142,9 @@ def bench_text(model, repeats: int) -> None:
     t_cold = timed(cold, repeats)
     embedder(names)
     t_cached = timed(lambda: embedder(names), repeats)
-    print(f"\n(d) text encoding, 10 classes × {len(embedder.templates)} prompts: cold {t_cold:.0f} ms, cached {t_cached:.2f} ms")
+    print(
+        f"\n(d) text encoding, 10 classes × {len(embedder.templates)} prompts: cold {t_cold:.0f} ms, cached {t_cached:.2f} ms"
+    )
 
 
 def main() -> None:

@@ -83,7 +83,9 @@ class PromptedViT(nn.Module):
                 prompts = self._prompts(self.deep_prompt_embeddings[i - 1 : i], b)
                 x = torch.cat([x[:, :1], prompts, x[:, 1 + p :]], dim=1)
             elif i > deep and x.shape[1] > 1 + h * w:
-                x = torch.cat([x[:, :1], x[:, -h * w :]], dim=1)  # prompts dropped after the last set
+                x = torch.cat(
+                    [x[:, :1], x[:, -h * w :]], dim=1
+                )  # prompts dropped after the last set
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:

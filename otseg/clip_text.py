@@ -60,7 +60,11 @@ class TextTower(nn.Module):
         x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]
         x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
         x = self.ln_final(x)[torch.arange(x.shape[0], device=device), eot]
-        x = x @ self.text_projection if not isinstance(self.text_projection, nn.Linear) else self.text_projection(x)
+        x = (
+            x @ self.text_projection
+            if not isinstance(self.text_projection, nn.Linear)
+            else self.text_projection(x)
+        )
         return F.normalize(x.float(), dim=-1)
 
 
@@ -97,7 +101,9 @@ class PromptEmbedder:
                 )
             prompts = [p for n in missing for p in fill(self.templates, n)]
             self.tower.check_lengths(prompts)
-            chunks = [self.tower(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+            chunks = [
+                self.tower(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)
+            ]
             encoded = torch.cat(chunks).reshape(len(missing), len(self.templates), -1)
             with self._lock:
                 for name, emb in zip(missing, F.normalize(encoded, dim=-1).cpu(), strict=True):

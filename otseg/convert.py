@@ -36,7 +36,9 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except Exception as e:  # unpickling errors have many types
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})"
+        ) from None
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors")
@@ -57,7 +59,9 @@ def map_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], l
                 break
         else:
             unknown.append(key)
-    if not any(k.startswith("image_encoder.") for k in out) or not any(k.startswith("decoder.") for k in out):
+    if not any(k.startswith("image_encoder.") for k in out) or not any(
+        k.startswith("decoder.") for k in out
+    ):
         raise CheckpointError(
             "this is not an OTSeg/ZegCLIP checkpoint: it has no 'backbone.*' and 'decode_head.*' "
             f"weights (first keys: {list(state)[:4]})"
@@ -82,7 +86,9 @@ def read_text_embeddings(path: str | Path, config: OTSegConfig) -> dict[str, tor
                 "(the original VOC transductive/fully configs name context_otseg.npy by mistake, "
                 "spec §11 #14: use voc12_otseg.npy)"
             )
-        raise CheckpointError(f"text embeddings {path} have shape {arr.shape}, expected {want}{hint}")
+        raise CheckpointError(
+            f"text embeddings {path} have shape {arr.shape}, expected {want}{hint}"
+        )
     t = torch.from_numpy(np.ascontiguousarray(arr))
     return {name: t[i] for i, name in enumerate(config.class_names)}
 
@@ -106,7 +112,8 @@ def convert_checkpoint(
     ]
     if wrong:
         raise CheckpointError(
-            "the checkpoint does not match the chosen config (wrong --preset?):\n  " + "\n  ".join(wrong[:8])
+            "the checkpoint does not match the chosen config (wrong --preset?):\n  "
+            + "\n  ".join(wrong[:8])
         )
     keep = set(model.trained_state_dict())
     extra = sorted(k for k in renamed if k not in keep and k not in full)
@@ -117,7 +124,9 @@ def convert_checkpoint(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m otseg.convert", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m otseg.convert", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("checkpoint", help="original OTSeg checkpoint (.pth)")
     p.add_argument("--text-embeddings", required=True, help="its prompt embeddings (.npy, K×N×C)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -148,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    card = {"source": {"checkpoint": Path(args.checkpoint).name, "text_embeddings": Path(args.text_embeddings).name}}
+    card = {
+        "source": {
+            "checkpoint": Path(args.checkpoint).name,
+            "text_embeddings": Path(args.text_embeddings).name,
+        }
+    }
     out = model.save_pretrained(args.output, card=card)
     n = sum(v.numel() for v in model.trained_state_dict().values())
     print(f"wrote {out} ({n:,} stored parameters, {len(model.text.bank)} stored class names)")

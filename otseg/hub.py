@@ -123,7 +123,9 @@ def resolve_file(
     try:
         return Path(hf_hub_download(repo, filename, etag_timeout=5, **kw))
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-        raise WeightsNotFoundError(f"no model at {repo!r} on the Hub ({type(e).__name__})") from None
+        raise WeightsNotFoundError(
+            f"no model at {repo!r} on the Hub ({type(e).__name__})"
+        ) from None
     except EntryNotFoundError:
         if not required:
             return None
@@ -157,13 +159,20 @@ def load_clip(model_name: str, pretrained: str | None = None, *, cache_dir: str 
     elif pretrained and not Path(pretrained).is_file():
         cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
         if not cfg:
-            raise WeightsNotFoundError(f"open_clip has no pretrained tag {pretrained!r} for {model_name}")
+            raise WeightsNotFoundError(
+                f"open_clip has no pretrained tag {pretrained!r} for {model_name}"
+            )
         if cfg.get("hf_hub"):
             repo = cfg["hf_hub"].rstrip("/")
-            found = [resolve_file(repo, n, cache_dir=cache_dir, required=False) for n in CLIP_WEIGHT_NAMES]
+            found = [
+                resolve_file(repo, n, cache_dir=cache_dir, required=False)
+                for n in CLIP_WEIGHT_NAMES
+            ]
             found = [p for p in found if p is not None]
             if not found:
-                raise WeightsNotFoundError(f"CLIP weights for {model_name}/{pretrained} not found in {repo!r}")
+                raise WeightsNotFoundError(
+                    f"CLIP weights for {model_name}/{pretrained} not found in {repo!r}"
+                )
             pretrained = str(found[0])
     if model_name.startswith("local-dir:") and not Path(model_name[10:]).is_dir():
         raise WeightsNotFoundError(f"CLIP directory not found: {model_name[10:]}")
@@ -190,7 +199,9 @@ def save_pretrained(
         names = list(bank)
         emb = torch.stack([bank[n] for n in names]).contiguous()
         meta = {"class_names": json.dumps(names), "templates": json.dumps(model.config.templates)}
-        _atomic(directory / TEXT_NAME, lambda p: save_file({"embeddings": emb}, str(p), metadata=meta))
+        _atomic(
+            directory / TEXT_NAME, lambda p: save_file({"embeddings": emb}, str(p), metadata=meta)
+        )
     info = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -219,7 +230,7 @@ def read_config(path: Path) -> tuple[OTSegConfig, dict[str, Any]]:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
     if info.get("format") != FORMAT:
         raise CheckpointError(
-            f"{path} is not an otseg config (no \"format\": \"otseg\"); original OTSeg "
+            f'{path} is not an otseg config (no "format": "otseg"); original OTSeg '
             f"checkpoints must first be converted with `python -m otseg.convert`"
         )
     return OTSegConfig.from_dict(info["config"]), info
@@ -248,7 +259,11 @@ def load_weights(model: OTSeg, state: dict[str, torch.Tensor], source: str) -> N
         lines = [f"{source} does not match the model config:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:6]) + (" ..." if len(items) > 6 else ""))
+                lines.append(
+                    f"  {title} ({len(items)}): "
+                    + ", ".join(items[:6])
+                    + (" ..." if len(items) > 6 else "")
+                )
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(state, strict=False)
 

@@ -29,7 +29,9 @@ def remap_labels(labels: torch.Tensor, config: OTSegConfig) -> torch.Tensor:
     lut = torch.full((256,), IGNORE, dtype=torch.long, device=labels.device)
     lut[:k] = -1
     seen = torch.tensor(config.seen, dtype=torch.long, device=labels.device)
-    lut[seen] = torch.arange(len(seen), device=labels.device) if config.setting == "inductive" else seen
+    lut[seen] = (
+        torch.arange(len(seen), device=labels.device) if config.setting == "inductive" else seen
+    )
     return lut[labels.clamp(0, 255)]
 
 
@@ -70,7 +72,9 @@ def seg_loss(
     """
     logits = logits.float()
     if logits.shape[-2:] != targets.shape[-2:]:
-        logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(
+            logits, size=targets.shape[-2:], mode="bilinear", align_corners=False
+        )
     b, k = logits.shape[:2]
     valid = targets != IGNORE
     onehot = F.one_hot(torch.where(valid, targets, 0), k).permute(0, 3, 1, 2).float()
@@ -85,7 +89,11 @@ def seg_loss(
     dice = 1 - (2 * (prob * t).sum(-1) + 1) / (prob.sum(-1) + t.sum(-1) + 1)
     dice = dice[present].sum() / num_masks
     pred = logits.argmax(1)
-    acc = (pred[valid] == targets[valid]).float().mean() * 100 if valid.any() else logits.new_zeros(())
+    acc = (
+        (pred[valid] == targets[valid]).float().mean() * 100
+        if valid.any()
+        else logits.new_zeros(())
+    )
     return {"focal": focal, "dice": dice, "acc": acc.detach()}
 
 

@@ -122,7 +122,9 @@ class OTSeg(nn.Module):
         maps.transports.extend(dec.transports)
         maps.queries.extend(dec.queries)
         maps.layer_masks = [m.reshape(b, -1, h, w) for m in dec.masks]
-        maps.decoder = combine_masks(maps.layer_masks, mask_combine or DEFAULT_MASK_COMBINE[attention])
+        maps.decoder = combine_masks(
+            maps.layer_masks, mask_combine or DEFAULT_MASK_COMBINE[attention]
+        )
         return maps
 
     def forward(
@@ -148,14 +150,20 @@ class OTSeg(nn.Module):
             calibration: value subtracted on seen classes (default: config).
         """
         emb = images if isinstance(images, ImageEmbedding) else self.encode_image(images)
-        maps = self.decode(emb, text, attention=attention, use_mps=use_mps, mask_combine=mask_combine)
+        maps = self.decode(
+            emb, text, attention=attention, use_mps=use_mps, mask_combine=mask_combine
+        )
         decoder_map = self.upsample(maps.decoder)
         score_map = None if maps.score is None else self.upsample(maps.score)
         logits = fuse(decoder_map, score_map, self.config.ensemble_lambda if lam is None else lam)
-        scores = calibrate(logits, seen, self.config.calibration if calibration is None else calibration)
+        scores = calibrate(
+            logits, seen, self.config.calibration if calibration is None else calibration
+        )
         if not isinstance(images, ImageEmbedding) and scores.shape[-2:] != images.shape[-2:]:
             # e.g. 420 crops on a 480 model (§11 #18)
-            scores = F.interpolate(scores, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            scores = F.interpolate(
+                scores, size=images.shape[-2:], mode="bilinear", align_corners=False
+            )
         return OTSegOutput(
             decoder_map=decoder_map,
             score_map=score_map,

@@ -25,7 +25,11 @@ def render_model_card(config: OTSegConfig, card: dict[str, Any], has_text_bank: 
         "",
         "Zero-shot semantic segmentation with multi-prompt Sinkhorn attention (OTSeg, ECCV 2024),",
         "in the [otseg](https://github.com/) format. Frozen CLIP towers: "
-        + (f"`{config.clip_model}` / `{config.clip_pretrained}`." if config.clip_model else "stored in this repo."),
+        + (
+            f"`{config.clip_model}` / `{config.clip_pretrained}`."
+            if config.clip_model
+            else "stored in this repo."
+        ),
         "",
         "```python",
         "from otseg.predictor import OTSegPredictor",
@@ -42,8 +46,19 @@ def render_model_card(config: OTSegConfig, card: dict[str, Any], has_text_bank: 
     metrics = card.get("metrics")
     if metrics:
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items() if not isinstance(v, dict | list)]
+        lines += [
+            f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |"
+            for k, v in metrics.items()
+            if not isinstance(v, dict | list)
+        ]
     for key, value in card.items():
         if key != "metrics":
-            lines += ["", f"## {key.capitalize()}", "", "```json", json.dumps(value, indent=2, default=str), "```"]
+            lines += [
+                "",
+                f"## {key.capitalize()}",
+                "",
+                "```json",
+                json.dumps(value, indent=2, default=str),
+                "```",
+            ]
     return "\n".join(lines) + "\n"

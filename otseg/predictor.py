@@ -1,9 +1,9 @@
 """A stateful predictor: encode an image once, then re-predict cheaply with other knobs.
 
-    predictor = OTSegPredictor.from_pretrained("path/or/hub-id")
-    predictor.set_image(Image.open("photo.jpg"))
-    predictor.set_vocabulary(["cat", "sofa", "lamp"])
-    result = predictor.predict(attention="sinkhorn", lam=0.5)   # result.labels: (H, W)
+predictor = OTSegPredictor.from_pretrained("path/or/hub-id")
+predictor.set_image(Image.open("photo.jpg"))
+predictor.set_vocabulary(["cat", "sofa", "lamp"])
+result = predictor.predict(attention="sinkhorn", lam=0.5)   # result.labels: (H, W)
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ class OTSegPredictor:
     """Caches the image embedding of every slide window and the vocabulary's text embeddings;
     also caches the head's maps per (attention, MPS on/off), so a new λ only re-fuses."""
 
-    def __init__(self, model: OTSeg, *, device: str | torch.device | None = None, precision: str = "fp32") -> None:
+    def __init__(
+        self, model: OTSeg, *, device: str | torch.device | None = None, precision: str = "fp32"
+    ) -> None:
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.model = model.eval()
@@ -90,14 +92,17 @@ class OTSegPredictor:
         path or bytes; see :func:`otseg.preprocess.load_image` for what is accepted)."""
         rgb = load_image(image)
         cfg = self.model.config
-        x = to_model_input(rgb, cfg.resize_short, cfg.pixel_mean, cfg.pixel_std).to(self.model.device)
+        x = to_model_input(rgb, cfg.resize_short, cfg.pixel_mean, cfg.pixel_std).to(
+            self.model.device
+        )
         boxes = slide_windows(x.shape[-2], x.shape[-1], cfg.test_crop, cfg.test_stride)
         self.reset_image()
         with self._autocast():
             # The image tower has no batch-global state, so windows are encoded together.
             emb = self.model.encode_image(crops(x, boxes))
         self._embeddings = [
-            ImageEmbedding(pixels=emb.pixels[i : i + 1], cls=emb.cls[i : i + 1]) for i in range(len(boxes))
+            ImageEmbedding(pixels=emb.pixels[i : i + 1], cls=emb.cls[i : i + 1])
+            for i in range(len(boxes))
         ]
         self._boxes = boxes
         self._scaled_size = (x.shape[-2], x.shape[-1])

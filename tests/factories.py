@@ -14,7 +14,9 @@ import otseg  # noqa: F401 - applies the torchvision patch before open_clip
 from otseg.config import OTSegConfig, tiny_config
 from otseg.model import OTSeg, build_model
 
-PARITY_DIR = Path(os.environ.get("OTSEG_PARITY_DIR", Path(__file__).resolve().parents[2] / "shared" / "parity"))
+PARITY_DIR = Path(
+    os.environ.get("OTSEG_PARITY_DIR", Path(__file__).resolve().parents[2] / "shared" / "parity")
+)
 
 TINY_CLIP_CFG = {
     "embed_dim": 32,
@@ -44,7 +46,9 @@ def save_tiny_clip(directory: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {}}))
+    (directory / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {}})
+    )
     model = open_clip.CLIP(**{k: v for k, v in TINY_CLIP_CFG.items()})
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / "open_clip_model.safetensors"))
@@ -59,7 +63,10 @@ def tiny_model(seed: int = 0, clip: str | None = None, **changes) -> OTSeg:
     cfg = tiny_config(**changes)
     if clip is None:
         names = cfg.class_names
-        bank = {n: torch.nn.functional.normalize(torch.randn(cfg.num_prompts, 32), dim=-1) for n in names}
+        bank = {
+            n: torch.nn.functional.normalize(torch.randn(cfg.num_prompts, 32), dim=-1)
+            for n in names
+        }
         return build_model(cfg, text_bank=bank).eval()
     cfg = cfg.replace(clip_model=clip, clip_pretrained=None)
     model, tokenizer = load_clip(clip)
@@ -114,5 +121,7 @@ def random_photo(h: int = 80, w: int = 112, seed: int = 0) -> np.ndarray:
     """(H, W, 3) uint8 smooth random image."""
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, size=(h // 8 + 2, w // 8 + 2, 3)).astype(np.float32)
-    img = torch.nn.functional.interpolate(torch.from_numpy(base).permute(2, 0, 1)[None], size=(h, w), mode="bilinear")
+    img = torch.nn.functional.interpolate(
+        torch.from_numpy(base).permute(2, 0, 1)[None], size=(h, w), mode="bilinear"
+    )
     return img[0].permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy()

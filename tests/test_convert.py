@@ -10,7 +10,6 @@ import torch
 
 from factories import PARITY_DIR, fixture_config
 from otseg.convert import main, map_keys
-from otseg.hub import CheckpointError
 from otseg.model import OTSeg
 
 FIXTURE = PARITY_DIR / "tiny_voc_inductive"
@@ -47,7 +46,17 @@ def test_module_prefix_is_stripped_and_unused_keys_dropped():
 
 
 def run_cli(tmp_path, checkpoint, npy, config, capsys) -> str:
-    code = main([str(checkpoint), "--text-embeddings", str(npy), "--config", str(config), "--output", str(tmp_path / "o")])
+    code = main(
+        [
+            str(checkpoint),
+            "--text-embeddings",
+            str(npy),
+            "--config",
+            str(config),
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2
     return capsys.readouterr().err
 
@@ -57,7 +66,9 @@ def test_errors_name_the_problem(tmp_path, config_json, capsys):
     torch.save({"state_dict": {"foo.weight": torch.zeros(2)}}, tmp_path / "other.pth")
     assert "not an OTSeg" in run_cli(tmp_path, tmp_path / "other.pth", npy, config_json, capsys)
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    assert "not a readable PyTorch checkpoint" in run_cli(tmp_path, tmp_path / "junk.pth", npy, config_json, capsys)
+    assert "not a readable PyTorch checkpoint" in run_cli(
+        tmp_path, tmp_path / "junk.pth", npy, config_json, capsys
+    )
     assert "not found" in run_cli(tmp_path, tmp_path / "missing.pth", npy, config_json, capsys)
 
     wrong = fixture_config(FIXTURE).replace(vision={"num_prompt_tokens": 4})
@@ -72,7 +83,9 @@ def test_errors_name_the_problem(tmp_path, config_json, capsys):
     state = torch.load(FIXTURE / "official.pth", weights_only=True)["state_dict"]
     state["decode_head.extra.weight"] = torch.zeros(1)
     torch.save({"state_dict": state}, tmp_path / "extra.pth")
-    assert "unknown checkpoint keys" in run_cli(tmp_path, tmp_path / "extra.pth", npy, config_json, capsys)
+    assert "unknown checkpoint keys" in run_cli(
+        tmp_path, tmp_path / "extra.pth", npy, config_json, capsys
+    )
     del state["decode_head.extra.weight"], state["decode_head.q_proj.bias"]
     torch.save({"state_dict": state}, tmp_path / "short.pth")
     assert "missing" in run_cli(tmp_path, tmp_path / "short.pth", npy, config_json, capsys)

@@ -70,7 +70,9 @@ def test_missing_weights_fail_fast_with_an_actionable_message(tmp_path):
     start = time.perf_counter()
     with pytest.raises(WeightsNotFoundError, match="HF_HUB_OFFLINE=1.*local directory"):
         from_pretrained("someone/not-downloaded", cache_dir=tmp_path)
-    with pytest.raises(WeightsNotFoundError, match="neither a local directory nor a valid Hub repo id"):
+    with pytest.raises(
+        WeightsNotFoundError, match="neither a local directory nor a valid Hub repo id"
+    ):
         from_pretrained("no such//dir")
     (tmp_path / "half").mkdir()
     with pytest.raises(WeightsNotFoundError, match="config.json is missing"):
@@ -89,7 +91,13 @@ def test_offline_error_without_hf_hub_offline_is_quick(tmp_path):
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "HF_HUB_OFFLINE"}
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: refused at once
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert out.stdout.startswith("ERR"), out.stderr[-2000:]
     assert float(out.stdout.split()[1]) < 15
 

@@ -33,7 +33,10 @@ def test_shapes(model, batch):
     assert out.prompt_maps.shape == (2, k, n, 4, 4)
     assert [m.shape for m in out.layer_masks] == [(2, k, 4, 4)] * 3
     # per-prompt maps sum to the MPS map
-    torch.testing.assert_close(out.prompt_maps.sum(2), model.decode(out.embedding, model.embed_text(model.config.class_names)).score)
+    torch.testing.assert_close(
+        out.prompt_maps.sum(2),
+        model.decode(out.embedding, model.embed_text(model.config.class_names)).score,
+    )
 
 
 def test_attention_variants_share_weights_but_differ(model, batch):
@@ -42,7 +45,9 @@ def test_attention_variants_share_weights_but_differ(model, batch):
     # softmax attention weights sum to 1 over pixels per query; Sinkhorn plans to 1/N
     n = model.config.num_prompts
     torch.testing.assert_close(sm.transports[-1].plan.sum(-2), torch.full((2, 5, n), 1 / n))
-    torch.testing.assert_close(sk.transports[-1].plan.sum(-2), torch.full((2, 5, n), 1 / n), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        sk.transports[-1].plan.sum(-2), torch.full((2, 5, n), 1 / n), atol=1e-6, rtol=0
+    )
     with pytest.raises(ValueError, match="attention"):
         run(model, batch, attention="linear")
 

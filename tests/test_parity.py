@@ -16,7 +16,9 @@ from otseg.losses import otseg_losses, pseudo_label, remap_labels
 from otseg.slide import slide_inference
 
 ATOL = 1e-5
-FIXTURES = sorted(p.parent for p in PARITY_DIR.glob("*/fixture.json")) if PARITY_DIR.is_dir() else []
+FIXTURES = (
+    sorted(p.parent for p in PARITY_DIR.glob("*/fixture.json")) if PARITY_DIR.is_dir() else []
+)
 
 if not FIXTURES:
     if os.environ.get("CI"):
@@ -45,7 +47,9 @@ def close(name: str, ours: torch.Tensor, ref: torch.Tensor) -> None:
     assert diff <= ATOL, f"{name}: max abs difference {diff:.3g} > {ATOL}"
 
 
-def labels_agree(name: str, ours: torch.Tensor, ref_labels: torch.Tensor, ref_scores: torch.Tensor) -> None:
+def labels_agree(
+    name: str, ours: torch.Tensor, ref_labels: torch.Tensor, ref_scores: torch.Tensor
+) -> None:
     top2 = ref_scores.topk(2, dim=1).values
     decided = (top2[:, 0] - top2[:, 1]) > 1e-4
     assert decided.float().mean() > 0.99
@@ -63,7 +67,11 @@ def test_crop_forward_matches_every_intermediate(case):
     close("backbone.cls", out.embedding.cls, ref["backbone.cls"])
     close("head.q", out.queries[0], ref["head.q"])
     for i in range(cfg.head.num_layers):
-        close(f"layer{i}.tgt", out.queries[i + 1].permute(1, 2, 0, 3), ref[f"head.decoder.layer{i}.tgt"])
+        close(
+            f"layer{i}.tgt",
+            out.queries[i + 1].permute(1, 2, 0, 3),
+            ref[f"head.decoder.layer{i}.tgt"],
+        )
         close(f"layer{i}.attn", out.layer_masks[i].flatten(2), ref[f"head.decoder.layer{i}.attn"])
     for i, tr in enumerate(out.transports):  # 0 = MPS, then the decoder layers
         close(f"sinkhorn.{i}.cost", (1 - tr.similarity).flatten(0, 1), ref[f"sinkhorn.{i}.cost"])
@@ -110,7 +118,9 @@ def test_training_losses_match(case):
     assert len(train["losses"]) == 6
     for key, value in train["losses"].items():
         ref = float(value.reshape(()))
-        assert abs(losses[key].item() - ref) <= 1e-5 * abs(ref), f"{key}: {losses[key].item()} vs {ref}"
+        assert abs(losses[key].item() - ref) <= 1e-5 * abs(ref), (
+            f"{key}: {losses[key].item()} vs {ref}"
+        )
     losses["loss"].backward()
     assert model.image_encoder.prompt_embeddings.grad is not None
     assert model.image_encoder.conv1.weight.grad is None  # frozen CLIP gets no gradient

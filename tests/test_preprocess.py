@@ -58,7 +58,9 @@ def test_bad_images_give_clear_errors(data, message):
 
 
 def test_truncated_file(tmp_path):
-    data = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)))
+    data = png_bytes(
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
+    )
     path = tmp_path / "cut.png"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageError, match="corrupt|truncated|readable"):
@@ -81,7 +83,12 @@ def test_resize_short_side_and_normalise():
 
 
 def test_slide_windows_cover_the_image_as_mmseg():
-    assert slide_windows(80, 112, 64, 48) == [(0, 0, 64, 64), (0, 48, 64, 112), (16, 0, 80, 64), (16, 48, 80, 112)]
+    assert slide_windows(80, 112, 64, 48) == [
+        (0, 0, 64, 64),
+        (0, 48, 64, 112),
+        (16, 0, 80, 64),
+        (16, 48, 80, 112),
+    ]
     assert slide_windows(512, 683, 512, 426) == [(0, 0, 512, 512), (0, 171, 512, 683)]
     assert slide_windows(50, 50, 64, 48) == [(0, 0, 50, 50)]
     boxes = slide_windows(80, 112, 64, 48)

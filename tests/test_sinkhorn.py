@@ -34,7 +34,9 @@ def test_matches_pot_and_a_numpy_loop_when_converged():
     for i in range(cost.shape[0]):
         c = cost[i].numpy()
         m, n = c.shape
-        pot = ot.bregman.sinkhorn_log(np.full(m, 1 / m), np.full(n, 1 / n), c, 0.05, numItermax=5000, stopThr=1e-14)
+        pot = ot.bregman.sinkhorn_log(
+            np.full(m, 1 / m), np.full(n, 1 / n), c, 0.05, numItermax=5000, stopThr=1e-14
+        )
         np.testing.assert_allclose(plan[i].numpy(), pot, atol=1e-9)
         np.testing.assert_allclose(plan[i].numpy(), reference_loop(c, 0.05, 2000), atol=1e-9)
 
@@ -71,7 +73,9 @@ def test_stopping_rule_is_the_original_batch_global_mean():
     assert min(counts) <= n <= max(counts)
 
 
-@pytest.mark.skipif(not (PARITY_DIR / "tiny_voc_inductive").is_dir(), reason="parity fixtures absent")
+@pytest.mark.skipif(
+    not (PARITY_DIR / "tiny_voc_inductive").is_dir(), reason="parity fixtures absent"
+)
 def test_iteration_counts_of_the_original_on_the_fixture():
     """The parity README records 15, 16, 19 and 26 iterations for the four crop calls."""
     ref = torch.load(PARITY_DIR / "tiny_voc_inductive" / "outputs.pt", weights_only=True)
@@ -89,11 +93,15 @@ def test_log_domain_fallback_for_extreme_cost_ranges():
     cost[0, 0, 0], cost[0, 1, 1] = 0.0, 6.0  # a range of 6 / 0.05 = 120 nats > 80
     plan = sinkhorn(cost, eps=0.05, max_iter=3000, tol=None)
     c = cost[0].numpy()
-    pot = ot.bregman.sinkhorn_log(np.full(32, 1 / 32), np.full(4, 1 / 4), c, 0.05, numItermax=5000, stopThr=1e-14)
+    pot = ot.bregman.sinkhorn_log(
+        np.full(32, 1 / 32), np.full(4, 1 / 4), c, 0.05, numItermax=5000, stopThr=1e-14
+    )
     np.testing.assert_allclose(plan[0].numpy(), pot, atol=1e-9)
     small = sinkhorn(random_cost(b=2, m=16, n=3), eps=0.05, max_iter=500, tol=None)
     from otseg import sinkhorn as module
 
     neg = -random_cost(b=2, m=16, n=3) / 0.05
-    log_plan, _ = module._log_domain(neg, neg.amax(dim=(1, 2), keepdim=True), 16, 3, 0.05, 500, None)
+    log_plan, _ = module._log_domain(
+        neg, neg.amax(dim=(1, 2), keepdim=True), 16, 3, 0.05, 500, None
+    )
     torch.testing.assert_close(small, log_plan, atol=1e-12, rtol=1e-9)
