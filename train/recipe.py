@@ -58,6 +58,8 @@ class Recipe:
     num_workers: int = 4
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (original: fp32)
     output_dir: str = "work_dirs"
+    setting: str | None = None  # override the preset's setting: inductive | transductive | fully
+    unseen_classes: tuple[str, ...] = ()  # custom datasets: class names never supervised
 
     def __post_init__(self) -> None:
         for key in ("iterations", "global_batch", "per_device_batch", "checkpoint_interval"):
@@ -67,6 +69,10 @@ class Recipe:
             raise ValueError("warmup_iters must be ≥ 0")
         if len(self.img_scale) != 2 or len(self.ratio_range) != 2:
             raise ValueError("img_scale and ratio_range take two values")
+        if self.setting not in (None, "inductive", "transductive", "fully"):
+            raise ValueError(
+                f"setting must be inductive, transductive or fully, got {self.setting!r}"
+            )
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(
                 f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision}"
@@ -154,10 +160,12 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
-    """``train/configs/<name>.toml`` for a recipe name, else the given file."""
+    """``train/configs/<name>.toml`` for a recipe name, else the given file (``.toml`` optional:
+    ``train/configs/voc-inductive`` works as in the README command)."""
     path = Path(name_or_path)
     if path.suffix != ".toml":
-        path = CONFIG_DIR / f"{name_or_path}.toml"
+        with_suffix = path.with_name(path.name + ".toml")
+        path = with_suffix if with_suffix.is_file() else CONFIG_DIR / f"{path.name}.toml"
     if not path.is_file():
         names = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
         raise FileNotFoundError(f"recipe not found: {path}; built-in recipes: {names}")
@@ -178,8 +186,14 @@ def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Reci
 
 
 def add_recipe_args(parser: argparse.ArgumentParser) -> None:
-    """``--recipe NAME|PATH`` and repeatable ``--set key=value``."""
-    parser.add_argument("--recipe", required=True, help="recipe name (train/configs) or .toml")
+    """``--config NAME|PATH`` (alias ``--recipe``) and repeatable ``--set key=value``."""
+    parser.add_argument(
+        "--config",
+        "--recipe",
+        dest="recipe",
+        required=True,
+        help="recipe: a name of train/configs (voc-inductive, tiny, ...) or a .toml path",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",

@@ -1,0 +1,177 @@
+"""Slide-window evaluation (spec §4.5) with a confusion matrix gathered across processes.
+
+    python -m train.evaluate --model runs/voc-inductive/model --dataset voc --data-root DIR
+    python -m train.evaluate --model org/otseg-coco-fully --dataset context --data-root DIR
+
+A model is evaluated on its own vocabulary (mIoU over seen and unseen classes, hIoU) when the
+dataset is the one it was trained on, and on the target dataset's class names otherwise
+(cross-dataset: all classes count as seen, spec §8; the text comes from the model's text tower).
+Multi-process: ``accelerate launch -m train.evaluate ...`` shards the images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from tqdm.auto import tqdm
+
+import otseg  # noqa: F401 - patches torchvision before open_clip/timm are imported
+from otseg.config import OTSegConfig
+from otseg.data.classes import CLASS_NAMES
+from otseg.metrics import SegMetrics, compute_metrics, format_table, new_confusion, to_json, update
+from otseg.model import OTSeg
+from otseg.slide import slide_inference
+
+logger = get_logger("train")
+DEFAULT_SPLITS = {"voc": "val", "context": "val", "coco": "val2017", "custom": "val"}
+
+
+@torch.no_grad()
+def evaluate(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    class_names: Sequence[str],
+    *,
+    seen: Sequence[int],
+    unseen: Sequence[int] = (),
+    crop: int,
+    stride: int,
+) -> SegMetrics:
+    """Slide inference on every image of a prepared loader (batch 1), argmax at the original
+    size, one confusion matrix per image gathered with ``gather_for_metrics`` (which drops the
+    images repeated to even out the shards) and summed.
+
+    class_names: the K evaluated classes (label ids index them). seen: ids that get the seen
+    calibration. unseen: ids reported as unseen (mIoU(unseen), hIoU).
+    """
+    net: OTSeg = accelerator.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    k = len(class_names)
+    text = net.embed_text(list(class_names))
+    seen_mask = torch.zeros(k, dtype=torch.bool, device=text.device)
+    seen_mask[list(seen)] = True
+    total = new_confusion(k, device=text.device)
+
+    def run(window: torch.Tensor) -> torch.Tensor:
+        return net(window, text, seen=seen_mask).scores.float()
+
+    for batch in tqdm(loader, desc="eval", disable=not accelerator.is_local_main_process):
+        label = batch["label"]  # (1, H, W) at the original size
+        with accelerator.autocast():
+            probs = slide_inference(
+                run, batch["image"], crop=crop, stride=stride, out_size=tuple(label.shape[-2:])
+            )
+        conf = update(new_confusion(k, device=total.device), probs.argmax(1), label, k)
+        total += accelerator.gather_for_metrics(conf[None]).sum(0)
+    net.train(was_training)
+    return compute_metrics(total, class_names, unseen)
+
+
+def metrics_summary(metrics: SegMetrics) -> dict[str, float | None]:
+    """Headline numbers in percent (None where undefined), for logs and the model card."""
+    return {k: (None if math.isnan(v) else round(v, 2)) for k, v in metrics.summary().items()}
+
+
+def write_metrics(metrics: SegMetrics, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_json(metrics))
+
+
+def parse_names(value: str) -> tuple[str, ...]:
+    """A class-name file (one per line) or a comma-separated list."""
+    path = Path(value)
+    if path.is_file():
+        return tuple(n.strip() for n in path.read_text().splitlines() if n.strip())
+    return tuple(n.strip() for n in value.split(",") if n.strip())
+
+
+def vocabulary(
+    config: OTSegConfig, dataset: str, data_root: str, names: tuple[str, ...] | None
+) -> tuple[tuple[str, ...], list[int], list[int]]:
+    """(class names, seen ids, unseen ids) to evaluate ``config``'s model on ``dataset``."""
+    if names is None:
+        if dataset == config.dataset:
+            names = config.class_names
+        elif dataset == "custom":
+            names = parse_names(str(Path(data_root) / "classes.txt"))
+        else:
+            names = CLASS_NAMES[dataset]
+    if tuple(names) == config.class_names:  # in-domain: the model's own split
+        return names, list(config.seen), list(config.unseen)
+    return names, list(range(len(names))), []  # cross-dataset: every class is "seen"
+
+
+def check_vocabulary(model: OTSeg, names: Sequence[str]) -> None:
+    """A clear error when the model cannot embed the evaluated class names."""
+    missing = [n for n in names if n not in model.text.bank]
+    if missing and not model.text.can_encode:
+        raise SystemExit(
+            f"this model has no text tower (config.clip_model is None) and stores embeddings only "
+            f"for {len(model.text.bank)} training classes; it cannot embed {missing[:5]} "
+            f"({len(missing)} missing). Cross-dataset evaluation needs a model with a CLIP text "
+            f"tower, or pass --class-names with names the model knows."
+        )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="otseg model directory or Hub repo id")
+    p.add_argument("--dataset", required=True, choices=sorted(DEFAULT_SPLITS))
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--split", help="default: val (VOC, Context, custom), val2017 (COCO)")
+    p.add_argument("--class-names", help="file (one per line) or comma list; default: dataset's")
+    p.add_argument("--crop", type=int, help="slide window (default: the model's test_crop)")
+    p.add_argument("--stride", type=int, help="slide stride (default: the model's test_stride)")
+    p.add_argument("--resize-short", type=int, help="test short side (default: the model's)")
+    p.add_argument("--output", help="metrics JSON path (default: print only)")
+    p.add_argument("--mixed-precision", default="no", choices=("no", "bf16"))
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--cpu", action="store_true", help="run on CPU (multi-process via gloo)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> SegMetrics:
+    from train.build import build_eval_loader
+    from train.train import check_distributed
+
+    args = parse_args(argv)
+    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
+    check_distributed(accelerator.num_processes)
+    model = OTSeg.from_pretrained(args.model).to(accelerator.device)
+    config = model.config
+    if args.resize_short:
+        config = config.replace(resize_short=args.resize_short)
+    names = parse_names(args.class_names) if args.class_names else None
+    names, seen, unseen = vocabulary(config, args.dataset, args.data_root, names)
+    check_vocabulary(model, names)
+    split = args.split or DEFAULT_SPLITS[args.dataset]
+    loader = build_eval_loader(args.dataset, args.data_root, split, config, args.num_workers)
+    loader = accelerator.prepare(loader)
+    crop, stride = args.crop or config.test_crop, args.stride or config.test_stride
+    logger.info(
+        f"{args.model} on {args.dataset}/{split}: {len(names)} classes, crop {crop}/{stride}"
+    )
+    metrics = evaluate(
+        accelerator, model, loader, names, seen=seen, unseen=unseen, crop=crop, stride=stride
+    )
+    if accelerator.is_main_process:
+        print(format_table(metrics))
+        if args.output:
+            write_metrics(metrics, Path(args.output))
+            print(f"metrics written to {args.output}")
+        else:
+            print(json.dumps(metrics_summary(metrics)))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

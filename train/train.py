@@ -1,0 +1,241 @@
+"""Train OTSeg (inductive, transductive or fully supervised) with Accelerate.
+
+    accelerate launch -m train.train --config train/configs/voc-inductive \\
+        --data-root data/VOCdevkit/VOC2012 --output-dir runs/voc-inductive
+    python -m train.train --config tiny --data-root data/synthetic --output-dir runs/tiny --cpu
+
+The global batch of the recipe (16) is kept on any number of processes by gradient
+accumulation. Checkpoints go to ``<output-dir>/checkpoints`` (resume with ``--resume-from
+latest``), TensorBoard logs to ``<output-dir>/logs``, the final evaluation to
+``<output-dir>/metrics.json`` and the exported model (the otseg format) to ``<output-dir>/model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.logging import get_logger
+from accelerate.utils import (
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    parse_flag_from_env,
+)
+
+import otseg  # noqa: F401 - patches torchvision before open_clip/timm are imported
+from otseg.config import OTSegConfig
+from otseg.metrics import format_table
+from train.build import (
+    build_config,
+    build_eval_loader,
+    build_train_loader,
+    build_training_model,
+    describe_model,
+    dump_json,
+    freeze_unreached,
+)
+from train.checkpoint import CheckpointManager, TrainState
+from train.engine import train_loop
+from train.evaluate import evaluate, metrics_summary, write_metrics
+from train.export import export_model
+from train.optim import build_optimizer, build_scheduler, describe_batch, grad_accum_steps
+from train.recipe import Recipe, add_recipe_args, recipe_from_args
+
+logger = get_logger("train")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_recipe_args(p)
+    p.add_argument("--data-root", help="dataset root (overrides the recipe's data_root)")
+    p.add_argument("--output-dir", help="run directory (default: <recipe output_dir>/<name>)")
+    p.add_argument("--resume-from", help="'latest' or a checkpoint directory")
+    p.add_argument(
+        "--init-from", help="transductive: the inductive model/checkpoint/run to start from"
+    )
+    p.add_argument("--max-iters", type=int, help="optimizer steps (overrides iterations)")
+    p.add_argument("--checkpoint-every", type=int, help="save every N steps (overrides the recipe)")
+    p.add_argument(
+        "--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)"
+    )
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), help="default: recipe's")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute ViT blocks")
+    p.add_argument("--log-with", default="tensorboard", help="Accelerate tracker, or 'none'")
+    p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the exported model")
+    p.add_argument("--cpu", action="store_true", help="train on CPU (several processes: gloo)")
+    return p.parse_args(argv)
+
+
+def build_recipe(args: argparse.Namespace) -> Recipe:
+    """The recipe file with ``--set`` overrides, then the explicit flags."""
+    recipe = recipe_from_args(args)
+    flags = {
+        "data_root": args.data_root,
+        "output_dir": args.output_dir,
+        "init_from": args.init_from,
+        "iterations": args.max_iters,
+        "checkpoint_interval": args.checkpoint_every,
+        "mixed_precision": args.mixed_precision,
+    }
+    recipe = dataclasses.replace(recipe, **{k: v for k, v in flags.items() if v is not None})
+    recipe.validate()
+    return recipe
+
+
+def check_distributed(num_processes: int) -> None:
+    """Stop when the launcher started several processes that Accelerate does not connect (each
+    would train alone on the full batch, with no gradient synchronisation)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if num_processes != world:
+        raise SystemExit(
+            f"error: launched as {world} processes (WORLD_SIZE={world}) but Accelerate runs "
+            f"{num_processes} process: gradients would not be synchronised. Without GPUs, use "
+            f"`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {world} -m train.train ...` or pass "
+            f"--cpu; note `accelerate launch --cpu --num_processes N` starts only one process."
+        )
+
+
+def build_accelerator(recipe: Recipe, args: argparse.Namespace, run_dir: Path) -> Accelerator:
+    cpu = args.cpu or parse_flag_from_env("ACCELERATE_USE_CPU")  # PartialState ignores the env
+    state = PartialState(cpu=cpu)
+    check_distributed(state.num_processes)
+    steps = grad_accum_steps(recipe.global_batch, recipe.per_device_batch, state.num_processes)
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=recipe.mixed_precision,
+        # accumulation windows may span epochs: the global batch never shrinks at an epoch end
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=steps, sync_with_dataloader=False
+        ),
+        log_with=None if args.log_with == "none" else args.log_with,
+        project_config=ProjectConfiguration(
+            project_dir=str(run_dir), logging_dir=str(run_dir / "logs")
+        ),
+        step_scheduler_with_optimizer=False,  # one schedule step per iteration (spec §7)
+    )
+
+
+def setup_logging(accelerator: Accelerator, run_dir: Path) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logging.getLogger("train").addHandler(handler)
+
+
+def resume(
+    checkpoints: CheckpointManager, resume_from: str | None, fresh: TrainState
+) -> TrainState:
+    path = checkpoints.resolve(resume_from)
+    if path is None:
+        if resume_from:
+            logger.info(f"no complete checkpoint in {checkpoints.folder}: starting from scratch")
+        return fresh
+    state = checkpoints.load(path)
+    logger.info(f"resumed from {path} at step {state.step}")
+    layout = ("num_processes", "per_device_batch", "accumulation_steps")
+    if any(getattr(state, k) != getattr(fresh, k) for k in layout):
+        logger.warning("batch layout changed since the checkpoint: resuming, but not bit-exactly")
+        state = dataclasses.replace(
+            fresh, step=state.step, micro_step=state.step * fresh.accumulation_steps
+        )
+    return state
+
+
+def final_evaluation(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    recipe: Recipe,
+    config: OTSegConfig,
+    run_dir: Path,
+) -> dict:
+    """Slide evaluation on the validation split; writes ``metrics.json``; returns the summary."""
+    loader = build_eval_loader(
+        recipe.dataset, recipe.data_root, recipe.val_split, config, recipe.num_workers
+    )
+    metrics = evaluate(
+        accelerator,
+        model,
+        accelerator.prepare(loader),
+        config.class_names,
+        seen=config.seen,
+        unseen=config.unseen,
+        crop=config.test_crop,
+        stride=config.test_stride,
+    )
+    summary = metrics_summary(metrics)
+    if accelerator.is_main_process:
+        logger.info(
+            "evaluation on %s/%s:\n%s", recipe.dataset, recipe.val_split, format_table(metrics)
+        )
+        write_metrics(metrics, run_dir / "metrics.json")
+    accelerator.log({f"eval/{k}": v for k, v in summary.items() if v is not None})
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    """Train, evaluate and export; returns the evaluation summary (percent) or None."""
+    args = parse_args(argv)
+    recipe = build_recipe(args)
+    run_dir = Path(args.output_dir) if args.output_dir else recipe.run_dir
+    accelerator = build_accelerator(recipe, args, run_dir)
+    setup_logging(accelerator, run_dir)
+    config = build_config(recipe)
+    if config.setting == "transductive" and not recipe.init_from:
+        raise ValueError("transductive training starts from an inductive model: pass --init-from")
+    model = build_training_model(recipe, config)
+    model.image_encoder.grad_checkpointing = args.gradient_checkpointing
+    unreached = freeze_unreached(model)
+    loader = build_train_loader(recipe, config)
+    sampler = loader.sampler
+    optimizer = build_optimizer(model, recipe.lr, recipe.weight_decay, recipe.betas, recipe.eps)
+    scheduler = build_scheduler(
+        optimizer, recipe.iterations, power=recipe.power, min_lr=recipe.min_lr,
+        warmup_iters=recipe.warmup_iters, warmup_ratio=recipe.warmup_ratio,
+    )  # fmt: skip
+    n = accelerator.num_processes
+    logger.info(
+        f"{recipe.name}: {config.setting} on {recipe.dataset} ({len(loader.dataset)} images)"
+    )
+    logger.info(describe_batch(recipe.global_batch, recipe.per_device_batch, n))
+    logger.info(f"{describe_model(model)}; mixed precision {recipe.mixed_precision}")
+    logger.info(f"{len(unreached)} parameter tensors get no gradient and stay fixed: {unreached}")
+    if accelerator.is_main_process:
+        dump_json(run_dir / "recipe.json", recipe.to_dict() | {"model_config": config.to_dict()})
+    model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
+    accelerator.init_trackers(recipe.name, config={k: str(v) for k, v in recipe.to_dict().items()})
+    checkpoints = CheckpointManager(
+        accelerator, run_dir / "checkpoints", args.keep_checkpoints or None
+    )
+    fresh = TrainState(
+        num_processes=n,
+        per_device_batch=recipe.per_device_batch,
+        accumulation_steps=accelerator.gradient_accumulation_steps,
+    )
+    state = resume(checkpoints, args.resume_from, fresh)
+    with torch.no_grad():
+        text = accelerator.unwrap_model(model).training_text  # (K', N, C), fixed in training
+    state = train_loop(
+        accelerator, model, optimizer, scheduler, loader, sampler, text, config, state,
+        iterations=recipe.iterations, save_every=recipe.checkpoint_interval, save=checkpoints.save,
+    )  # fmt: skip
+    summary = (
+        None if args.no_eval else final_evaluation(accelerator, model, recipe, config, run_dir)
+    )
+    card = {"metrics": summary or {}, "training": recipe.to_dict() | {"steps": state.step}}
+    export_model(accelerator, model, run_dir / "model", card=card, push_to_hub=args.push_to_hub)
+    logger.info(f"exported {run_dir / 'model'}")
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
