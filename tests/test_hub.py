@@ -116,3 +116,32 @@ def test_wrong_files_give_checkpoint_errors(tmp_path):
     (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="safetensors"):
         from_pretrained(tmp_path / "m")
+
+
+def test_push_to_hub_uploads_the_saved_directory(monkeypatch):
+    """push_to_hub creates the repo and uploads exactly the save_pretrained files (no network:
+    the Hub client is replaced by a recorder)."""
+    import huggingface_hub
+
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, **kw):
+            calls["create"] = (repo_id, kw)
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            from pathlib import Path
+
+            calls["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+            calls["config"] = json.loads((Path(folder_path) / "config.json").read_text())
+            return f"https://huggingface.co/{repo_id}/commit/abc"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    url = tiny_model().push_to_hub("me/tiny", card={"metrics": {"hIoU": 1.0}}, private=True, token="t")
+    assert url.endswith("/commit/abc")
+    assert calls["create"] == ("me/tiny", {"repo_type": "model", "private": True, "exist_ok": True})
+    assert calls["files"] == ["README.md", "config.json", "model.safetensors", "text_embeddings.safetensors"]
+    assert calls["config"]["card"]["metrics"]["hIoU"] == 1.0 and calls["token"] == "t"
