@@ -182,8 +182,14 @@ def build_eval_loader(
 
 
 def set_epoch(loader: DataLoader, sampler: EpochSampler, epoch: int) -> None:
-    """Select the shuffle order and the augmentation stream of pass ``epoch`` (``sampler``: the
-    :class:`EpochSampler` the loader was built with; Accelerate wraps but shares it)."""
+    """Select the shuffle order and the augmentation stream of pass ``epoch``.
+
+    ``sampler`` is the :class:`EpochSampler` the loader was built with. An Accelerate loader
+    re-applies its own epoch counter at every ``iter()`` (``skip_first_batches`` copies it), so
+    that counter is set too, or a resumed run would replay epoch 0.
+    """
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
     loader.dataset.set_epoch(epoch)
     sampler.set_epoch(epoch)
 
