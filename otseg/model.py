@@ -17,7 +17,7 @@ from .clip_text import PromptEmbedder, TextTower
 from .config import OTSegConfig
 from .decoder import Decoder, combine_masks, relationship_queries
 from .ensemble import calibrate, fuse
-from .mps import Transport, mps_score
+from .mps import Transport, mps_maps
 from .mpsa import ATTENTIONS
 
 DEFAULT_MASK_COMBINE = {"sinkhorn": "sigmoid_geomean", "softmax": "last"}
@@ -108,16 +108,10 @@ class OTSeg(nn.Module):
         q0 = relationship_queries(self.decoder.q_proj, emb.cls, text)
         maps = HeadMaps(decoder=q0, score=None, layer_masks=[], queries=[q0], transports=[])
         if use_mps:
-            head = self.config.head
-            sargs = {} if attention == "softmax" else {
-                "max_iter": head.sinkhorn_max_iter, "tol": head.sinkhorn_thresh,
-            }  # fmt: skip
-            score, tr = mps_score(pixels, q0, attention, eps=head.sinkhorn_eps, **sargs)
+            maps.score, maps.prompt_maps, tr = mps_maps(
+                pixels, q0, (h, w), attention, self.config.head
+            )
             maps.transports.append(tr)
-            maps.score = score.reshape(b, -1, h, w)
-            m, n = tr.plan.shape[-2:]
-            per_prompt = (m * n * tr.plan * tr.similarity).permute(0, 1, 3, 2)
-            maps.prompt_maps = per_prompt.reshape(b, -1, n, h, w)
         dec = self.decoder(q0, pixels, attention)
         maps.transports.extend(dec.transports)
         maps.queries.extend(dec.queries)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .config import HeadConfig
 from .sinkhorn import sinkhorn
 
 TRANSPORTS = ("sinkhorn", "softmax")
@@ -60,3 +61,23 @@ def mps_score(
     plan = transport_plan(sim, kind, **sinkhorn_args)
     m, n = sim.shape[-2:]
     return (m * n * plan * sim).sum(-1), Transport(similarity=sim, plan=plan)
+
+
+def mps_maps(
+    pixels: torch.Tensor,
+    queries: torch.Tensor,
+    grid: tuple[int, int],
+    kind: str,
+    cfg: HeadConfig,
+) -> tuple[torch.Tensor, torch.Tensor, Transport]:
+    """:func:`mps_score` with the head's Sinkhorn constants, laid out on the token grid.
+
+    Returns score (B, K, h, w), per-prompt maps M·N·T·S (B, K, N, h, w) and the transport.
+    """
+    sargs = (
+        {} if kind == "softmax" else {"max_iter": cfg.sinkhorn_max_iter, "tol": cfg.sinkhorn_thresh}
+    )
+    score, tr = mps_score(pixels, queries, kind, eps=cfg.sinkhorn_eps, **sargs)
+    b, k, m, n = tr.plan.shape
+    per_prompt = (m * n * tr.plan * tr.similarity).permute(0, 1, 3, 2)  # (B, K, N, M)
+    return score.reshape(b, k, *grid), per_prompt.reshape(b, k, n, *grid), tr
