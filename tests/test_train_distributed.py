@@ -1,0 +1,78 @@
+"""Two synced CPU processes (torchrun + gloo): parameters identical across ranks after a few
+steps, the evaluation gathered across processes equals a one-process evaluation, and the
+unsynced launch (the Accelerate trap) stops with a clear error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import REPO, env, run, tiny_args
+
+from otseg.data.synthetic import write_synthetic
+
+pytestmark = pytest.mark.slow
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+# Runs train.train and, before the export, writes a digest of every rank's full state dict.
+WRAPPER = """
+import hashlib, sys
+import train.train as tt
+
+export = tt.export_model
+
+def export_with_digest(accelerator, model, directory, **kwargs):
+    h = hashlib.sha256()
+    for key, value in sorted(accelerator.unwrap_model(model).state_dict().items()):
+        h.update(key.encode() + value.detach().cpu().contiguous().numpy().tobytes())
+    rank = accelerator.process_index
+    (directory.parent / f"params_rank{rank}.txt").write_text(h.hexdigest())
+    (directory.parent / f"world_rank{rank}.txt").write_text(str(accelerator.num_processes))
+    return export(accelerator, model, directory, **kwargs)
+
+tt.export_model = export_with_digest
+tt.main(sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 5 validation images: the second process gets a repeated image that must not be counted
+    return write_synthetic(tmp_path_factory.mktemp("data"), "voc", num_train=12, num_val=5)
+
+
+def test_two_processes_stay_in_sync(tmp_path: Path, data: Path):
+    script = tmp_path / "wrapper.py"
+    script.write_text(WRAPPER)
+    out = tmp_path / "run"
+    args = tiny_args(data, out, "--max-iters", "4", "--checkpoint-every", "2")
+    result = run(TORCHRUN + [str(script), *args], timeout=180, ACCELERATE_USE_CPU="1")
+    assert "2 per device × 2 processes × 1 gradient-accumulation step" in result.stderr
+    assert (out / "world_rank0.txt").read_text() == (out / "world_rank1.txt").read_text() == "2"
+    assert (out / "params_rank0.txt").read_text() == (out / "params_rank1.txt").read_text()
+    ckpt = out / "checkpoints" / "checkpoint_00000004"
+    assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
+    # the 2-process evaluation counts each validation image once
+    single = tmp_path / "single.json"
+    run([sys.executable, "-m", "train.evaluate", "--model", str(out / "model"), "--dataset",
+         "voc", "--data-root", str(data), "--class-names", "class0,class1,class2,class3,class4",
+         "--cpu", "--num-workers", "0", "--output", str(single)])  # fmt: skip
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(single.read_text())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs torchrun connects the processes")
+def test_unsynced_launch_is_refused(tmp_path: Path, data: Path):
+    # torchrun without ACCELERATE_USE_CPU on a machine without GPUs: two unconnected trainings
+    cmd = TORCHRUN + ["-m", "train.train"]
+    cmd += tiny_args(data, tmp_path / "run", "--max-iters", "2", cpu=False)
+    result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "gradients would not be synchronised" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
