@@ -140,8 +140,15 @@ def test_push_to_hub_uploads_the_saved_directory(monkeypatch):
             return f"https://huggingface.co/{repo_id}/commit/abc"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    url = tiny_model().push_to_hub("me/tiny", card={"metrics": {"hIoU": 1.0}}, private=True, token="t")
+    url = tiny_model().push_to_hub(
+        "me/tiny", card={"metrics": {"hIoU": 1.0}}, private=True, token="t"
+    )
     assert url.endswith("/commit/abc")
     assert calls["create"] == ("me/tiny", {"repo_type": "model", "private": True, "exist_ok": True})
-    assert calls["files"] == ["README.md", "config.json", "model.safetensors", "text_embeddings.safetensors"]
+    assert calls["files"] == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "text_embeddings.safetensors",
+    ]
     assert calls["config"]["card"]["metrics"]["hIoU"] == 1.0 and calls["token"] == "t"
