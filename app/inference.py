@@ -10,7 +10,6 @@ opacity change only re-draws.
 from __future__ import annotations
 
 import hashlib
-import re
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from torch import nn
 
 from app import overlay, render, vocab
 from otseg.predictor import OTSegPredictor
-from otseg.preprocess import MAX_PIXELS, ImageError, load_image
+from otseg.preprocess import ImageError, load_image
 
 ATTENTION_LABELS = {"sinkhorn": "Sinkhorn (OTSeg: MPS + MPSA)", "softmax": "Softmax (baseline)"}
 HOW_TO_TRAINED = (
@@ -250,14 +249,7 @@ class Handlers:
 
 
 def _explain(error: ImageError) -> str:
-    """The reader's message, with PIL's decompression-bomb refusal said in plain words."""
-    found = re.search(r"DecompressionBombError: Image size \((\d+) pixels\)", str(error))
-    if found:
-        megapixels = int(found.group(1)) / 1e6
-        return (
-            f"the image has {megapixels:.0f} megapixels, too many to decode safely; "
-            f"downscale it to at most {MAX_PIXELS / 1e6:.0f} megapixels first."
-        )
+    """The reader's message as one sentence."""
     return str(error).rstrip(".") + "."
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +58,14 @@ def load_image(image: ImageLike, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                     )
             img.load()
             return _check(_pil_to_rgb(ImageOps.exif_transpose(img)))
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
-        raise ImageError(f"not a readable image ({type(e).__name__}: {e})") from None
+    except Image.DecompressionBombError as e:  # Pillow refuses > ~179 MP before we can look
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found.group(1)) / 1e6:.0f} MP" if found else "too many pixels"
+        raise ImageError(
+            f"the image has {size}; the limit is {max_pixels / 1e6:.0f} MP — downscale it first"
+        ) from None
+    except UnidentifiedImageError as e:
+        raise ImageError(f"not a readable image ({e})") from None
     except OSError as e:
         raise ImageError(f"the image file is corrupt or truncated ({e})") from None
 

@@ -33,7 +33,7 @@ from .clip_image import ImageEmbedding, resize_positions
 from .clip_text import PromptEmbedder, TextTower
 from .config import HeadConfig, OTSegConfig, VisionConfig
 from .model import HeadMaps
-from .mps import mps_score
+from .mps import mps_maps
 from .mpsa import ATTENTIONS
 from .prompts import TEMPLATES_8
 
@@ -180,17 +180,11 @@ class TrainingFreeOTSeg(nn.Module):
             decoder=decoder, score=None, layer_masks=[decoder], queries=[queries], transports=[]
         )
         if use_mps:
-            head = self.config.head
-            sargs = {} if attention == "softmax" else {
-                "max_iter": head.sinkhorn_max_iter, "tol": head.sinkhorn_thresh,
-            }  # fmt: skip
-            score, tr = mps_score(pixels, queries, attention, eps=head.sinkhorn_eps, **sargs)
-            n = queries.shape[2]
-            maps.score = _centre(score / n).reshape(b, -1, h, w)
+            score, maps.prompt_maps, tr = mps_maps(
+                pixels, queries, (h, w), attention, self.config.head
+            )
+            maps.score = _centre(score / queries.shape[2])
             maps.transports.append(tr)
-            m = tr.plan.shape[-2]
-            per_prompt = (m * n * tr.plan * tr.similarity).permute(0, 1, 3, 2)  # (B, K, N, M)
-            maps.prompt_maps = per_prompt.reshape(b, -1, n, h, w)
         return maps
 
     def upsample(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +194,7 @@ class TrainingFreeOTSeg(nn.Module):
 
 
 def _centre(x: torch.Tensor) -> torch.Tensor:
-    """(B, K, M) similarities → τ·(x − mean over K): only differences between classes matter."""
+    """(B, K, ...) similarities → τ·(x − mean over K): only differences between classes matter."""
     return SCALE * (x - x.mean(dim=1, keepdim=True))
 
 

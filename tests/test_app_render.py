@@ -86,16 +86,17 @@ def test_knob_changes_do_not_rerun_the_image_encoder(handlers, tmp_path):
     photo = write_photo(tmp_path / "p.png")
     knobs = {"attention": "sinkhorn", "lam": 0.5, "use_mps": True}
     session = handlers.segment(None, str(photo), "cat, class0", knobs)
-    assert handlers.calls["image"] == 1 and session.seen == [False, True]
+    windows = handlers.calls["image"]  # one encoder pass per slide window of this image
+    assert windows >= 1 and session.seen == [False, True]
     for attention, lam in (("softmax", 0.2), ("sinkhorn", 1.0), ("softmax", 0.0)):
         handlers.rerender(session, {"attention": attention, "lam": lam, "use_mps": True})
     handlers.outputs(session, 0.9)
     handlers.compare(session, 0.5, True, 0.5)
     handlers.prompt_maps(session, "cat", 0.5)
     handlers.segment(session, str(photo), "cat, dog, sky", knobs)  # new names, same image
-    assert handlers.calls["image"] == 1 and session.names == ["cat", "dog", "sky"]
+    assert handlers.calls["image"] == windows and session.names == ["cat", "dog", "sky"]
     handlers.segment(session, str(write_photo(tmp_path / "q.png", seed=1)), "cat", knobs)
-    assert handlers.calls["image"] == 2
+    assert handlers.calls["image"] > windows
 
 
 def test_sessions_are_independent(handlers, tmp_path):
