@@ -17,17 +17,20 @@ def fuse(decoder_map: torch.Tensor, score_map: torch.Tensor | None, lam: float) 
     return (1.0 - lam) * decoder_map + lam * score_map
 
 
-def calibrate(logits: torch.Tensor, seen: torch.Tensor | None, weight: float) -> torch.Tensor:
+def calibrate(
+    logits: torch.Tensor, seen: torch.Tensor | None, weight: float, *, inplace: bool = False
+) -> torch.Tensor:
     """σ(logits) with ``weight`` subtracted on seen classes.
 
     Args:
         logits: (B, K, H, W) fused map.
         seen: (K,) bool, True for classes the model was supervised on; None = no calibration.
+        inplace: overwrite ``logits`` (inference only: saves two full-size copies).
     Returns:
         (B, K, H, W) calibrated sigmoid scores (not probabilities; §11 #7).
     """
-    out = torch.sigmoid(logits)
+    out = logits.sigmoid_() if inplace else torch.sigmoid(logits)
     if seen is None or weight == 0.0:
         return out
-    shift = seen.to(device=out.device, dtype=out.dtype) * weight
-    return out - shift[None, :, None, None]
+    shift = (seen.to(device=out.device, dtype=out.dtype) * weight)[None, :, None, None]
+    return out.sub_(shift) if inplace else out - shift

@@ -165,7 +165,7 @@ class OTSegPredictor:
         window_scores = []
         for m in maps:
             logits = self.model.upsample(fuse(m.decoder.float(), _float(m.score), lam))
-            scores = calibrate(logits, seen, cfg.calibration)
+            scores = calibrate(logits, seen, cfg.calibration, inplace=True)
             if scores.shape[-1] != cfg.test_crop:
                 scores = _resize(scores, (cfg.test_crop, cfg.test_crop))
             window_scores.append(scores)

@@ -31,6 +31,8 @@ def merge_windows(
     outputs: Sequence[torch.Tensor], boxes: Sequence[Box], size: tuple[int, int]
 ) -> torch.Tensor:
     """Average per-window maps (each (1, K, h, w)) into (1, K, H, W), dividing by coverage."""
+    if len(boxes) == 1 and tuple(boxes[0]) == (0, 0, *size):
+        return outputs[0]  # one window covering the image
     k = outputs[0].shape[1]
     total = outputs[0].new_zeros(1, k, *size)
     count = outputs[0].new_zeros(1, 1, *size)
