@@ -22,7 +22,7 @@ from .ensemble import calibrate, fuse
 from .model import OTSeg
 from .mpsa import ATTENTIONS
 from .preprocess import ImageLike, load_image, to_model_input
-from .slide import Box, crops, merge_windows, slide_windows
+from .slide import Box, crops, merge_windows, slide_windows, to_probabilities
 
 MAX_CLASSES = 1000
 PROMPT_MAP_STRIDE = 8  # per-prompt maps are returned at 1/8 of the test-scale image
@@ -98,8 +98,8 @@ class OTSegPredictor:
         boxes = slide_windows(x.shape[-2], x.shape[-1], cfg.test_crop, cfg.test_stride)
         self.reset_image()
         with self._autocast():
-            # One window at a time: as fast as a batch in fp32, and bf16 autocast on CPU is
-            # ~40× slower at batch 2 (a copy under bmm in PyTorch 2.13).
+            # One window at a time: as fast as a batch in fp32, while bf16 autocast on CPU
+            # is far slower at batch 2 (a copy under bmm in PyTorch 2.13).
             self._embeddings = [
                 self.model.encode_image(window) for window in crops(x, boxes).split(1)
             ]
@@ -169,11 +169,9 @@ class OTSegPredictor:
             if scores.shape[-1] != cfg.test_crop:
                 scores = _resize(scores, (cfg.test_crop, cfg.test_crop))
             window_scores.append(scores)
-        merged = merge_windows(window_scores, self._boxes, self._scaled_size)[0]
-        if merged.shape[-2:] != self.original_size:
-            merged = _resize(merged[None], self.original_size)[0]
-        labels = _channel_argmax(merged)  # softmax is monotone: argmax of the scores
-        probs = merged.softmax(0)
+        merged = merge_windows(window_scores, self._boxes, self._scaled_size)
+        probs = to_probabilities(merged, self.original_size)[0]
+        labels = _channel_argmax(probs)
         return Prediction(
             labels=labels.cpu().numpy(),
             probs=probs.cpu().numpy(),

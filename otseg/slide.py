@@ -44,7 +44,8 @@ def merge_windows(
 
 def to_probabilities(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Averaged window scores (1, K, H', W') → (1, K, H, W) softmax at the original size."""
-    scores = F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)
+    if tuple(scores.shape[-2:]) != tuple(size):
+        scores = F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)
     return scores.softmax(dim=1)
 
 

@@ -18,6 +18,20 @@ PARITY_DIR = Path(
     os.environ.get("OTSEG_PARITY_DIR", Path(__file__).resolve().parents[2] / "shared" / "parity")
 )
 
+
+def parity_fixture(name: str) -> Path:
+    """A parity fixture directory; missing fixtures fail under CI (CI=true) and skip locally."""
+    import pytest
+
+    path = PARITY_DIR / name
+    if not (path / "fixture.json").is_file():
+        message = f"parity fixture {name!r} not found under {PARITY_DIR} (set OTSEG_PARITY_DIR)"
+        if os.environ.get("CI"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return path
+
+
 TINY_CLIP_CFG = {
     "embed_dim": 32,
     "quick_gelu": True,

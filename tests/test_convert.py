@@ -8,36 +8,40 @@ import numpy as np
 import pytest
 import torch
 
-from factories import PARITY_DIR, fixture_config
+from factories import fixture_config, parity_fixture
 from otseg.convert import main, map_keys
 from otseg.model import OTSeg
 
-FIXTURE = PARITY_DIR / "tiny_voc_inductive"
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"parity fixture missing at {FIXTURE}")
+
+@pytest.fixture(scope="module")
+def fx():
+    return parity_fixture("tiny_voc_inductive")
 
 
 @pytest.fixture
-def config_json(tmp_path):
+def config_json(tmp_path, fx):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(fixture_config(FIXTURE).to_dict()))
+    path.write_text(json.dumps(fixture_config(fx).to_dict()))
     return path
 
 
-def test_cli_converts_and_the_result_reproduces_the_original(tmp_path, config_json, capsys):
+def test_cli_converts_and_the_result_reproduces_the_original(fx, tmp_path, config_json, capsys):
     out = tmp_path / "converted"
-    args = [str(FIXTURE / "official.pth"), "--text-embeddings", str(FIXTURE / "text_embedding.npy")]
+    args = [str(fx / "official.pth"), "--text-embeddings", str(fx / "text_embedding.npy")]
     assert main([*args, "--config", str(config_json), "--output", str(out)]) == 0
     assert "stored class names" in capsys.readouterr().out
     model = OTSeg.from_pretrained(out)
-    ref = torch.load(FIXTURE / "outputs.pt", weights_only=True)
+    ref = torch.load(fx / "outputs.pt", weights_only=True)
     seen = torch.tensor([i in model.config.seen for i in range(5)])
     with torch.no_grad():
         scores = model(ref["input"], model.embed_text(model.config.class_names), seen=seen).scores
     assert (scores - ref["seg_logit"]).abs().max() < 1e-5
 
 
-def test_module_prefix_is_stripped_and_unused_keys_dropped():
-    state = torch.load(FIXTURE / "official.pth", weights_only=True)["state_dict"]
+def test_module_prefix_is_stripped_and_unused_keys_dropped(
+    fx,
+):
+    state = torch.load(fx / "official.pth", weights_only=True)["state_dict"]
     renamed, dropped = map_keys({f"module.{k}": v for k, v in state.items()})
     assert all(not k.startswith("module.") for k in renamed)
     assert any(k.startswith("text_encoder.") for k in dropped)
@@ -61,8 +65,8 @@ def run_cli(tmp_path, checkpoint, npy, config, capsys) -> str:
     return capsys.readouterr().err
 
 
-def test_errors_name_the_problem(tmp_path, config_json, capsys):
-    npy = FIXTURE / "text_embedding.npy"
+def test_errors_name_the_problem(fx, tmp_path, config_json, capsys):
+    npy = fx / "text_embedding.npy"
     torch.save({"state_dict": {"foo.weight": torch.zeros(2)}}, tmp_path / "other.pth")
     assert "not an OTSeg" in run_cli(tmp_path, tmp_path / "other.pth", npy, config_json, capsys)
     (tmp_path / "junk.pth").write_bytes(b"junk")
@@ -71,16 +75,16 @@ def test_errors_name_the_problem(tmp_path, config_json, capsys):
     )
     assert "not found" in run_cli(tmp_path, tmp_path / "missing.pth", npy, config_json, capsys)
 
-    wrong = fixture_config(FIXTURE).replace(vision={"num_prompt_tokens": 4})
+    wrong = fixture_config(fx).replace(vision={"num_prompt_tokens": 4})
     (tmp_path / "wrong.json").write_text(json.dumps(wrong.to_dict()))
-    err = run_cli(tmp_path, FIXTURE / "official.pth", npy, tmp_path / "wrong.json", capsys)
+    err = run_cli(tmp_path, fx / "official.pth", npy, tmp_path / "wrong.json", capsys)
     assert "does not match the chosen config" in err and "prompt_embeddings" in err
 
     np.save(tmp_path / "ctx.npy", np.zeros((59, 3, 32), np.float16))
-    err = run_cli(tmp_path, FIXTURE / "official.pth", tmp_path / "ctx.npy", config_json, capsys)
+    err = run_cli(tmp_path, fx / "official.pth", tmp_path / "ctx.npy", config_json, capsys)
     assert "59 classes" in err and "voc12_otseg.npy" in err
 
-    state = torch.load(FIXTURE / "official.pth", weights_only=True)["state_dict"]
+    state = torch.load(fx / "official.pth", weights_only=True)["state_dict"]
     state["decode_head.extra.weight"] = torch.zeros(1)
     torch.save({"state_dict": state}, tmp_path / "extra.pth")
     assert "unknown checkpoint keys" in run_cli(
@@ -91,10 +95,10 @@ def test_errors_name_the_problem(tmp_path, config_json, capsys):
     assert "missing" in run_cli(tmp_path, tmp_path / "short.pth", npy, config_json, capsys)
 
 
-def test_real_preset_shapes_are_checked(tmp_path, capsys):
+def test_real_preset_shapes_are_checked(fx, tmp_path, capsys):
     """The tiny checkpoint against the real VOC preset: a readable shape report, no crash."""
     err_code = main([
-        str(FIXTURE / "official.pth"), "--text-embeddings", str(FIXTURE / "text_embedding.npy"),
+        str(fx / "official.pth"), "--text-embeddings", str(fx / "text_embedding.npy"),
         "--preset", "voc-inductive", "--output", str(tmp_path / "o"),
     ])  # fmt: skip
     assert err_code == 2

@@ -41,10 +41,26 @@ def seen_mask(cfg) -> torch.Tensor:
     return seen
 
 
+DEVIATIONS: dict[str, float] = {}  # largest deviation per compared tensor, for the report
+
+
 def close(name: str, ours: torch.Tensor, ref: torch.Tensor) -> None:
     assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} vs {tuple(ref.shape)}"
     diff = (ours.float() - ref.float()).abs().max().item()
+    DEVIATIONS[name] = max(diff, DEVIATIONS.get(name, 0.0))
     assert diff <= ATOL, f"{name}: max abs difference {diff:.3g} > {ATOL}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report():
+    """With ``-s``: print the largest deviation from the original, overall and for the plans."""
+    yield
+    if DEVIATIONS:
+        worst = max(DEVIATIONS, key=DEVIATIONS.get)
+        plans = max(v for k, v in DEVIATIONS.items() if k.endswith(".T"))
+        print(
+            f"\nparity: max abs deviation {DEVIATIONS[worst]:.2g} ({worst}); Sinkhorn plans {plans:.2g}"
+        )
 
 
 def labels_agree(
@@ -118,6 +134,7 @@ def test_training_losses_match(case):
     assert len(train["losses"]) == 6
     for key, value in train["losses"].items():
         ref = float(value.reshape(()))
+        print(f"{d.name} {key}: relative deviation {abs(losses[key].item() - ref) / abs(ref):.1g}")
         assert abs(losses[key].item() - ref) <= 1e-5 * abs(ref), (
             f"{key}: {losses[key].item()} vs {ref}"
         )

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import ot
-import pytest
 import torch
 
-from factories import PARITY_DIR
+from factories import parity_fixture
 from otseg.sinkhorn import sinkhorn
 
 
@@ -73,12 +72,9 @@ def test_stopping_rule_is_the_original_batch_global_mean():
     assert min(counts) <= n <= max(counts)
 
 
-@pytest.mark.skipif(
-    not (PARITY_DIR / "tiny_voc_inductive").is_dir(), reason="parity fixtures absent"
-)
 def test_iteration_counts_of_the_original_on_the_fixture():
     """The parity README records 15, 16, 19 and 26 iterations for the four crop calls."""
-    ref = torch.load(PARITY_DIR / "tiny_voc_inductive" / "outputs.pt", weights_only=True)
+    ref = torch.load(parity_fixture("tiny_voc_inductive") / "outputs.pt", weights_only=True)
     counts = []
     for i in range(4):
         plan, n = sinkhorn(ref[f"sinkhorn.{i}.cost"], return_iterations=True)
