@@ -30,7 +30,8 @@ class OTSegOutput:
     decoder_map: torch.Tensor  # (B, K, S, S) decoder map D↑ (raw, before the sigmoid)
     score_map: torch.Tensor | None  # (B, K, S, S) MPS map↑ (raw), None with the branch off
     logits: torch.Tensor  # (B, K, S, S) (1 − λ)·D↑ + λ·MPS↑
-    scores: torch.Tensor  # (B, K, H, W) σ(logits) − calibration on seen, at the crop size
+    output: torch.Tensor  # (B, K, S, S) σ(logits) − calibration on seen, at the model size
+    scores: torch.Tensor  # (B, K, H, W) ``output`` resized to the crop size (same if H = W = S)
     layer_masks: list[torch.Tensor]  # per decoder layer, (B, K, h, w)
     queries: list[torch.Tensor]  # relationship queries, then each layer's, (B, K, N, C)
     transports: list[Transport]  # the MPS call (if on), then one per decoder layer
@@ -150,18 +151,20 @@ class OTSeg(nn.Module):
         decoder_map = self.upsample(maps.decoder)
         score_map = None if maps.score is None else self.upsample(maps.score)
         logits = fuse(decoder_map, score_map, self.config.ensemble_lambda if lam is None else lam)
-        scores = calibrate(
+        output = calibrate(
             logits, seen, self.config.calibration if calibration is None else calibration
         )
-        if not isinstance(images, ImageEmbedding) and scores.shape[-2:] != images.shape[-2:]:
+        scores = output
+        if not isinstance(images, ImageEmbedding) and output.shape[-2:] != images.shape[-2:]:
             # e.g. 420 crops on a 480 model (§11 #18)
             scores = F.interpolate(
-                scores, size=images.shape[-2:], mode="bilinear", align_corners=False
+                output, size=images.shape[-2:], mode="bilinear", align_corners=False
             )
         return OTSegOutput(
             decoder_map=decoder_map,
             score_map=score_map,
             logits=logits,
+            output=output,
             scores=scores,
             layer_masks=maps.layer_masks,
             queries=maps.queries,

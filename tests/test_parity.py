@@ -4,6 +4,7 @@ original's intermediate tensors (1e-5 abs), labels and training losses (1e-5 rel
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,19 +21,31 @@ FIXTURES = (
     sorted(p.parent for p in PARITY_DIR.glob("*/fixture.json")) if PARITY_DIR.is_dir() else []
 )
 
+SLIDE_FIXTURES = [  # fixtures of cross-dataset configs carry no slide output ("slide": null)
+    d for d in FIXTURES if json.loads((d / "fixture.json").read_text()).get("slide")
+]
+
 if not FIXTURES:
     if os.environ.get("CI"):
         raise RuntimeError(f"no parity fixtures found under {PARITY_DIR} (set OTSEG_PARITY_DIR)")
     pytest.skip(f"no parity fixtures under {PARITY_DIR}", allow_module_level=True)
 
 
-@pytest.fixture(scope="module", params=FIXTURES, ids=lambda p: p.name)
-def case(request):
-    d: Path = request.param
+def load_case(d: Path):
     cfg = fixture_config(d)
     model = convert_checkpoint(d / "official.pth", cfg, d / "text_embedding.npy")
     ref = torch.load(d / "outputs.pt", weights_only=True)
     return d, cfg, model, ref
+
+
+@pytest.fixture(scope="module", params=FIXTURES, ids=lambda p: p.name)
+def case(request):
+    return load_case(request.param)
+
+
+@pytest.fixture(scope="module", params=SLIDE_FIXTURES, ids=lambda p: p.name)
+def slide_case(request):
+    return load_case(request.param)
 
 
 def seen_mask(cfg) -> torch.Tensor:
@@ -57,18 +70,19 @@ def report():
     yield
     if DEVIATIONS:
         worst = max(DEVIATIONS, key=DEVIATIONS.get)
-        plans = max(v for k, v in DEVIATIONS.items() if k.endswith(".T"))
-        print(
-            f"\nparity: max abs deviation {DEVIATIONS[worst]:.2g} ({worst}); Sinkhorn plans {plans:.2g}"
-        )
+        plans = max((v for k, v in DEVIATIONS.items() if k.endswith(".T")), default=None)
+        line = f"\nparity: max abs deviation {DEVIATIONS[worst]:.2g} ({worst})"
+        print(line + ("" if plans is None else f"; Sinkhorn plans {plans:.2g}"))
 
 
 def labels_agree(
     name: str, ours: torch.Tensor, ref_labels: torch.Tensor, ref_scores: torch.Tensor
 ) -> None:
+    """Labels must agree wherever the reference's top-2 gap exceeds 1e-4 (near-ties may flip at
+    float precision); at least a quarter of the pixels, and 100, must be decided."""
     top2 = ref_scores.topk(2, dim=1).values
     decided = (top2[:, 0] - top2[:, 1]) > 1e-4
-    assert decided.float().mean() > 0.99
+    assert decided.sum().item() >= max(100, decided.numel() // 4), f"{name}: too few decided"
     wrong = (ours[decided] != ref_labels[decided]).sum().item()
     assert wrong == 0, f"{name}: {wrong} decided pixels differ"
 
@@ -95,16 +109,15 @@ def test_crop_forward_matches_every_intermediate(case):
     close("head.mps_score_map", out.score_map, ref["head.mps_score_map"])
     close("head.decoder_pred", out.decoder_map, ref["head.decoder_pred"])
     close("head.ensemble_logits", out.logits, ref["head.ensemble_logits"])
-    close("head.output", out.scores, ref["head.output"])
+    close("head.output", out.output, ref["head.output"])  # at the model size
+    assert out.scores.shape[-2:] == ref["input"].shape[-2:]
     close("seg_logit", out.scores, ref["seg_logit"])
     labels_agree("pred", out.scores.argmax(1), ref["pred"], ref["seg_logit"])
 
 
-def test_slide_inference_matches(case):
-    d, cfg, model, ref = case
+def test_slide_inference_matches(slide_case):
+    d, cfg, model, ref = slide_case
     text, seen = model.embed_text(cfg.class_names), seen_mask(cfg)
-    import json
-
     ori = tuple(json.loads((d / "fixture.json").read_text())["slide"]["ori_shape"])
     with torch.no_grad():
         probs = slide_inference(
