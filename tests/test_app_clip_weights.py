@@ -1,0 +1,100 @@
+"""The demo's CLIP weights: whatever the Hugging Face cache holds is used with no network, and a
+first online run downloads one weight file, not every candidate format."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+from factories import fill_hf_cache, save_tiny_clip
+from otseg import hub
+
+REPO = "otseg-test/tiny-clip"
+
+# Runs in a fresh interpreter: HF_HUB_OFFLINE unset and the Hub endpoint refusing connections,
+# i.e. a laptop without network whose cache was filled by an earlier online run.
+LOAD = """
+import json, sys, time
+import otseg, open_clip
+from otseg.hub import load_clip
+cache, name, tag, config = sys.argv[1:5]
+# a built-in-style name whose pretrained tag points at the cached Hub repo
+open_clip.factory._MODEL_CONFIGS[name] = json.load(open(config))["model_cfg"]
+open_clip.pretrained._PRETRAINED[name] = {
+    "cached": open_clip.pretrained._pcfg(hf_hub="otseg-test/tiny-clip/")}
+t = time.time()
+clip, tok = load_clip(name, tag or None, cache_dir=cache)
+print("OK", round(time.time() - t, 1), sum(p.numel() for p in clip.parameters()))
+"""
+
+
+def _offline_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: refused at once
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]
+    )
+    return env
+
+
+@pytest.mark.parametrize("how", ["hf-hub", "pretrained-tag"])
+def test_cached_safetensors_load_without_network(tmp_path, how):
+    clip_dir = save_tiny_clip(tmp_path / "clip")
+    cache = tmp_path / "hub"
+    # only the safetensors file is cached; the optional .bin is not, and the Hub is unreachable
+    fill_hf_cache(cache, REPO, {p.name: p for p in clip_dir.iterdir()})
+    name, tag = (f"hf-hub:{REPO}", "") if how == "hf-hub" else ("tiny-otseg-clip", "cached")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LOAD,
+            str(cache),
+            name,
+            tag,
+            str(clip_dir / "open_clip_config.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=_offline_env(),
+        timeout=120,
+    )
+    assert out.stdout.startswith("OK"), out.stderr[-2000:]
+    assert float(out.stdout.split()[1]) < 10  # no network retries
+
+
+def test_first_online_run_downloads_one_weight_file(tmp_path, monkeypatch):
+    """Nothing cached, Hub reachable: only the preferred format is fetched; the next one only
+    when the repo lacks the first."""
+    clip_dir = save_tiny_clip(tmp_path / "clip")
+    downloads: list[str] = []
+
+    def fake_download(repo, filename, *, local_files_only=False, cache_dir=None, **kw):
+        if local_files_only:
+            raise LocalEntryNotFoundError(f"{filename} not cached")
+        if filename not in available:
+            raise EntryNotFoundError(f"{repo} has no {filename}")
+        downloads.append(filename)
+        return str(clip_dir / filename)
+
+    monkeypatch.setattr(hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(hub, "_offline", lambda: False)
+    monkeypatch.setattr(hub, "_hub_unreachable_reason", lambda: None)
+
+    available = {"open_clip_config.json", *hub.CLIP_WEIGHT_NAMES}
+    assert hub._clip_weights(REPO, None).name == "open_clip_model.safetensors"
+    assert downloads == ["open_clip_model.safetensors"]
+
+    downloads.clear()
+    available = {"open_clip_config.json", "open_clip_pytorch_model.bin"}
+    assert hub._clip_weights(REPO, None).name == "open_clip_pytorch_model.bin"
+    assert downloads == ["open_clip_pytorch_model.bin"]
+
+    available = {"open_clip_config.json"}
+    with pytest.raises(hub.WeightsNotFoundError, match="has none of"):
+        hub._clip_weights(REPO, None)
