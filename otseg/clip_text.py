@@ -57,9 +57,26 @@ class TextTower(nn.Module):
         eot = tokens.argmax(dim=-1)  # the end-of-text token has the largest id
         # Causal attention: tokens after the longest prompt's end cannot change earlier ones.
         length = int(eot.max()) + 1
-        x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]
-        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
-        x = self.ln_final(x)[torch.arange(x.shape[0], device=device), eot]
+        return self.encode_embeddings(self.token_embedding(tokens[:, :length]), eot)
+
+    def encode_embeddings(
+        self, x: torch.Tensor, eot: torch.Tensor, *, checkpointing: bool = False
+    ) -> torch.Tensor:
+        """Token embeddings → unit-norm text embeddings, differentiable (learned prompts).
+
+        x: (n, L, W) token embeddings of sequences whose end tokens all lie before L;
+        eot: (n,) end-token positions. Returns (n, C) float32.
+        checkpointing: recompute the text blocks in the backward pass (saves activations).
+        """
+        length = x.shape[1]
+        x = x + self.positional_embedding[:length]
+        previous = getattr(self.transformer, "grad_checkpointing", False)
+        self.transformer.grad_checkpointing = checkpointing and torch.is_grad_enabled()
+        try:
+            x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
+        finally:
+            self.transformer.grad_checkpointing = previous
+        x = self.ln_final(x)[torch.arange(x.shape[0], device=x.device), eot]
         x = (
             x @ self.text_projection
             if not isinstance(self.text_projection, nn.Linear)

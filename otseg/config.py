@@ -49,8 +49,66 @@ class HeadConfig:
     sinkhorn_thresh: float = 1e-6
 
 
+class SplitConfigMixin:
+    """What every model config of the family shares: the zero-shot split of its vocabulary and
+    the JSON round trip. Needs the fields ``class_names``, ``unseen`` and ``setting``."""
+
+    @property
+    def seen(self) -> tuple[int, ...]:
+        """Seen (base) class ids, ascending; all classes when fully supervised."""
+        if self.setting == "fully":
+            return tuple(range(len(self.class_names)))
+        unseen = set(self.unseen)
+        return tuple(i for i in range(len(self.class_names)) if i not in unseen)
+
+    @property
+    def training_class_ids(self) -> tuple[int, ...]:
+        """Rows of the text embeddings used in training (``t[base_class]`` when inductive)."""
+        if self.setting == "inductive":
+            return self.seen
+        return tuple(range(len(self.class_names)))
+
+    def check_split(self) -> None:
+        if self.setting not in SETTINGS:
+            raise ValueError(f"setting must be one of {SETTINGS}, got {self.setting!r}")
+        k = len(self.class_names)
+        bad = [i for i in self.unseen if not 0 <= i < k]
+        if bad:
+            raise ValueError(f"unseen ids {bad} out of range for {k} classes")
+
+    def replace(self, **changes: Any):
+        """A copy with top-level fields changed; nested config fields accept dicts of changes."""
+        for key, value in changes.items():
+            if isinstance(value, dict) and dataclasses.is_dataclass(getattr(self, key, None)):
+                changes[key] = dataclasses.replace(getattr(self, key), **value)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Inverse of :meth:`to_dict` (JSON lists become tuples, nested dicts their configs)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(fields)
+        if unknown:
+            raise ValueError(f"unknown config fields: {sorted(unknown)}")
+        defaults = cls()
+        out = {}
+        for key, value in data.items():
+            default = getattr(defaults, key)
+            if dataclasses.is_dataclass(default) and isinstance(value, dict):
+                value = type(default)(**{k: _tuples(v) for k, v in value.items()})
+            out[key] = _tuples(value)
+        return cls(**out)
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 @dataclass(frozen=True)
-class OTSegConfig:
+class OTSegConfig(SplitConfigMixin):
     """Everything needed to rebuild a model and run it the way it was trained."""
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -74,57 +132,13 @@ class OTSegConfig:
     clip_pretrained: str | None = "openai"
 
     def __post_init__(self) -> None:
-        if self.setting not in SETTINGS:
-            raise ValueError(f"setting must be one of {SETTINGS}, got {self.setting!r}")
-        k = len(self.class_names)
-        bad = [i for i in self.unseen if not 0 <= i < k]
-        if bad:
-            raise ValueError(f"unseen ids {bad} out of range for {k} classes")
+        self.check_split()
         if not self.templates or any("{}" not in t for t in self.templates):
             raise ValueError("templates must be non-empty strings containing '{}'")
 
     @property
     def num_prompts(self) -> int:
         return len(self.templates)
-
-    @property
-    def seen(self) -> tuple[int, ...]:
-        """Seen (base) class ids, ascending; all classes when fully supervised."""
-        if self.setting == "fully":
-            return tuple(range(len(self.class_names)))
-        unseen = set(self.unseen)
-        return tuple(i for i in range(len(self.class_names)) if i not in unseen)
-
-    @property
-    def training_class_ids(self) -> tuple[int, ...]:
-        """Rows of the text embeddings used in training (``t[base_class]`` when inductive)."""
-        if self.setting == "inductive":
-            return self.seen
-        return tuple(range(len(self.class_names)))
-
-    def replace(self, **changes: Any) -> OTSegConfig:
-        """A copy with top-level fields changed; ``vision``/``head`` accept dicts of changes."""
-        for key in ("vision", "head"):
-            if isinstance(changes.get(key), dict):
-                changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> OTSegConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown config fields: {sorted(unknown)}")
-        data = dict(data)
-        data["vision"] = VisionConfig(**data.get("vision", {}))
-        data["head"] = HeadConfig(**data.get("head", {}))
-        for key in ("class_names", "unseen", "templates", "pixel_mean", "pixel_std"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls(**data)
 
 
 def _benchmark(dataset: str, setting: str) -> OTSegConfig:
@@ -179,9 +193,13 @@ PRESETS: dict[str, OTSegConfig] = {
 PRESETS["tiny"] = tiny_config()
 
 
-def get_preset(name: str) -> OTSegConfig:
-    """A named preset: ``{voc,context,coco}-{inductive,transductive,fully}`` or ``tiny``."""
+def get_preset(name: str):
+    """A named preset: ``{voc,context,coco}-{inductive,transductive,fully}`` or ``tiny`` (OTSeg),
+    ``zegot-{voc,context,coco}-{inductive,transductive}`` or ``zegot-tiny`` (ZegOT)."""
+    from .zegot.config import PRESETS as ZEGOT_PRESETS
+
+    presets = {**PRESETS, **ZEGOT_PRESETS}
     try:
-        return PRESETS[name]
+        return presets[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}") from None

@@ -1,7 +1,7 @@
 """The only module that talks to the Hugging Face Hub: save, load and push models, load CLIP.
 
 A model directory (local or a Hub repo) holds:
-    config.json                   {"format": "otseg", "config": OTSegConfig, ...}
+    config.json                   {"format": "otseg", "model": "otseg" | "zegot", "config": ...}
     model.safetensors             trained weights (prompts, their projection and norm, decoder);
                                   the frozen image tower too when config.clip_model is None
     text_embeddings.safetensors   optional stored prompt embeddings (K, N, C) + class names
@@ -209,7 +209,7 @@ def save_pretrained(
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.trained_state_dict().items()}
     _atomic(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    bank = model.text.bank
+    bank = getattr(getattr(model, "text", None), "bank", None)  # OTSeg's stored embeddings
     if bank:
         names = list(bank)
         emb = torch.stack([bank[n] for n in names]).contiguous()
@@ -220,6 +220,7 @@ def save_pretrained(
     info = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "model": model_type(model),
         "config": model.config.to_dict(),
         "text_embeddings": TEXT_NAME if bank else None,
         "card": card or {},
@@ -238,6 +239,26 @@ def _atomic(path: Path, write) -> None:
 
 
 # -- loading --------------------------------------------------------------------------------
+MODEL_TYPES = ("otseg", "zegot")
+
+
+def model_type(model_or_config) -> str:
+    """Which model of the family a model or config is: ``"otseg"`` or ``"zegot"``."""
+    from .zegot import ZegOT, ZegOTConfig
+
+    return "zegot" if isinstance(model_or_config, ZegOT | ZegOTConfig) else "otseg"
+
+
+def build_any(config, **kwargs):
+    """The builder of the config's model type (``clip``, ``tokenizer``, OTSeg's ``text_bank``)."""
+    if model_type(config) == "zegot":
+        from .zegot import build_zegot
+
+        kwargs.pop("text_bank", None)
+        return build_zegot(config, **kwargs)
+    return build_model(config, **kwargs)
+
+
 def read_config(path: Path) -> tuple[OTSegConfig, dict[str, Any]]:
     try:
         info = json.loads(path.read_text())
@@ -248,6 +269,13 @@ def read_config(path: Path) -> tuple[OTSegConfig, dict[str, Any]]:
             f'{path} is not an otseg config (no "format": "otseg"); original OTSeg '
             f"checkpoints must first be converted with `python -m otseg.convert`"
         )
+    kind = info.get("model", "otseg")  # directories written before ZegOT say nothing
+    if kind not in MODEL_TYPES:
+        raise CheckpointError(f'{path}: unknown "model": {kind!r}; expected one of {MODEL_TYPES}')
+    if kind == "zegot":
+        from .zegot import ZegOTConfig
+
+        return ZegOTConfig.from_dict(info["config"]), info
     return OTSegConfig.from_dict(info["config"]), info
 
 
@@ -291,7 +319,8 @@ def from_pretrained(
     token: str | None = None,
     device: str | torch.device | None = None,
 ) -> OTSeg:
-    """Load a model from a local directory or a Hub repo id (cache first; offline-friendly)."""
+    """Load a model (OTSeg or ZegOT, as config.json says) from a local directory or a Hub repo
+    id (cache first; offline-friendly)."""
     kw = {"revision": revision, "cache_dir": cache_dir, "token": token}
     config, info = read_config(resolve_file(repo_or_dir, CONFIG_NAME, **kw))
     weights = resolve_file(repo_or_dir, WEIGHTS_NAME, **kw)
@@ -301,7 +330,7 @@ def from_pretrained(
     clip = tokenizer = None
     if config.clip_model is not None:
         clip, tokenizer = load_clip(config.clip_model, config.clip_pretrained, cache_dir=cache_dir)
-    model = build_model(config, clip=clip, tokenizer=tokenizer, text_bank=bank)
+    model = build_any(config, clip=clip, tokenizer=tokenizer, text_bank=bank)
     try:
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types

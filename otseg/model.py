@@ -54,6 +54,9 @@ class HeadMaps:
 class OTSeg(nn.Module):
     """The OTSeg segmentor. Build with :func:`build_model` or ``otseg.hub.from_pretrained``."""
 
+    model_type = "otseg"
+    attentions = ATTENTIONS
+
     def __init__(
         self,
         config: OTSegConfig,

@@ -11,7 +11,16 @@ from .data.classes import DATASET_TITLES
 
 def render_model_card(config: OTSegConfig, card: dict[str, Any], has_text_bank: bool) -> str:
     """Markdown with Hub front matter: what the model is, its vocabulary, metrics, training."""
+    from .zegot import ZegOTConfig
+
+    zegot = isinstance(config, ZegOTConfig)
     dataset = DATASET_TITLES.get(config.dataset, config.dataset)
+    about = (
+        "Zero-shot semantic segmentation with learned text prompts and multi-prompt optimal\n"
+        "transport over CLIP's image blocks (ZegOT, OTSeg's predecessor; trained with otseg),"
+        if zegot
+        else "Zero-shot semantic segmentation with multi-prompt Sinkhorn attention (OTSeg, ECCV 2024),"
+    )
     unseen = [config.class_names[i] for i in config.unseen]
     lines = [
         "---",
@@ -21,9 +30,9 @@ def render_model_card(config: OTSegConfig, card: dict[str, Any], has_text_bank: 
         "tags: [zero-shot-segmentation, semantic-segmentation, clip, otseg, optimal-transport]",
         "---",
         "",
-        f"# OTSeg — {dataset}, {config.setting}",
+        f"# {'ZegOT' if zegot else 'OTSeg'} — {dataset}, {config.setting}",
         "",
-        "Zero-shot semantic segmentation with multi-prompt Sinkhorn attention (OTSeg, ECCV 2024),",
+        about,
         "in the [otseg](https://github.com/) format. Frozen CLIP towers: "
         + (
             f"`{config.clip_model}` / `{config.clip_pretrained}`."
@@ -40,7 +49,12 @@ def render_model_card(config: OTSegConfig, card: dict[str, Any], has_text_bank: 
         "",
         f"- Training classes ({len(config.class_names)}): {', '.join(config.class_names)}",
         f"- Unseen in training ({len(unseen)}): {', '.join(unseen) if unseen else 'none'}",
-        f"- Prompts per class: {config.num_prompts}; stored prompt embeddings: {'yes' if has_text_bank else 'no'}",
+        f"- Prompts per class: {config.num_prompts}"
+        + (
+            " learned"
+            if zegot
+            else f"; stored prompt embeddings: {'yes' if has_text_bank else 'no'}"
+        ),
         f"- Test: short side {config.resize_short}, slide crop {config.test_crop}, stride {config.test_stride}",
     ]
     metrics = card.get("metrics")

@@ -147,7 +147,8 @@ class OTSegPredictor:
         """Label map and per-class probabilities at the original image size.
 
         Args:
-            attention: ``"sinkhorn"`` (OTSeg) or ``"softmax"`` (ZegCLIP baseline).
+            attention: ``"sinkhorn"`` (OTSeg; MPOT for ZegOT) or ``"softmax"`` (ZegCLIP
+                baseline); ZegOT also takes ``"none"`` (no transport).
             lam: MPS weight in the ensemble, in [0, 1] (default: the model's, 0.5).
             use_mps: use the MPS score-map branch (λ is ignored without it).
             calibrate_seen: subtract the model's calibration from seen classes.
@@ -156,8 +157,9 @@ class OTSegPredictor:
             raise RuntimeError("call set_image() before predict()")
         if self._text is None:
             raise RuntimeError("call set_vocabulary() before predict()")
-        if attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        attentions = getattr(self.model, "attentions", ATTENTIONS)
+        if attention not in attentions:
+            raise ValueError(f"attention must be one of {attentions}, got {attention!r}")
         cfg = self.model.config
         lam = cfg.ensemble_lambda if lam is None else float(lam)
         maps = self._head_maps(attention, use_mps)
