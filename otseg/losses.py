@@ -68,7 +68,8 @@ def seg_loss(
     """Sigmoid focal loss over all K channels and dice over the present classes.
 
     logits: (B, K, S, S) raw map; targets: (B, H, W) int64, 255 = ignore (a negative for every
-    class). Returns unweighted ``focal``, ``dice`` and ``acc`` (top-1 %, ignore excluded).
+    class). Returns unweighted ``focal``, ``bce`` (normalised as focal), ``dice`` and ``acc``
+    (top-1 %, ignore excluded).
     """
     logits = logits.float()
     if logits.shape[-2:] != targets.shape[-2:]:
@@ -85,6 +86,7 @@ def seg_loss(
     p_t = prob * t + (1 - prob) * (1 - t)
     alpha_t = alpha * t + (1 - alpha) * (1 - t)
     focal = (alpha_t * ce * (1 - p_t) ** gamma).mean(-1).sum() / num_masks
+    bce = ce.mean(-1).sum() / num_masks
     present = t.sum(-1) > 0  # (B, K)
     dice = 1 - (2 * (prob * t).sum(-1) + 1) / (prob.sum(-1) + t.sum(-1) + 1)
     dice = dice[present].sum() / num_masks
@@ -94,7 +96,7 @@ def seg_loss(
         if valid.any()
         else logits.new_zeros(())
     )
-    return {"focal": focal, "dice": dice, "acc": acc.detach()}
+    return {"focal": focal, "bce": bce, "dice": dice, "acc": acc.detach()}
 
 
 def otseg_losses(
@@ -103,10 +105,13 @@ def otseg_losses(
     *,
     mask_weight: float = 100.0,
     dice_weight: float = 1.0,
+    bce_weight: float = 0.0,
     reduce_num_masks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The six logged values of the original (``decode.*`` on D↑, ``score.*`` on MPS↑) + ``loss``.
 
+    ``loss_mask`` is the focal loss; with ``bce_weight`` > 0 a ``loss_bce`` term is added per map
+    (ZegOT: BCE 1 + focal 20 + dice 1 on its decoder and MPOT maps).
     targets: (B, H, W) after :func:`remap_labels` / :func:`pseudo_label`.
     reduce_num_masks: averages the mask count over processes in distributed training.
     """
@@ -122,6 +127,8 @@ def otseg_losses(
         parts = seg_loss(logits, targets, num_masks)
         out[f"{name}.loss_mask"] = mask_weight * parts["focal"]
         out[f"{name}.loss_dice"] = dice_weight * parts["dice"]
+        if bce_weight:
+            out[f"{name}.loss_bce"] = bce_weight * parts["bce"]
         out[f"{name}.acc_seg"] = parts["acc"]
     out["loss"] = sum(v for k, v in out.items() if "loss_" in k)
     return out
