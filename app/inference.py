@@ -24,8 +24,8 @@ from otseg.preprocess import ImageError, load_image
 
 ATTENTION_LABELS = {"sinkhorn": "Sinkhorn (OTSeg: MPS + MPSA)", "softmax": "Softmax (baseline)"}
 HOW_TO_TRAINED = (
-    "To use trained OTSeg weights, start the app with `python app.py --model <hub-id or dir>` "
-    "or set `OTSEG_MODEL`."
+    "To see real OTSeg, start the app with `python app.py --model original:coco-transductive` "
+    "(the authors' weights, downloaded once) or `--model <hub-id or dir>`, or set `OTSEG_MODEL`."
 )
 
 
@@ -72,8 +72,9 @@ def load_model(
         try:
             net = OTSeg.from_pretrained(model, device=device)
             cfg = net.config
+            title = net.card.get("title") or "Trained OTSeg"  # e.g. "OTSeg (authors' weights, …)"
             status = (
-                f"**Trained OTSeg** `{model}` — trained on *{cfg.dataset}* "
+                f"**{title}** `{model}` — trained on *{cfg.dataset}* "
                 f"({len(cfg.seen)} seen of {len(cfg.class_names)} classes). Names of its seen "
                 "classes get a **seen** badge, all others **novel**."
             )

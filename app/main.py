@@ -1,7 +1,7 @@
 """Command line and environment settings → loaded model → launched demo.
 
 Settings (flag, then environment variable, then default):
-    --model      OTSEG_MODEL      trained OTSeg checkpoint: Hub repo id or local directory
+    --model      OTSEG_MODEL      trained OTSeg: Hub repo id, local directory or original:<setting>
     --clip       OTSEG_CLIP       CLIP for the training-free mode ("ViT-B-16-quickgelu")
     --clip-pretrained OTSEG_CLIP_PRETRAINED  its weights tag or file ("openai"; "" for none)
     --precision  OTSEG_PRECISION  "fp32" or "bf16" (bf16 autocast: ~2.5× faster on CPUs with AVX-512 BF16)
@@ -36,7 +36,10 @@ def _env(*names: str, default: str | None = None) -> str | None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="OTSeg zero-shot segmentation demo")
     p.add_argument(
-        "--model", default=_env("OTSEG_MODEL"), help="Hub repo id or local otseg directory"
+        "--model",
+        default=_env("OTSEG_MODEL"),
+        help="Hub repo id, local otseg directory, or original:<setting> (the authors' weights, "
+        "e.g. original:coco-transductive)",
     )
     p.add_argument("--clip", default=_env("OTSEG_CLIP", default="ViT-B-16-quickgelu"))
     p.add_argument("--clip-pretrained", default=_env("OTSEG_CLIP_PRETRAINED", default="openai"))

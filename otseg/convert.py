@@ -2,6 +2,7 @@
 
     python -m otseg.convert iter_20000.pth --text-embeddings voc12_otseg.npy \\
         --preset voc-inductive --output otseg-voc-inductive [--push-to-hub org/name]
+    python -m otseg.convert --original coco-transductive --output otseg-coco-transductive
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from .config import PRESETS, OTSegConfig, get_preset
-from .hub import CheckpointError, load_weights
+from .hub import CheckpointError, WeightsNotFoundError, load_weights
 from .model import OTSeg, build_model
 
 # Original prefix → ours (spec §12). Everything else must be dropped explicitly below.
@@ -124,14 +125,21 @@ def convert_checkpoint(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from .original import available
+
     p = argparse.ArgumentParser(
         prog="python -m otseg.convert", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("checkpoint", help="original OTSeg checkpoint (.pth)")
-    p.add_argument("--text-embeddings", required=True, help="its prompt embeddings (.npy, K×N×C)")
-    src = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("checkpoint", nargs="?", help="original OTSeg checkpoint (.pth)")
+    p.add_argument("--text-embeddings", help="its prompt embeddings (.npy, K×N×C)")
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=sorted(PRESETS), help="model preset of the checkpoint")
     src.add_argument("--config", help="an OTSegConfig as JSON (for non-standard sizes)")
+    p.add_argument(
+        "--original",
+        metavar="SETTING",
+        help="download and convert the authors' released model instead: " + ", ".join(available()),
+    )
     p.add_argument("--output", required=True, help="directory to write")
     p.add_argument(
         "--keep-clip",
@@ -141,28 +149,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to this Hub repo")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    local = {
+        "CHECKPOINT": args.checkpoint,
+        "--text-embeddings": args.text_embeddings,
+        "--preset/--config": args.preset or args.config,
+    }
+    if args.original and any(local.values()):
+        given = ", ".join(k for k, v in local.items() if v)
+        p.error(f"--original brings its own checkpoint, embeddings and preset; drop {given}")
+    missing = [k for k, v in local.items() if not v]
+    if not args.original and missing:
+        p.error(f"give {', '.join(missing)}, or --original SETTING")
+    return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def _convert_local(args: argparse.Namespace) -> tuple[OTSeg, dict]:
     if args.preset:
         config = get_preset(args.preset)
     else:
         config = OTSegConfig.from_dict(json.loads(Path(args.config).read_text()))
     if args.keep_clip:
         config = dataclasses.replace(config, clip_model=None, clip_pretrained=None)
-    try:
-        model = convert_checkpoint(args.checkpoint, config, args.text_embeddings)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model = convert_checkpoint(args.checkpoint, config, args.text_embeddings)
     card = {
         "source": {
             "checkpoint": Path(args.checkpoint).name,
             "text_embeddings": Path(args.text_embeddings).name,
         }
     }
+    return model, card
+
+
+def _convert_original(args: argparse.Namespace) -> tuple[OTSeg, dict]:
+    import tempfile
+
+    from .original import build, get_original
+
+    entry = get_original(args.original)
+    parent = Path(args.output).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".otseg-download-", dir=parent) as work:
+        return build(entry, Path(work), keep_clip=args.keep_clip)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        model, card = _convert_original(args) if args.original else _convert_local(args)
+    except (CheckpointError, WeightsNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = model.save_pretrained(args.output, card=card)
     n = sum(v.numel() for v in model.trained_state_dict().values())
     print(f"wrote {out} ({n:,} stored parameters, {len(model.text.bank)} stored class names)")

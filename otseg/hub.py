@@ -319,8 +319,13 @@ def from_pretrained(
     token: str | None = None,
     device: str | torch.device | None = None,
 ) -> OTSeg:
-    """Load a model (OTSeg or ZegOT, as config.json says) from a local directory or a Hub repo
-    id (cache first; offline-friendly)."""
+    """Load a model (OTSeg or ZegOT, as config.json says) from a local directory, a Hub repo
+    id (cache first; offline-friendly) or ``original:<setting>`` (the authors' OTSeg checkpoint,
+    downloaded and converted on first use)."""
+    if str(repo_or_dir).startswith("original:"):
+        from .original import cached
+
+        repo_or_dir = cached(str(repo_or_dir))
     kw = {"revision": revision, "cache_dir": cache_dir, "token": token}
     config, info = read_config(resolve_file(repo_or_dir, CONFIG_NAME, **kw))
     weights = resolve_file(repo_or_dir, WEIGHTS_NAME, **kw)

@@ -22,6 +22,7 @@ def render_model_card(config: OTSegConfig, card: dict[str, Any], has_text_bank: 
         else "Zero-shot semantic segmentation with multi-prompt Sinkhorn attention (OTSeg, ECCV 2024),"
     )
     unseen = [config.class_names[i] for i in config.unseen]
+    title = card.get("title") or f"{'ZegOT' if zegot else 'OTSeg'} — {dataset}, {config.setting}"
     lines = [
         "---",
         "library_name: otseg",
@@ -30,8 +31,9 @@ def render_model_card(config: OTSegConfig, card: dict[str, Any], has_text_bank: 
         "tags: [zero-shot-segmentation, semantic-segmentation, clip, otseg, optimal-transport]",
         "---",
         "",
-        f"# {'ZegOT' if zegot else 'OTSeg'} — {dataset}, {config.setting}",
+        f"# {title}",
         "",
+        *([card["description"], ""] if card.get("description") else []),
         about,
         "in the [otseg](https://github.com/) format. Frozen CLIP towers: "
         + (
@@ -65,8 +67,14 @@ def render_model_card(config: OTSegConfig, card: dict[str, Any], has_text_bank: 
             for k, v in metrics.items()
             if not isinstance(v, dict | list)
         ]
+    reported = card.get("reported")
+    if reported:
+        lines += ["", "## Reported by the authors (not measured on this copy)", ""]
+        lines += [f"Source: {reported['source']}.", ""] if reported.get("source") else []
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in reported.items() if k != "source"]
     for key, value in card.items():
-        if key != "metrics":
+        if key not in ("metrics", "title", "description", "reported"):
             lines += [
                 "",
                 f"## {key.capitalize()}",
