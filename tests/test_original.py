@@ -258,3 +258,39 @@ def test_pinned_embedding_files_fit_their_presets():
         bank = read_text_embeddings(path, m.config)
         assert len(bank) == len(m.config.class_names)
         assert np.isfinite(next(iter(bank.values())).float().numpy()).all()
+
+
+def test_app_starts_with_an_original_model(mirror, monkeypatch, capsys):
+    """``python app.py --model original:...`` in-process: downloads from the mirror, says
+    "authors' weights" in the mode line, segments through gradio_client."""
+    import gradio as gr
+    from gradio_client import handle_file
+
+    from app.main import main
+    from tests.browser import free_port
+    from tests.demo_helpers import client, write_photo
+
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)  # main() returns
+    port = free_port()
+    main(["--model", f"original:{NAME}", "--port", str(port)])
+    try:
+        assert "**OTSeg (authors' weights, tiny parity fixture)**" in capsys.readouterr().out
+        photo = write_photo(Path(os.environ["OTSEG_CACHE"]) / "photo.png")
+        c = client(f"http://127.0.0.1:{port}/")
+        *_, info, _ = c.predict(
+            handle_file(str(photo)), "class0, class3", "sinkhorn", 0.5, True, 0.5,
+            api_name="/segment",
+        )  # fmt: skip
+        assert [k["seen"] for k in info["classes"]] == [True, False]
+    finally:
+        gr.close_all()
+    assert len(mirror.requests) == 2
+
+
+def test_app_shows_a_download_failure_instead_of_a_traceback(tiny, monkeypatch):
+    from app.inference import load_model
+
+    monkeypatch.setenv("OTSEG_ORIGINAL_MIRROR", "http://127.0.0.1:9")
+    loaded = load_model(f"original:{NAME}", clip_model="local-dir:/nonexistent")
+    assert loaded.mode == "none"
+    assert f"Could not load `original:{NAME}`: cannot download" in loaded.status
