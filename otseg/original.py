@@ -14,9 +14,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .config import OTSegConfig, get_preset
 from .download import DownloadError, download, offline
@@ -202,7 +205,44 @@ def build(
     config = entry.config
     if keep_clip:
         config = dataclasses.replace(config, clip_model=None, clip_pretrained=None)
-    return convert_checkpoint(state, config, npy), card_for(entry)
+    model = convert_checkpoint(state, config, npy)
+    card = card_for(entry)
+    if config.clip_model is not None:
+        card["image_tower_check"] = check_image_tower(state, config)
+    return model, card
+
+
+TOWER_TOLERANCE = 1e-4
+
+
+def check_image_tower(state: dict[str, torch.Tensor], config: OTSegConfig) -> dict[str, Any]:
+    """Compare the checkpoint's frozen image tower with the open_clip tower the converted model
+    will load instead; warns when they differ (then ``--keep-clip`` keeps the authors' tower)."""
+    from .clip_image import PromptedViT
+    from .convert import map_keys
+    from .hub import WeightsNotFoundError, load_clip
+
+    against = f"{config.clip_model} / {config.clip_pretrained}"
+    try:
+        clip, _ = load_clip(config.clip_model, config.clip_pretrained)
+    except (WeightsNotFoundError, RuntimeError, ValueError) as e:
+        return {"against": against, "result": f"not checked ({type(e).__name__})"}
+    renamed, _ = map_keys(state)
+    tower = PromptedViT(config.vision, clip.visual).state_dict()
+    diffs = {
+        k: (renamed[f"image_encoder.{k}"].float() - v.float()).abs().max().item()
+        for k, v in tower.items()
+        if "prompt" not in k
+    }
+    worst = max(diffs, key=diffs.get)
+    if diffs[worst] > TOWER_TOLERANCE:
+        warnings.warn(
+            f"the checkpoint's frozen image tower differs from {against} by up to "
+            f"{diffs[worst]:.2g} (at {worst}); the converted model uses the open_clip tower, "
+            "convert with --keep-clip to keep the authors' one",
+            stacklevel=2,
+        )
+    return {"against": against, "max_abs_diff": diffs[worst], "at": worst}
 
 
 def card_for(entry: OriginalModel) -> dict[str, Any]:

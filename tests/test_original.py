@@ -4,6 +4,7 @@ against a local mirror server (no internet), and every failure's message."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import time
 from pathlib import Path
@@ -13,11 +14,19 @@ import pytest
 import torch
 from mirror import serve
 
-from factories import PARITY_DIR, fixture_config, parity_fixture, random_photo
+from factories import (
+    PARITY_DIR,
+    fixture_config,
+    parity_fixture,
+    random_photo,
+    save_tiny_clip,
+    tiny_model,
+)
 from otseg import convert, original, publish
 from otseg.config import get_preset
 from otseg.convert import read_text_embeddings
 from otseg.download import DownloadError
+from otseg.model import OTSeg
 from otseg.original import ORIGINALS, OriginalModel, cached, get_original
 from otseg.predictor import OTSegPredictor
 
@@ -294,3 +303,60 @@ def test_app_shows_a_download_failure_instead_of_a_traceback(tiny, monkeypatch):
     loaded = load_model(f"original:{NAME}", clip_model="local-dir:/nonexistent")
     assert loaded.mode == "none"
     assert f"Could not load `original:{NAME}`: cannot download" in loaded.status
+
+
+def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
+    for var in ("OTSEG_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    assert original.cache_root() == Path.home() / ".cache" / "huggingface" / "otseg"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert original.cache_root() == tmp_path / "xdg" / "huggingface" / "otseg"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert original.cache_root() == tmp_path / "hf" / "otseg"
+    monkeypatch.setenv("OTSEG_CACHE", str(tmp_path / "mine"))
+    assert original.cache_root() == tmp_path / "mine"
+
+
+def original_format(model) -> bytes:
+    """``model``'s image tower and decoder under the original checkpoint's key names."""
+    state = {}
+    for key, value in model.state_dict().items():
+        for old, new in convert.RENAMES:
+            if key.startswith(new):
+                state[old + key[len(new) :]] = value.clone()
+    buffer = io.BytesIO()
+    torch.save({"meta": {}, "state_dict": state}, buffer)
+    return buffer.getvalue()
+
+
+def test_image_tower_is_compared_with_open_clip(tmp_path, monkeypatch):
+    """A model whose frozen tower comes from open_clip (a tiny local CLIP here): the converted
+    copy reproduces the original, and a checkpoint whose tower differs is reported."""
+    clip = save_tiny_clip(tmp_path / "clip")
+    model = tiny_model(seed=2, clip=f"local-dir:{clip}")
+    bank = torch.nn.functional.normalize(torch.randn(5, 3, 32), dim=-1).half().numpy()
+    buffer = io.BytesIO()
+    np.save(buffer, bank)
+    entry = OriginalModel("tiny-clip", "tiny with CLIP", "clipDriveId", "e.npy", model.config)
+    monkeypatch.setitem(ORIGINALS, entry.name, entry)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    checkpoint = original_format(model)
+    with serve({"clipDriveId": checkpoint, "e.npy": buffer.getvalue()}) as m:
+        monkeypatch.setenv("OTSEG_ORIGINAL_MIRROR", m.url)
+        monkeypatch.setenv("OTSEG_CACHE", str(tmp_path / "a"))
+        loaded = OTSeg.from_pretrained("original:tiny-clip")
+        assert loaded.card["image_tower_check"]["max_abs_diff"] == 0.0
+        x = torch.randn(1, 3, 64, 64)
+        names = list(model.config.class_names)
+        bank_t = torch.from_numpy(bank)
+        with torch.no_grad():
+            want = model(x, bank_t).scores
+            got = loaded(x, loaded.embed_text(names)).scores
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+        model.image_encoder.ln_post.weight.data += 0.01
+        m.files["clipDriveId"] = original_format(model)
+        monkeypatch.setenv("OTSEG_CACHE", str(tmp_path / "b"))
+        with pytest.warns(UserWarning, match="image tower differs from local-dir:.*--keep-clip"):
+            loaded = OTSeg.from_pretrained("original:tiny-clip")
+        assert loaded.card["image_tower_check"]["at"] == "ln_post.weight"
