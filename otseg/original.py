@@ -15,6 +15,7 @@ import dataclasses
 import os
 import shutil
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,13 +196,16 @@ def build(
     from .convert import convert_checkpoint, read_checkpoint
 
     checkpoint, npy = fetch(entry, workdir, quiet=quiet)
+    if _broken_zip(checkpoint):
+        raise DownloadError(
+            f"the downloaded {entry.title} checkpoint is an incomplete zip archive (the "
+            "transfer was cut short); run the command again"
+        )
     try:
         state = read_checkpoint(checkpoint)
-    except CheckpointError:
-        raise DownloadError(
-            f"the downloaded {entry.title} checkpoint cannot be read, probably an incomplete "
-            "download or not a checkpoint at all; run the command again"
-        ) from None
+    except CheckpointError as e:
+        reason = str(e).splitlines()[0].replace(str(checkpoint), "it")
+        raise CheckpointError(f"the downloaded {entry.title} checkpoint: {reason}") from None
     config = entry.config
     if keep_clip:
         config = dataclasses.replace(config, clip_model=None, clip_pretrained=None)
@@ -210,6 +214,18 @@ def build(
     if config.clip_model is not None:
         card["image_tower_check"] = check_image_tower(state, config)
     return model, card
+
+
+def _broken_zip(path: Path) -> bool:
+    """A zip archive (PyTorch's format since 1.6) whose directory or CRCs do not check out."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"PK":
+            return False  # not a zip: left to torch.load
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is not None
+    except zipfile.BadZipFile:
+        return True
 
 
 TOWER_TOLERANCE = 1e-4

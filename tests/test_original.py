@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from otseg import convert, original, publish
 from otseg.config import get_preset
 from otseg.convert import read_text_embeddings
 from otseg.download import DownloadError
+from otseg.hub import CheckpointError
 from otseg.model import OTSeg
 from otseg.original import ORIGINALS, OriginalModel, cached, get_original
 from otseg.predictor import OTSegPredictor
@@ -112,7 +114,7 @@ def test_download_convert_cache_load_predict(fx, mirror, tmp_path, monkeypatch):
     ("target", "mode", "message"),
     [
         (DRIVE_ID, "truncate", "broke off .*run the command again"),
-        (DRIVE_ID, "truncate-unannounced", "cannot be read, probably an incomplete download"),
+        (DRIVE_ID, "truncate-unannounced", "incomplete zip archive .*run the command again"),
         (DRIVE_ID, "html", "answered with a web page instead of the tiny parity fixture"),
         ("text_embedding.npy", "truncate-unannounced", "has 544 bytes, expected 1,088"),
         ("text_embedding.npy", "html", "web page instead of the text embeddings"),
@@ -132,7 +134,7 @@ def test_bad_downloads_fail_clearly_and_leave_no_cache_entry(
     assert (cached(NAME, quiet=True) / "config.json").is_file()
 
 
-def test_wrong_embeddings_and_missing_file(mirror, tmp_path):
+def test_wrong_or_missing_files(mirror, tmp_path):
     mirror.files["text_embedding.npy"] = mirror.files["text_embedding.npy"][:-1] + b"\x00"
     with pytest.raises(DownloadError, match="sha256 .* expected"):
         cached(NAME, quiet=True)
@@ -141,6 +143,12 @@ def test_wrong_embeddings_and_missing_file(mirror, tmp_path):
         parity_fixture("tiny_voc_inductive") / "text_embedding.npy"
     ).read_bytes()
     with pytest.raises(DownloadError, match="HTTP 404"):
+        cached(NAME, quiet=True)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("notes.txt", "not a checkpoint")
+    mirror.files[DRIVE_ID] = archive.getvalue()
+    with pytest.raises(CheckpointError, match="fixture checkpoint: it is not a readable PyTorch"):
         cached(NAME, quiet=True)
     assert cache_entries(tmp_path) == []
 
