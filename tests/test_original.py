@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mirror import serve
+from http_mirror import serve
 
 from factories import (
     PARITY_DIR,
