@@ -1,4 +1,4 @@
-"""CLIP ViT image tower with deep visual prompts → pixel and global embeddings (spec §3).
+"""CLIP ViT image tower with deep visual prompts → pixel and global embeddings.
 
 The transformer blocks, patch embedding and norms are open_clip's modules (so OpenAI CLIP
 weights load directly); the forward loop is ours, because OTSeg inserts and replaces prompt
@@ -49,7 +49,7 @@ class PromptedViT(nn.Module):
             p.requires_grad_(False)  # the CLIP tower stays frozen; only the prompts train
 
         w, p = cfg.width, cfg.num_prompt_tokens
-        bound = math.sqrt(6.0 / float(3 * cfg.patch_size**2 + w))  # VPT init (spec §3)
+        bound = math.sqrt(6.0 / float(3 * cfg.patch_size**2 + w))  # VPT init
         self.prompt_embeddings = nn.Parameter(torch.empty(1, p, w).uniform_(-bound, bound))
         self.deep_prompt_embeddings = nn.Parameter(
             torch.empty(cfg.deep_prompt_layers, p, w).uniform_(-bound, bound)
@@ -71,7 +71,7 @@ class PromptedViT(nn.Module):
         pos = self.positional_embedding.to(x.dtype)
         cls_pos = pos[:1] + self.class_embedding.to(x.dtype)
         spatial = resize_positions(pos, (h, w))[1:]
-        # The class embedding is added twice: as the token and inside its position (§11 #1).
+        # As the original: the class embedding is added as the token and again in its position.
         cls = self.class_embedding.to(x.dtype).expand(b, 1, -1)
         x = torch.cat([cls, x], dim=1) + torch.cat([cls_pos, spatial], dim=0)
         x = self.ln_pre(x)
@@ -90,7 +90,7 @@ class PromptedViT(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        x = self.ln_post(self.prompt_norm(x)) @ self.proj  # prompt_norm then ln_post (§11 #2)
+        x = self.ln_post(self.prompt_norm(x)) @ self.proj  # both norms, as the original
         pixels = x[:, -h * w :].transpose(1, 2).reshape(b, -1, h, w)
         return ImageEmbedding(pixels=F.normalize(pixels, dim=1), cls=F.normalize(x[:, 0], dim=-1))
 

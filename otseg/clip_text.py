@@ -1,4 +1,4 @@
-"""Class names × prompt templates → (K, N, C) prompt embeddings (spec §2).
+"""Class names × prompt templates → (K, N, C) prompt embeddings.
 
 Two sources, used in this order for each name:
 1. a stored bank of embeddings (the original ``.npy`` files), used exactly as stored (fp16);
@@ -130,5 +130,5 @@ class PromptEmbedder:
                     self._cache.popitem(last=False)
         with self._lock:
             rows = [self.bank[n] if n in self.bank else self._cache[n] for n in names]
-        # fp16 bank rows are promoted to float32 without renormalising (spec §2).
+        # fp16 bank rows are promoted to float32 without renormalising, as the original.
         return torch.stack([r.float() for r in rows])

@@ -1,4 +1,4 @@
-"""Model configuration: small frozen dataclasses and the named presets of the paper (spec §9).
+"""Model configuration: small frozen dataclasses and the named presets of the paper.
 
 A config fully describes a model: architecture, vocabulary it was trained on, zero-shot split,
 inference constants and where the frozen CLIP weights come from. It round-trips through JSON
@@ -43,7 +43,7 @@ class HeadConfig:
     ffn_dim: int = 2048
     dropout: float = 0.1  # decoder dropouts, train only
     attn_dropout: float = 0.1  # dropout on the transport plan / softmax weights, train only
-    softmax_heads: int = 8  # heads of the ZegCLIP softmax attention variant (spec §10)
+    softmax_heads: int = 8  # heads of the ZegCLIP softmax attention variant
     sinkhorn_eps: float = 0.05
     sinkhorn_max_iter: int = 100
     sinkhorn_thresh: float = 1e-6
@@ -123,7 +123,7 @@ class OTSegConfig(SplitConfigMixin):
     resize_short: int = 512  # test-time short side (520 for Context)
     test_crop: int = 512  # slide window size
     test_stride: int = 426  # slide window stride
-    pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # ImageNet stats (spec §11 #3)
+    pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # ImageNet stats, as the original
     pixel_std: tuple[float, float, float] = IMAGENET_STD
     # Frozen CLIP towers: an open_clip model name ("ViT-B-16-quickgelu", "hf-hub:org/repo",
     # "local-dir:/path") and pretrained tag/file. None: the frozen image tower is stored with
@@ -149,7 +149,7 @@ def _benchmark(dataset: str, setting: str) -> OTSegConfig:
     )
     crop, stride = (480, 80) if context else (512, 426)
     if context and setting == "transductive":
-        crop = 420  # the Context ST checkpoint is tested with 420 crops on a 480 model (§11 #18)
+        crop = 420  # the original tests Context ST with 420 crops on a 480 model
     return OTSegConfig(
         vision=vision,
         dataset=dataset,

@@ -20,13 +20,13 @@ from .config import PRESETS, OTSegConfig, get_preset
 from .hub import CheckpointError, WeightsNotFoundError, load_weights
 from .model import OTSeg, build_model
 
-# Original prefix → ours (spec §12). Everything else must be dropped explicitly below.
+# Original prefix → ours. Everything else must be dropped explicitly below.
 RENAMES = (
     ("backbone.", "image_encoder."),
     ("decode_head.decoder_1.layers.", "decoder.layers."),
     ("decode_head.q_proj.", "decoder.q_proj."),
 )
-# Never used by the original at inference (§11 #10, #12) or an unused loss buffer.
+# Never used by the original at inference or an unused loss buffer.
 DROPPED = ("text_encoder.", ".self_attn.", ".norm1.", "decode_head.loss_decode.")
 
 
@@ -85,7 +85,7 @@ def read_text_embeddings(path: str | Path, config: OTSegConfig) -> dict[str, tor
             hint = (
                 f" — it has {arr.shape[0]} classes; the model has {want[0]} "
                 "(the original VOC transductive/fully configs name context_otseg.npy by mistake, "
-                "spec §11 #14: use voc12_otseg.npy)"
+                "use voc12_otseg.npy)"
             )
         raise CheckpointError(
             f"text embeddings {path} have shape {arr.shape}, expected {want}{hint}"

@@ -1,4 +1,4 @@
-"""Relationship descriptor and the query decoder (spec §4.1, §4.3)."""
+"""Relationship descriptor and the query decoder."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def combine_masks(masks: list[torch.Tensor], mode: str = "sigmoid_geomean") -> t
     """Layer masks (each (B, K, ...)) → decoder map.
 
     ``sigmoid_geomean`` (OTSeg): last raw mask × Π_{l<L} σ(mask_l)^{1/(L−1)}, multiplied in
-    layer order (§11 #6); ``last`` (ZegCLIP): the last mask alone.
+    layer order, as the original; ``last`` (ZegCLIP): the last mask alone.
     """
     if mode == "last" or len(masks) == 1:
         return masks[-1]

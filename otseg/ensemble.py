@@ -1,4 +1,4 @@
-"""λ-fusion of the decoder and MPS maps and the seen-class calibration (spec §4.4)."""
+"""λ-fusion of the decoder and MPS maps and the seen-class calibration."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def calibrate(
         seen: (K,) bool, True for classes the model was supervised on; None = no calibration.
         inplace: overwrite ``logits`` (inference only: saves two full-size copies).
     Returns:
-        (B, K, H, W) calibrated sigmoid scores (not probabilities; §11 #7).
+        (B, K, H, W) calibrated sigmoid scores, not probabilities: the original merges slide
+        windows on these values (docs/original-behaviour.md).
     """
     out = logits.sigmoid_() if inplace else torch.sigmoid(logits)
     if seen is None or weight == 0.0:

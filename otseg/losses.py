@@ -1,4 +1,4 @@
-"""Training targets and losses: label remapping, transductive pseudo-labels, focal + dice (§6)."""
+"""Training targets and losses: label remapping, transductive pseudo-labels, focal + dice."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def remap_labels(labels: torch.Tensor, config: OTSegConfig) -> torch.Tensor:
 def pseudo_label(targets: torch.Tensor, output: OTSegOutput, config: OTSegConfig) -> torch.Tensor:
     """Fill unseen pixels (−1) with the best unseen class of σ(λ·MPS↑ + (1 − λ)·D↑); others → 255.
 
-    The ground truth tells *where* unseen objects are, not which ones (§11 #24).
+    The ground truth tells *where* unseen objects are, not which ones, as the original.
     targets: (B, H, W) from :func:`remap_labels`; output maps (B, K, S, S) with S = H = W.
     """
     if config.setting == "transductive":

@@ -1,4 +1,4 @@
-"""Confusion-matrix segmentation metrics (mmseg ``eval_metrics`` semantics, spec §4.5).
+"""Confusion-matrix segmentation metrics (mmseg ``eval_metrics`` semantics).
 
 The state is one int64 (K, K) tensor, rows = ground truth, columns = prediction. It is a plain
 tensor so that distributed callers sum it across processes (``all_reduce`` / ``reduce``) before

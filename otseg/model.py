@@ -82,7 +82,7 @@ class OTSeg(nn.Module):
 
     @property
     def training_text(self) -> torch.Tensor:
-        """(K', N, C) embeddings of the classes supervised in training (spec §2)."""
+        """(K', N, C) embeddings of the classes supervised in training."""
         names = [self.config.class_names[i] for i in self.config.training_class_ids]
         return self.embed_text(names)
 
@@ -159,7 +159,7 @@ class OTSeg(nn.Module):
         )
         scores = output
         if not isinstance(images, ImageEmbedding) and output.shape[-2:] != images.shape[-2:]:
-            # e.g. 420 crops on a 480 model (§11 #18)
+            # e.g. 420 crops on a 480 model (docs/original-behaviour.md)
             scores = F.interpolate(
                 output, size=images.shape[-2:], mode="bilinear", align_corners=False
             )

@@ -1,4 +1,4 @@
-"""Multi-Prompt Sinkhorn (MPS) score maps: prompts compete for pixels (spec §4.2)."""
+"""Multi-Prompt Sinkhorn (MPS) score maps: prompts compete for pixels."""
 
 from __future__ import annotations
 

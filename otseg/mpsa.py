@@ -1,5 +1,5 @@
 """Cross-attention from class-prompt queries to pixels: Multi-Prompt Sinkhorn Attention (MPSA)
-or the softmax attention of the ZegCLIP baseline, on one set of weights (spec §4.3, §10)."""
+or the softmax attention of the ZegCLIP baseline, on one set of weights."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class PromptPixelAttention(nn.Module):
         )
         m, n = sim.shape[-2:]
         mask = (m * n * sim * plan).sum(-1)
-        # The plan is not rescaled: each query's weights over pixels sum to 1/N (§11 #5).
+        # The plan is not rescaled: each query's weights over pixels sum to 1/N, as the original.
         out = torch.einsum("bkmn,bmc->bknc", self.attn_drop(plan).to(v.dtype), v)
         return self.proj(out), mask, Transport(similarity=sim, plan=plan)
 

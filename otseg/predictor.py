@@ -190,7 +190,7 @@ class OTSegPredictor:
         key = (attention, use_mps)
         if key not in self._maps:
             with self._autocast():
-                # One window per call: the Sinkhorn stopping rule is global over a call (§11 #4).
+                # One window per call: the Sinkhorn stopping rule is global over a call.
                 self._maps[key] = [
                     self.model.decode(emb, self._text, attention=attention, use_mps=use_mps)
                     for emb in self._embeddings

@@ -130,7 +130,7 @@ def to_model_input(
 ) -> torch.Tensor:
     """(H, W, 3) uint8 → (1, 3, H', W') float32 normalised, short side ``short_side``.
 
-    Bilinear without antialiasing and rounded to 8 bits, like the original cv2 pipeline (§4.5).
+    Bilinear without antialiasing and rounded to 8 bits, like the original cv2 pipeline.
     """
     x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
     size = resized_size(*rgb.shape[:2], short_side)

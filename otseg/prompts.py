@@ -1,4 +1,4 @@
-"""Hand-crafted prompt templates: prompt n of a class is template n (spec §2)."""
+"""Hand-crafted prompt templates: prompt n of a class is template n."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Entropic optimal transport between pixels and prompts (spec §5).
+"""Entropic optimal transport between pixels and prompts.
 
 The original runs log-domain Sinkhorn. Here the same iteration runs as matrix–vector products
 on the kernel exp(−C/ε) (scaled per problem so its largest entry is 1) whenever that kernel is
@@ -31,7 +31,7 @@ def sinkhorn(
         eps: entropic regularisation ε.
         max_iter: maximum number of (u, v) update pairs.
         tol: stop once the mean of |u − u_prev| over *all* batch entries is below ``tol``: the
-            original rule, which reads the error on the host every iteration (§11 #4).
+            original rule, which reads the error on the host every iteration.
             ``None`` runs exactly ``max_iter`` iterations with no host synchronisation.
         return_iterations: also return the number of iterations run.
 

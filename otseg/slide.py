@@ -1,4 +1,4 @@
-"""Slide-window inference (mmseg ``slide_inference``, spec §4.5)."""
+"""Slide-window inference (mmseg ``slide_inference``)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ def slide_inference(
     out_size: tuple[int, int],
 ) -> torch.Tensor:
     """One ``run`` per window (crop (1, 3, c, c) → scores (1, K, c, c)), as the original: the
-    Sinkhorn stopping rule is global over a call, so windows are not batched (§11 #4).
+    Sinkhorn stopping rule is global over a call, so windows are not batched (see
+    "Sinkhorn stopping rule" in docs/original-behaviour.md).
 
     image: (1, 3, H, W) normalised at the test scale. Returns (1, K, *out_size) probabilities.
     """

@@ -1,4 +1,4 @@
-"""Optimizer groups, the poly + warmup schedule (spec §7), batch bookkeeping and recipes."""
+"""Optimizer groups, the poly + warmup schedule, batch bookkeeping and recipes."""
 
 from __future__ import annotations
 

@@ -150,7 +150,7 @@ class EpochSampler(Sampler[int]):
 
 
 def build_train_loader(recipe: Recipe, config: OTSegConfig) -> DataLoader:
-    """Augmented training crops (spec §7), ``per_device_batch`` per step, the last partial
+    """Augmented training crops, ``per_device_batch`` per step, the last partial
     batch dropped. The loader's own generator keeps iterator creation off the global RNG."""
     transform = TrainTransform.for_config(
         config, recipe.img_scale, ratio_range=recipe.ratio_range, cat_max_ratio=recipe.cat_max_ratio

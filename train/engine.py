@@ -1,4 +1,4 @@
-"""The training step and loop (spec §6): remap labels, pseudo-label (transductive), focal + dice
+"""The training step and loop: remap labels, pseudo-label (transductive), focal + dice
 on both maps, AdamW + poly schedule, gradient accumulation up to the global batch."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def train_step(
         accelerator.backward(losses["loss"])
         optimizer.step()  # a no-op inside an accumulation window (Accelerate)
         if accelerator.sync_gradients:
-            scheduler.step()  # per iteration, whatever the number of processes (spec §7)
+            scheduler.step()  # per iteration, whatever the number of processes
         optimizer.zero_grad(set_to_none=True)
     return {k: v.detach() for k, v in losses.items()}
 

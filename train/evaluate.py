@@ -1,11 +1,11 @@
-"""Slide-window evaluation (spec §4.5) with a confusion matrix gathered across processes.
+"""Slide-window evaluation with a confusion matrix gathered across processes.
 
     python -m train.evaluate --model runs/voc-inductive/model --dataset voc --data-root DIR
     python -m train.evaluate --model org/otseg-coco-fully --dataset context --data-root DIR
 
 A model is evaluated on its own vocabulary (mIoU over seen and unseen classes, hIoU) when the
 dataset is the one it was trained on, and on the target dataset's class names otherwise
-(cross-dataset: all classes count as seen, spec §8; the text comes from the model's text tower).
+(cross-dataset: all classes count as seen; the text comes from the model's text tower).
 Multi-process: ``accelerate launch -m train.evaluate ...`` shards the images.
 """
 

@@ -1,8 +1,9 @@
-"""AdamW over the trainable parameters and the per-iteration poly schedule with warmup (spec §7).
+"""AdamW over the trainable parameters and the per-iteration poly schedule with warmup.
 
 The original param-wise rules (backbone ×10, head ×10, norm/ln decay ×0) collapse, under mmcv's
 first-match rule, to one group: every trainable parameter gets lr 2e-4 and weight decay 0.01,
-LayerNorms included (spec §11 #20). Frozen parameters are left out of the optimizer.
+LayerNorms included (docs/original-behaviour.md). Frozen parameters are left out of the
+optimizer.
 """
 
 from __future__ import annotations

@@ -35,14 +35,14 @@ class Recipe:
     data_root: str  # dataset root in the layout that reader documents
     train_split: str  # "trainaug" (VOC), "train" (Context), "train2017" (COCO)
     val_split: str
-    iterations: int  # optimizer steps (spec §7)
-    crop_size: int  # training crop; must equal the model's S (spec §6.6)
+    iterations: int  # optimizer steps
+    crop_size: int  # training crop; must equal the model's S (the head outputs S)
     img_scale: tuple[int, int]  # Resize scale before the 0.5–2.0 ratio: (2048, 512) | (520, 520)
     checkpoint_interval: int  # save every this many steps (10k; 1k for the 10k schedule)
     global_batch: int = 16  # per_device_batch × processes × grad-accum steps
     per_device_batch: int = 4
-    lr: float = 2e-4  # effective lr of every trainable parameter (spec §7)
-    weight_decay: float = 0.01  # on all trainable parameters, norms included (§11 #20)
+    lr: float = 2e-4  # effective lr of every trainable parameter, as the original
+    weight_decay: float = 0.01  # on all trainable parameters, norms included, as the original
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_iters: int = 1500  # linear warmup from lr·warmup_ratio

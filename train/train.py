@@ -118,7 +118,7 @@ def build_accelerator(recipe: Recipe, args: argparse.Namespace, run_dir: Path) -
         project_config=ProjectConfiguration(
             project_dir=str(run_dir), logging_dir=str(run_dir / "logs")
         ),
-        step_scheduler_with_optimizer=False,  # one schedule step per iteration (spec §7)
+        step_scheduler_with_optimizer=False,  # one schedule step per iteration
     )
 
 

@@ -1,4 +1,4 @@
-"""Train and test pipelines of the original configs (mmseg 0.24, spec §7) in numpy and torch.
+"""Train and test pipelines of the original configs (mmseg 0.24) in numpy and torch.
 
 Train: Resize(img_scale, ratio 0.5–2.0, keep ratio) → RandomCrop(S, cat_max_ratio 0.75) →
 RandomFlip(0.5) → PhotoMetricDistortion → Normalize (ImageNet) → Pad to S (image 0, label 255).

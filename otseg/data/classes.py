@@ -1,7 +1,7 @@
 """Class names and seen/unseen splits of the three benchmarks, exactly as the original configs.
 
 Index order is the dataset's ``CLASSES`` order; ``UNSEEN`` lists the ``novel_class`` ids in the
-order the original configs write them (spec §8).
+order the original configs write them.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Every dataset yields, before augmentation, a dict::
      "path": str (the image file)}
 
 ``reduce_zero_label`` (VOC, Context) is applied on reading: 0 → 255, k → k − 1, 255 stays 255
-(spec §7). A ``transform(sample, rng)`` hook receives that dict and a ``numpy.random.Generator``
+A ``transform(sample, rng)`` hook receives that dict and a ``numpy.random.Generator``
 seeded from ``(seed, epoch, index)``, so augmentation does not depend on worker count or order
 and a resumed run repeats it exactly (call ``set_epoch`` per pass over the data).
 
