@@ -1,15 +1,17 @@
-"""Model loading (once per process) and the event handlers of the demo.
+"""Model loading (once per process), input validation and the event handlers of the demo.
 
-The model is shared, read-only, by every user. Everything of one user — the image, its
-embeddings, the vocabulary, the last label map — lives in a :class:`Session` kept in that
-user's ``gr.State``. The predictor caches the image embedding, the text embeddings and the
-head's maps, so a λ change only re-fuses, an attention switch only re-runs the head, and an
-opacity change only re-draws.
+The model is loaded once, registered with :mod:`app.gpu` and shared read-only by every user.
+Everything of one user — the image, its embeddings, the vocabulary, the head's maps, the last
+label map — lives in a :class:`Session` kept in that user's ``gr.State``: CPU tensors and
+arrays only, so it pickles. A λ change only re-fuses the cached maps, an attention switch only
+re-runs the head, an opacity change only re-draws.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -18,15 +20,20 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from app import overlay, render, vocab
+from app import gpu, overlay, render, vocab
 from otseg.predictor import OTSegPredictor
 from otseg.preprocess import ImageError, load_image
 
 ATTENTION_LABELS = {"sinkhorn": "Sinkhorn (OTSeg: MPS + MPSA)", "softmax": "Softmax (baseline)"}
 HOW_TO_TRAINED = (
     "To see real OTSeg, start the app with `python app.py --model original:coco-transductive` "
-    "(the authors' weights, downloaded once) or `--model <hub-id or dir>`, or set `OTSEG_MODEL`."
+    "(the authors' weights, downloaded once) or `--model HUB_ID_OR_DIR`, or set `OTSEG_MODEL`."
 )
+NEED_RESULT = "Upload an image and press Segment first."
+
+
+class UserError(ValueError):
+    """Bad input from the user: shown as a toast (escaped), never logged as a crash."""
 
 
 @dataclass
@@ -38,10 +45,16 @@ class LoadedModel:
     status: str  # Markdown shown at the top of the page
     precision: str = "fp32"
     device: str = "cpu"
+    key: str | None = field(default=None, init=False)  # app.gpu registry key
+
+    def __post_init__(self) -> None:
+        if self.model is not None:
+            self.key = gpu.register(self.model, self.precision)
 
     @property
-    def train_names(self) -> tuple[str, ...]:
-        return self.model.config.class_names if self.model is not None else ()
+    def message(self) -> str:
+        """``status`` as plain text, for API clients and the server log."""
+        return re.sub(r"[*`]|⚠️ ?", "", self.status).replace("\n\n", " ").strip()
 
     def mark_seen(self, names: list[str]) -> list[bool] | None:
         """Seen flags for a trained model; None (no badges) when there is no training split."""
@@ -61,16 +74,17 @@ def load_model(
 ) -> LoadedModel:
     """A trained OTSeg from ``model`` (Hub id or directory); else training-free CLIP; else none.
 
-    Never raises for missing or wrong weights: the reason goes into ``status``.
+    Never raises for missing or wrong weights: the reason goes into ``status``. ``device`` must
+    already be usable (see ``app.main.check_device``).
     """
     from otseg.hub import CheckpointError, WeightsNotFoundError
     from otseg.model import OTSeg
     from otseg.training_free import build_training_free
 
-    problem = ""
+    problem = failed = ""
     if model:
         try:
-            net = OTSeg.from_pretrained(model, device=device)
+            net = OTSeg.from_pretrained(model)
             cfg = net.config
             title = net.card.get("title") or "Trained OTSeg"  # e.g. "OTSeg (authors' weights, …)"
             status = (
@@ -78,14 +92,15 @@ def load_model(
                 f"({len(cfg.seen)} seen of {len(cfg.class_names)} classes). Names of its seen "
                 "classes get a **seen** badge, all others **novel**."
             )
-            return LoadedModel(net, "trained", status, precision, device)
+            return LoadedModel(net.to(device), "trained", status, precision, device)
         except (WeightsNotFoundError, CheckpointError, ValueError) as e:
-            problem = f"⚠️ Could not load `{model}`: {e}\n\n"
+            failed = f"could not load `{model}` ({_first_line(e)}), and "
+            problem = f"⚠️ Could not load `{model}`: {_first_line(e)}\n\n"
     try:
-        net = build_training_free(clip_model, clip_pretrained).to(device)
+        net = build_training_free(clip_model, clip_pretrained)
     except (WeightsNotFoundError, CheckpointError, ValueError, RuntimeError) as e:
         status = (
-            f"{problem}**No model loaded** — the CLIP weights `{clip_model}` / "
+            f"**No model loaded** — {failed}the CLIP weights `{clip_model}` / "
             f"`{clip_pretrained}` are not available ({_first_line(e)}). Run once with internet "
             "access so they are cached, or point `--clip`/`OTSEG_CLIP` at a local open_clip "
             f"directory (`local-dir:/path`). {HOW_TO_TRAINED}"
@@ -97,34 +112,100 @@ def load_model(
         f"{net.config.num_prompts} prompts per class with MPS; masks are coarse and every name "
         f"is novel. {HOW_TO_TRAINED}"
     )
-    return LoadedModel(net, "training-free", status, precision, device)
+    return LoadedModel(net.to(device), "training-free", status, precision, device)
 
 
 def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
+# -- validation (before any encoding) ---------------------------------------------------------
+def _shown(value) -> str:
+    """A user value inside a message: its text, never a Python object repr."""
+    if isinstance(value, str | int | float | bool) or value is None:
+        return f"“{str(value)[:40]}”"
+    return f"a {type(value).__name__}"
+
+
+def _fraction(label: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not 0.0 <= number <= 1.0:
+        raise UserError(f"{label} must be a number from 0 to 1; got {_shown(value)}.")
+    return number
+
+
+def check_knobs(attention, lam, use_mps) -> dict:
+    """The prediction settings, validated: ``{"attention", "lam", "use_mps"}``."""
+    if attention not in ATTENTION_LABELS:
+        raise UserError(
+            f"Attention must be one of {', '.join(ATTENTION_LABELS)}; got {_shown(attention)}."
+        )
+    if not isinstance(use_mps, bool):
+        raise UserError(f"use_mps must be true or false; got {_shown(use_mps)}.")
+    return {"attention": attention, "lam": _fraction("λ", lam), "use_mps": use_mps}
+
+
+def check_opacity(opacity) -> float:
+    return _fraction("Opacity", opacity)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded image file: where the server keeps it and the name the user gave it."""
+
+    path: str
+    name: str
+
+    @classmethod
+    def from_value(cls, value) -> Upload | None:
+        """From a ``gr.Image`` upload record (``preprocess=False``) or a plain path."""
+        if isinstance(value, dict):
+            path = value.get("path")
+            name = value.get("orig_name") or Path(str(path)).name
+        else:
+            path = value
+            name = Path(str(value)).name if value else ""
+        if not path:
+            return None
+        if not isinstance(path, str):
+            raise UserError(f"The image must be an uploaded file; got {_shown(path)}.")
+        return cls(path, str(name))
+
+
+# -- one user's state -------------------------------------------------------------------------
 @dataclass
 class Session:
-    """One user's state: their predictor (around the shared model) and last result."""
+    """One user's state: their predictor (around :class:`app.gpu.RemoteModel`) and results."""
 
     predictor: OTSegPredictor
-    lock: threading.Lock = field(default_factory=threading.Lock)
     image_key: str | None = None  # sha1 of the uploaded file
+    image_path: str | None = None  # where the server keeps it (same path → same file)
+    image_name: str = "image"  # file stem the user uploaded, for download names
     image: np.ndarray | None = None  # (H, W, 3) uint8 as segmented and shown
     note: str = ""  # e.g. "the image was downscaled"
     names: list[str] = field(default_factory=list)
     seen: list[bool] | None = None
     labels: np.ndarray | None = None  # (H, W) int32 of the last prediction
     knobs: dict = field(default_factory=dict)  # attention, lam, use_mps of the last prediction
+    version: int = 0  # +1 per Segment: views computed for an older version are out of date
+    compared: tuple | None = None  # (version, λ, use_mps, opacity) the comparison was drawn for
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["lock"]  # the only unpicklable member; a fresh one is made on unpickling
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, lock=threading.Lock())
 
     @property
     def colors(self) -> np.ndarray:
         return overlay.palette(len(self.names))
-
-
-class UserError(ValueError):
-    """Bad input from the user; the UI shows the message as is."""
 
 
 class Handlers:
@@ -139,59 +220,85 @@ class Handlers:
 
     def new_session(self) -> Session:
         if self.loaded.model is None:
-            raise UserError(self.loaded.status)
-        return Session(OTSegPredictor(self.loaded.model, precision=self.loaded.precision))
+            raise UserError(self.loaded.message)
+        # Hook for an inference-mode setting (e.g. a whole-image "fast" mode of the predictor):
+        # pass it to OTSegPredictor here.
+        return Session(OTSegPredictor(gpu.RemoteModel(self.loaded.key)))
 
     # -- the expensive step: image and vocabulary --------------------------------------------
     def segment(
         self,
         session: Session | None,
-        image_path: str | None,
+        image: Upload | str | None,
         text: str,
         knobs: dict,
         progress=None,
     ) -> Session:
         """Encode the image (if new) and the vocabulary (if new), then predict with ``knobs``."""
         step = progress or (lambda *a, **k: None)
-        if not image_path:
+        knobs = check_knobs(knobs["attention"], knobs["lam"], knobs["use_mps"])
+        upload = image if isinstance(image, Upload) else Upload.from_value(image)
+        if upload is None:
             raise UserError("Upload an image (or pick an example) first.")
-        names = vocab.parse_vocabulary(text)
+        names = parse_names(text)
         session = session or self.new_session()
-        data = _read(image_path)
+        data = _read(upload.path)
         key = hashlib.sha1(data).hexdigest()
         with session.lock:
             pred = session.predictor
             if key != session.image_key:
                 step(0.05, desc="Reading the image")
                 try:
-                    rgb, note = render.fit_image(load_image(data))
+                    rgb, note = render.fit_image(load_image(data), render.stored_size(data))
                 except ImageError as e:
                     raise UserError(f"Cannot use this file: {_explain(e)}") from None
                 step(0.15, desc="Encoding the image")
                 pred.set_image(rgb)
                 session.image_key, session.image, session.note = key, rgb, note
+                session.labels = None
+            session.image_path, session.image_name = upload.path, Path(upload.name).stem
             if names != session.names:
-                model = self.loaded.model
-                for i in range(0, len(names), 16):  # warm the text cache in steps, for progress
+                for i in range(0, len(names), 16):  # the text tower in steps, for progress
                     step(0.4 + 0.4 * i / len(names), desc=f"Encoding {len(names)} class names")
-                    model.embed_text(names[i : i + 16])
+                    try:
+                        pred.model.embed_text(names[i : i + 16])
+                    except ValueError as e:  # e.g. a name too long for CLIP's text context
+                        raise UserError(_first_line(e)) from None
                 seen = self.loaded.mark_seen(names)
                 pred.set_vocabulary(names, seen=seen or [False] * len(names))
                 session.names, session.seen = names, seen
             step(0.9, desc="Segmenting")
             self._predict(session, knobs)
+            session.version += 1
         return session
 
     def _predict(self, session: Session, knobs: dict) -> None:
-        result = session.predictor.predict(
-            attention=knobs["attention"], lam=knobs["lam"], use_mps=knobs["use_mps"]
-        )
+        result = session.predictor.predict(**knobs)
         session.labels = result.labels
-        session.knobs = {k: knobs[k] for k in ("attention", "lam", "use_mps")}
+        session.knobs = dict(knobs)
+
+    def is_current(self, session: Session | None, image, text: str) -> bool:
+        """Whether ``session``'s result was computed for this image and these class names."""
+        if session is None or session.labels is None:
+            return False
+        upload = Upload.from_value(image)
+        if upload is None:
+            return False
+        if upload.path != session.image_path:
+            try:
+                if hashlib.sha1(Path(upload.path).read_bytes()).hexdigest() != session.image_key:
+                    return False
+            except OSError:
+                return False
+        try:
+            return parse_names(text) == session.names
+        except UserError:
+            return False
 
     # -- cheap steps -------------------------------------------------------------------------
     def rerender(self, session: Session | None, knobs: dict) -> Session:
         """New λ / attention / MPS switch on the cached embeddings (no encoder runs)."""
+        knobs = check_knobs(knobs["attention"], knobs["lam"], knobs["use_mps"])
         session = _require_result(session)
         with session.lock:
             self._predict(session, knobs)
@@ -199,28 +306,29 @@ class Handlers:
 
     def outputs(self, session: Session, opacity: float) -> dict:
         """What the overlay tab shows for the session's last prediction (drawing only)."""
+        opacity = check_opacity(opacity)
         session = _require_result(session)
         colors = session.colors
         facts = {"mode": self.loaded.mode, **session.knobs, "note": session.note}
         info = render.summary(session.names, session.labels, colors, session.seen, **facts)
+        stem = f"{session.image_name}-otseg-{len(session.names)}-classes"
         return {
-            "annotated": render.annotated_value(
-                session.image, session.labels, session.names, opacity
-            ),
-            "color_map": overlay.color_map(session.names, colors),
+            "overlay": overlay.overlay(session.image, session.labels, colors, opacity),
             "legend": overlay.legend_html(
                 overlay.legend_rows(session.names, colors, session.labels, session.seen)
             ),
             "summary": info,
-            "files": render.write_downloads(self.download_dir, session.labels, colors, info),
+            "files": render.write_downloads(self.download_dir, session.labels, colors, info, stem),
         }
 
-    def compare(self, session: Session | None, lam: float, use_mps: bool, opacity: float) -> dict:
+    def compare(self, session: Session | None, knobs: dict, opacity: float) -> dict:
         """Sinkhorn and softmax overlays of the same image and vocabulary."""
+        knobs = check_knobs("sinkhorn", knobs["lam"], knobs["use_mps"])
+        opacity = check_opacity(opacity)
         session = _require_result(session)
         with session.lock:
             labels = {
-                att: session.predictor.predict(attention=att, lam=lam, use_mps=use_mps).labels
+                att: session.predictor.predict(**{**knobs, "attention": att}).labels
                 for att in ("sinkhorn", "softmax")
             }
         colors = session.colors
@@ -228,20 +336,22 @@ class Handlers:
             att: overlay.overlay(session.image, lab, colors, opacity) for att, lab in labels.items()
         }
         changed = render.changed_share(labels["sinkhorn"], labels["softmax"])
+        session.compared = (session.version, knobs["lam"], knobs["use_mps"], opacity)
         return {"images": (drawn["sinkhorn"], drawn["softmax"]), "changed": changed}
 
-    def prompt_maps(self, session: Session | None, class_name: str, lam: float) -> dict:
-        """Per-prompt MPS maps of one class under Sinkhorn and under softmax."""
+    def prompt_maps(self, session: Session | None, class_name) -> dict:
+        """Per-prompt MPS maps of one class under Sinkhorn and under softmax (λ-independent)."""
         session = _require_result(session)
         if class_name not in session.names:
+            shown = ", ".join(session.names[:8]) + ("…" if len(session.names) > 8 else "")
             raise UserError(
-                f"Choose one of the segmented classes ({', '.join(session.names[:8])}…)."
+                f"Class must be one of the segmented classes ({shown}); got {_shown(class_name)}."
             )
         k = session.names.index(class_name)
         grids, overlap = {}, {}
         with session.lock:
             for att in ("sinkhorn", "softmax"):
-                result = session.predictor.predict(attention=att, lam=lam, use_mps=True)
+                result = session.predictor.predict(attention=att, use_mps=True)
                 grids[att] = overlay.prompt_score_grid(
                     result.prompt_maps, k, result.templates, class_name
                 )
@@ -249,9 +359,19 @@ class Handlers:
         return {"grids": grids, "overlap": overlap}
 
 
+def parse_names(text) -> list[str]:
+    if not isinstance(text, str):
+        raise UserError(f"The class names must be text; got {_shown(text)}.")
+    try:
+        return vocab.parse_vocabulary(text)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def _explain(error: ImageError) -> str:
-    """The reader's message as one sentence."""
-    return str(error).rstrip(".") + "."
+    """The reader's message as one sentence, without Python object reprs."""
+    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-f]+>", " the file", str(error))
+    return text.rstrip(".") + "."
 
 
 def _read(path: str) -> bytes:
@@ -263,5 +383,5 @@ def _read(path: str) -> bytes:
 
 def _require_result(session: Session | None) -> Session:
     if session is None or session.labels is None:
-        raise UserError("Upload an image and press Segment first.")
+        raise UserError(NEED_RESULT)
     return session

@@ -9,10 +9,13 @@ Label maps are ``(H, W)`` integer arrays of ids into the class list; a negative 
 from __future__ import annotations
 
 import colorsys
+import functools
 import html
 import io
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -210,6 +213,37 @@ def colormap(
     return np.rint(rgb).astype(np.uint8)
 
 
+# Caption fonts, first found wins: CJK-covering fonts first (Debian fonts-wqy-microhei is in
+# packages.txt for the Space and installed by .ci/run), then Latin/Greek/Cyrillic DejaVu.
+FONT_FILES = (
+    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+)
+
+
+@functools.cache
+def caption_font(size: int = 18) -> ImageFont.FreeTypeFont:
+    """The first installed font of ``OTSEG_FONT`` / :data:`FONT_FILES`, else Pillow's own."""
+    for path in (os.environ.get("OTSEG_FONT", ""), *FONT_FILES):
+        if path and Path(path).is_file():
+            return ImageFont.truetype(path, size)
+    return ImageFont.load_default(size=size)
+
+
+def can_draw(font: ImageFont.FreeTypeFont, text: str) -> bool:
+    """Whether ``font`` has a glyph for every character (missing ones draw as a box)."""
+    missing = _glyph(font, "\U000f0000")  # a private-use code point: no font has it
+    return all(ch.isspace() or _glyph(font, ch) != missing for ch in set(text))
+
+
+def _glyph(font: ImageFont.FreeTypeFont, ch: str) -> bytes:
+    image = Image.new("L", (2 * font.size, 2 * font.size))
+    ImageDraw.Draw(image).text((0, 0), ch, font=font, fill=255)
+    return image.tobytes()
+
+
 def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> str:
     """Truncate ``text`` with an ellipsis until it fits ``width`` pixels."""
     if draw.textlength(text, font=font) <= width:
@@ -219,18 +253,29 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width:
     return text + "…"
 
 
+def _columns(num_prompts: int, most: int) -> int:
+    """Tiles per row: a divisor of N up to ``most`` (full rows), else ``most``."""
+    for cols in range(min(most, num_prompts), 1, -1):
+        if num_prompts % cols == 0 and cols >= min(3, num_prompts):
+            return cols
+    return max(1, min(most, num_prompts))
+
+
 def prompt_score_grid(
     scores: np.ndarray,
     class_id: int,
     templates: Sequence[str],
     class_name: str = "",
-    tile: int = 160,
+    tile: int = 240,
     columns: int = 4,
 ) -> Image.Image:
-    """One colour-mapped tile per prompt for one class, titled by the filled template.
+    """One colour-mapped tile per prompt for one class, captioned by the filled template, and a
+    colour scale with the value range underneath.
 
     All N tiles share one colour scale (the class's min and max over prompts), so tiles can be
-    compared with each other.
+    compared with each other. Rows are full where a divisor of N allows; otherwise the last row
+    is centred. Captions use :func:`caption_font`; a class name that font cannot draw is left
+    out of the captions rather than drawn as boxes.
 
     Args:
         scores: ``(K, N, h, w)`` float score maps (any resolution; tiles are resized bilinearly).
@@ -238,10 +283,11 @@ def prompt_score_grid(
         templates: N prompt templates with a ``{}`` for the class name.
         class_name: fills the templates' ``{}``.
         tile: tile width in pixels; the height follows the maps' aspect ratio.
-        columns: tiles per row (fewer if N is smaller).
+        columns: at most this many tiles per row.
 
     Returns:
-        RGB image of ``ceil(N / columns)`` rows of tiles, each with an 18-pixel title strip.
+        RGB image: ``ceil(N / cols)`` rows of tiles, each with a caption strip below, then the
+        colour scale.
     """
     scores = np.asarray(scores)
     if scores.ndim != 4:
@@ -253,36 +299,40 @@ def prompt_score_grid(
         raise ValueError(f"class_id {class_id} out of range for {scores.shape[0]} classes")
     maps = scores[class_id].astype(np.float32)
     lo, hi = float(np.nanmin(maps)), float(np.nanmax(maps))
-    font = ImageFont.load_default(size=12)
-    title_h = 18
+    font = caption_font(max(12, tile // 13))
+    name = class_name if can_draw(font, class_name) else "(class)"
+    pad, caption_h = 4, font.size + 10
     tile_h = max(1, round(tile * maps.shape[1] / maps.shape[2]))  # keep the map's aspect
-    cols = max(1, min(columns, num_prompts))
+    cols = _columns(num_prompts, columns)
     rows = -(-num_prompts // cols)
-    grid = Image.new("RGB", (cols * tile, rows * (tile_h + title_h)), (255, 255, 255))
+    row_h = tile_h + caption_h
+    scale_h = 2 * font.size + 16
+    width = cols * (tile + pad) + pad
+    grid = Image.new("RGB", (width, rows * row_h + scale_h + pad), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for n, template in enumerate(templates):
-        x, y = (n % cols) * tile, (n // cols) * (tile_h + title_h)
+        row, col = divmod(n, cols)
+        in_row = min(cols, num_prompts - row * cols)
+        x = pad + col * (tile + pad) + (cols - in_row) * (tile + pad) // 2  # centre a short row
+        y = pad + row * row_h
         resized = np.asarray(Image.fromarray(maps[n]).resize((tile, tile_h)))
-        grid.paste(Image.fromarray(colormap(resized, lo, hi)), (x, y + title_h))
-        title = template.replace("{}", class_name) if class_name else template
-        draw.text((x + 3, y + 2), _fit(draw, title, font, tile - 6), fill=(0, 0, 0), font=font)
+        grid.paste(Image.fromarray(colormap(resized, lo, hi)), (x, y))
+        title = template.replace("{}", name) if "{}" in template else template
+        draw.text((x + 2, y + tile_h + 4), _fit(draw, title, font, tile - 4), fill=(0, 0, 0),
+                  font=font)  # fmt: skip
+    _colour_scale(draw, grid, font, lo, hi, top=pad + rows * row_h + 4)
     return grid
 
 
-def annotations(
-    image: np.ndarray, labels: np.ndarray, names: Sequence[str]
-) -> tuple[np.ndarray, list[tuple[np.ndarray, str]]]:
-    """The value of a ``gr.AnnotatedImage``: the image and one mask per present class.
-
-    Returns:
-        ``(image, [(mask, name), ...])`` with ``mask`` an ``(H, W)`` float32 array of 0/1, in
-        the user's class order, classes with no pixel left out.
-    """
-    _check_labels(labels, len(names))
-    present = np.unique(labels[labels >= 0])
-    return image, [((labels == k).astype(np.float32), names[k]) for k in present.tolist()]
-
-
-def color_map(names: Sequence[str], colors: np.ndarray) -> dict[str, str]:
-    """``{name: "#rrggbb"}`` for ``gr.AnnotatedImage(color_map=...)``."""
-    return {name: to_hex(colors[i]) for i, name in enumerate(names)}
+def _colour_scale(draw, grid: Image.Image, font, lo: float, hi: float, top: int) -> None:
+    """A horizontal viridis bar across the grid, labelled with the value at each end."""
+    left, right = 8, grid.width - 8
+    bar = colormap(np.linspace(0.0, 1.0, right - left)[None].repeat(font.size // 2 + 4, 0))
+    grid.paste(Image.fromarray(bar), (left, top))
+    y = top + bar.shape[0] + 2
+    draw.text((left, y), f"{lo:.3g}", fill=(0, 0, 0), font=font)
+    high = f"{hi:.3g}"
+    draw.text((right - draw.textlength(high, font=font), y), high, fill=(0, 0, 0), font=font)
+    middle = "score (one scale for all prompts)"
+    draw.text(((grid.width - draw.textlength(middle, font=font)) / 2, y), middle,
+              fill=(80, 80, 80), font=font)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Prediction → what the components show: annotations, legend, summary, downloads, prompt maps.
+"""Prediction → what the components show: image fitting, legend, summary, downloads, prompt maps.
 
 Pure functions of numpy arrays (plus one that writes the download files), no gradio, no torch,
 so they are tested on synthetic label maps.
@@ -6,7 +6,9 @@ so they are tested on synthetic label maps.
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -20,34 +22,43 @@ from app import overlay
 MAX_SIDE = 1024  # images are shown and segmented at most this large (the model sees ≤ 512)
 
 
-def fit_image(rgb: np.ndarray, max_side: int = MAX_SIDE) -> tuple[np.ndarray, str]:
+def stored_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` of an image file as displayed (EXIF rotation applied), read from its
+    header only; None if the header cannot be read."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            rotated = img.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientation
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return (h, w) if rotated else (w, h)
+
+
+def fit_image(
+    rgb: np.ndarray, original: tuple[int, int] | None = None, max_side: int = MAX_SIDE
+) -> tuple[np.ndarray, str]:
     """Downscale ``(H, W, 3)`` uint8 so its longer side is at most ``max_side``.
 
-    Returns the image and a note for the user ("" when nothing changed).
+    Args:
+        rgb: the decoded image (possibly already reduced while decoding a huge JPEG).
+        original: ``(width, height)`` of the file as uploaded, for the note.
+
+    Returns the image and a note for the user ("" when it is shown at its original size).
     """
     h, w = rgb.shape[:2]
-    if max(h, w) <= max_side:
+    original = original or (w, h)
+    if max(h, w) > max_side:
+        scale = max_side / max(h, w)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        rgb = np.asarray(
+            Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+        )
+    shown = (rgb.shape[1], rgb.shape[0])
+    if shown == tuple(original):
         return rgb, ""
-    scale = max_side / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small = np.asarray(
-        Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return rgb, (
+        f"The image ({original[0]}×{original[1]} px) was downscaled to {shown[0]}×{shown[1]} px."
     )
-    return small, f"The image ({w}×{h} px) was downscaled to {size[0]}×{size[1]} px."
-
-
-def annotated_value(
-    image: np.ndarray, labels: np.ndarray, names: Sequence[str], opacity: float
-) -> tuple[np.ndarray, list[tuple[np.ndarray, str]]]:
-    """``gr.AnnotatedImage`` value: one mask per present class, its alpha set by ``opacity``.
-
-    Returns:
-        ``(image, [(mask, name), ...])`` with masks ``(H, W)`` float32 in {0, opacity}.
-    """
-    if not 0.0 <= opacity <= 1.0:
-        raise ValueError(f"opacity must be in [0, 1], got {opacity}")
-    base, masks = overlay.annotations(image, labels, names)
-    return base, [(mask * np.float32(opacity), name) for mask, name in masks]
 
 
 def summary(
@@ -72,11 +83,12 @@ def summary(
 
 
 def write_downloads(
-    directory: Path, labels: np.ndarray, colors: np.ndarray, info: dict
+    directory: Path, labels: np.ndarray, colors: np.ndarray, info: dict, stem: str = "otseg"
 ) -> list[str]:
     """Write the palette label map (pixel value = class id) and the class list as JSON.
 
-    Files go to a fresh sub-folder of ``directory``; sub-folders older than an hour are removed
+    Files go to a fresh sub-folder of ``directory``, named ``<stem>-labels.png`` and
+    ``<stem>.json`` (``stem`` made file-name safe); sub-folders older than an hour are removed
     first, so a long-running server does not fill its disk.
 
     Returns:
@@ -85,9 +97,10 @@ def write_downloads(
     _prune(directory, max_age_s=3600.0)
     folder = directory / uuid.uuid4().hex
     folder.mkdir(parents=True)
-    png = folder / "otseg-labels.png"
+    stem = re.sub(r"[^\w.-]+", "_", stem).strip("._")[:80] or "otseg"
+    png = folder / f"{stem}-labels.png"
     png.write_bytes(overlay.label_png_bytes(labels, colors))
-    classes = folder / "otseg-classes.json"
+    classes = folder / f"{stem}.json"
     classes.write_text(json.dumps(info, indent=2, ensure_ascii=False))
     return [str(png), str(classes)]
 

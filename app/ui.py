@@ -5,46 +5,49 @@ API (``gradio_client``; state is kept per client session):
     /rerender     attention, lam, use_mps, opacity → overlay outputs (cached embeddings)
     /redraw       opacity → overlay outputs (drawing only)
     /compare      lam, use_mps, opacity → (sinkhorn, softmax) slider, Markdown
-    /prompt_maps  class name, lam → sinkhorn grid, softmax grid, Markdown
+    /prompt_maps  class name → sinkhorn grid, softmax grid, Markdown
     /preset       preset name → vocabulary text
-Overlay outputs: annotated image, legend HTML, [label PNG, classes JSON], summary JSON.
+Overlay outputs: overlay image (JPEG), legend HTML, [label PNG, classes JSON], summary JSON.
+
+In the page, λ, attention, MPS and opacity apply as soon as they are released; if the image or
+the names changed since the last result, that first re-segments. Views computed for older
+settings say so and offer a button.
 """
 
 from __future__ import annotations
 
 import functools
+import html
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 
 from app import vocab
-from app.inference import ATTENTION_LABELS, Handlers, Session, UserError
+from app.inference import (
+    ATTENTION_LABELS,
+    Handlers,
+    Session,
+    UserError,
+    check_knobs,
+    check_opacity,
+)
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 CSS = ".otseg-legend{list-style:none;padding-left:0;columns:2}.badge-seen{color:#1a7f37}.badge-novel{color:#9a6700}"
 API_SNIPPET = """```python
 from gradio_client import Client, handle_file
 client = Client("http://127.0.0.1:7860/")
-overlay, legend, files, info, _ = client.predict(
+overlay, legend, files, info = client.predict(
     handle_file("assets/chelsea.jpg"), "cat, eye, nose, background",
     "sinkhorn", 0.5, True, 0.5, api_name="/segment")
 print([(c["name"], c["seen"], c["share"]) for c in info["classes"]])
 client.predict("softmax", 0.8, True, 0.5, api_name="/rerender")  # no encoder re-run
 ```"""
-
-try:  # ZeroGPU on Hugging Face Spaces; a no-op elsewhere
-    import spaces
-
-    def gpu(fn):
-        return spaces.GPU(duration=60)(fn)
-
-except ImportError:
-
-    def gpu(fn):
-        return fn
-
-
+STALE = "⚠️ The image or the class names changed since this result: press **Segment** (or Enter)."
+COMPARE_STALE = "⚠️ Out of date (settings or image changed): press **Compare** to update."
+MAPS_STALE = "Pick a class (or press **Show prompt maps**) to see its maps for the current result."
 PROGRESS = gr.Progress()  # gradio injects a per-request tracker where this is the default
 
 
@@ -55,21 +58,82 @@ def examples() -> list[list[str]]:
 
 
 def user_errors(fn):
-    """Turn bad-input errors into a ``gr.Error`` toast (no traceback; the server keeps going)."""
+    """Bad input (``UserError``) becomes a toast, its text escaped so it never renders as
+    markup; any other exception propagates, so gradio logs its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (UserError, ValueError) as e:
-            raise gr.Error(str(e), print_exception=False) from None
+        except UserError as e:
+            raise gr.Error(html.escape(str(e), quote=False), print_exception=False) from None
 
     return wrapper
 
 
+def _inputs_column(mode: str) -> SimpleNamespace:
+    c = SimpleNamespace()
+    c.image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"],
+                       elem_id="image", height=320)  # fmt: skip
+    c.text = gr.Textbox(label="Class names", lines=1, max_lines=6, elem_id="vocab",
+                        placeholder="cat, sofa, lamp, background",
+                        info="Comma- or newline-separated; your order sets the colours. "
+                        "Enter segments, Shift+Enter starts a new line.")  # fmt: skip
+    with gr.Row():
+        c.preset = gr.Dropdown(list(vocab.PRESETS), value=None, label="Preset vocabulary", scale=3)
+        c.load_preset = gr.Button("Load preset", scale=1, size="sm")
+    with gr.Accordion("No background class? Read this", open=False):
+        gr.Markdown(vocab.BACKGROUND_NOTE)
+    c.attention = gr.Radio([(v, k) for k, v in ATTENTION_LABELS.items()], value="sinkhorn",
+                           label="Attention", elem_id="attention")  # fmt: skip
+    c.lam = gr.Slider(0, 1, value=0.5, step=0.05, elem_id="lam",
+                      label="Ensemble λ (0: decoder only, 1: MPS score map only)")  # fmt: skip
+    c.use_mps = gr.Checkbox(value=True, label="Use the MPS score map", elem_id="use_mps")
+    c.opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity", elem_id="opacity")
+    c.run = gr.Button("Segment", variant="primary", elem_id="segment", interactive=mode != "none")
+    gr.Examples(examples(), inputs=[c.image, c.text], cache_examples=False,
+                label="Examples (mixing seen and novel classes)")  # fmt: skip
+    return c
+
+
+def _overlay_tab() -> SimpleNamespace:
+    c = SimpleNamespace()
+    c.stale = gr.Markdown(elem_id="stale")
+    c.overlay = gr.Image(label="Segmentation", format="jpeg", interactive=False,
+                         elem_id="overlay", height=480)  # fmt: skip
+    c.legend = gr.HTML(elem_id="legend", label="Legend")
+    c.files = gr.File(label="Label map (palette PNG, pixel = class id) and class list",
+                      file_count="multiple", elem_id="files")  # fmt: skip
+    with gr.Accordion("Details (JSON)", open=False):
+        c.info = gr.JSON(label="Classes, colours, seen/novel, pixel shares", elem_id="info")
+    return c
+
+
+def _compare_tab() -> SimpleNamespace:
+    c = SimpleNamespace()
+    c.button = gr.Button("Compare on this image", elem_id="compare")
+    c.slider = gr.ImageSlider(label="left: Sinkhorn · right: softmax", elem_id="slider",
+                              format="jpeg")  # fmt: skip
+    c.note = gr.Markdown(elem_id="compare_note")
+    return c
+
+
+def _prompt_maps_tab() -> SimpleNamespace:
+    c = SimpleNamespace()
+    gr.Markdown("Score map of each prompt (M·N·T·S) for one class, on one colour scale. Sinkhorn "
+                "makes prompts compete for pixels, so they spread over different regions; "
+                "softmax lets them overlap.")  # fmt: skip
+    with gr.Row():
+        c.choice = gr.Dropdown([], label="Class", elem_id="prompt_class", scale=3)
+        c.button = gr.Button("Show prompt maps", scale=1, elem_id="show_maps")
+    c.sinkhorn = gr.Image(label="Sinkhorn", type="pil", elem_id="grid_sinkhorn", format="png")
+    c.softmax = gr.Image(label="Softmax", type="pil", elem_id="grid_softmax", format="png")
+    c.note = gr.Markdown(elem_id="maps_note")
+    return c
+
+
 def build(handlers: Handlers) -> gr.Blocks:
     """The demo's ``gr.Blocks`` (not launched; queue settings are applied by ``app.main``)."""
-    mode = handlers.loaded.mode
     with gr.Blocks(title="OTSeg — zero-shot segmentation") as demo:
         gr.Markdown(
             "# OTSeg: zero-shot semantic segmentation\nUpload a photo, list what to find, "
@@ -79,176 +143,132 @@ def build(handlers: Handlers) -> gr.Blocks:
         session = gr.State(None, time_to_live=3600)
         with gr.Row():
             with gr.Column(scale=2):
-                image = gr.Image(
-                    type="filepath",
-                    label="Image",
-                    sources=["upload", "clipboard"],
-                    elem_id="image",
-                    height=320,
-                )
-                text = gr.Textbox(label="Class names", lines=3, elem_id="vocab", placeholder="cat, sofa, lamp, background",
-                                  info="Comma- or newline-separated; your order sets the colours.")  # fmt: skip
-                with gr.Row():
-                    preset = gr.Dropdown(
-                        list(vocab.PRESETS), value=None, label="Preset vocabulary", scale=3
-                    )
-                    load_preset = gr.Button("Load preset", scale=1, size="sm")
-                with gr.Accordion("No background class? Read this", open=False):
-                    gr.Markdown(vocab.BACKGROUND_NOTE)
-                attention = gr.Radio([(v, k) for k, v in ATTENTION_LABELS.items()], value="sinkhorn",
-                                     label="Attention", elem_id="attention")  # fmt: skip
-                lam = gr.Slider(
-                    0,
-                    1,
-                    value=0.5,
-                    step=0.05,
-                    label="Ensemble λ (0: decoder only, 1: MPS score map only)",
-                    elem_id="lam",
-                )
-                use_mps = gr.Checkbox(value=True, label="Use the MPS score map", elem_id="use_mps")
-                opacity = gr.Slider(
-                    0, 1, value=0.5, step=0.05, label="Overlay opacity", elem_id="opacity"
-                )
-                run = gr.Button(
-                    "Segment", variant="primary", elem_id="segment", interactive=mode != "none"
-                )
-                gr.Examples(
-                    examples(),
-                    inputs=[image, text],
-                    cache_examples=False,
-                    label="Examples (mixing seen and novel classes)",
-                )
+                ins = _inputs_column(handlers.loaded.mode)
             with gr.Column(scale=3):
                 with gr.Tab("Overlay"):
-                    annotated = gr.AnnotatedImage(
-                        label="Segmentation (hover a legend item)", elem_id="overlay", height=480
-                    )
-                    legend = gr.HTML(elem_id="legend", label="Legend")
-                    files = gr.File(
-                        label="Label map (palette PNG, pixel = class id) and class list",
-                        file_count="multiple",
-                        elem_id="files",
-                    )
-                    with gr.Accordion("Details (JSON)", open=False):
-                        info = gr.JSON(
-                            label="Classes, colours, seen/novel, pixel shares", elem_id="info"
-                        )
+                    ov = _overlay_tab()
                 with gr.Tab("Sinkhorn vs softmax"):
-                    compare = gr.Button("Compare on this image", elem_id="compare")
-                    slider = gr.ImageSlider(
-                        label="left: Sinkhorn · right: softmax", elem_id="slider"
-                    )
-                    compare_note = gr.Markdown(label="agreement")
+                    cmp = _compare_tab()
                 with gr.Tab("Per-prompt maps"):
-                    gr.Markdown("Score map of each prompt (M·N·T·S) for one class. Sinkhorn makes prompts compete "
-                                "for pixels, so they spread over different regions; softmax lets them overlap.")  # fmt: skip
-                    with gr.Row():
-                        prompt_class = gr.Dropdown(
-                            [], label="Class", elem_id="prompt_class", scale=3
-                        )
-                        show_maps = gr.Button("Show prompt maps", scale=1, elem_id="show_maps")
-                    with gr.Row():
-                        grid_sinkhorn = gr.Image(
-                            label="Sinkhorn", type="pil", elem_id="grid_sinkhorn"
-                        )
-                        grid_softmax = gr.Image(label="Softmax", type="pil", elem_id="grid_softmax")
-                    maps_note = gr.Markdown(label="overlap")
+                    pm = _prompt_maps_tab()
                 with gr.Accordion("Use it from Python (gradio_client)", open=False):
                     gr.Markdown(API_SNIPPET)
-
-        overlay_out = [annotated, legend, files, info]
-
-        def show(sess: Session, opacity_value: float) -> list:
-            out = handlers.outputs(sess, float(opacity_value))
-            return [
-                gr.AnnotatedImage(value=out["annotated"], color_map=out["color_map"]),
-                out["legend"],
-                out["files"],
-                out["summary"],
-            ]
-
-        @gpu
-        @user_errors
-        def on_segment(
-            image, vocabulary, attention, lam, use_mps, opacity, sess, progress=PROGRESS
-        ):
-            # preprocess=False: the image arrives as its upload record, read by otseg itself
-            path = image.get("path") if isinstance(image, dict) else image
-            knobs = {"attention": attention, "lam": float(lam), "use_mps": bool(use_mps)}
-            sess = handlers.segment(sess, path, vocabulary, knobs, progress)
-            names = sess.names
-            choice = gr.Dropdown(choices=names, value=names[0])
-            return [*show(sess, opacity), choice, sess]
-
-        @gpu
-        @user_errors
-        def on_rerender(attention, lam, use_mps, opacity, sess):
-            knobs = {"attention": attention, "lam": float(lam), "use_mps": bool(use_mps)}
-            sess = handlers.rerender(sess, knobs)
-            return [*show(sess, opacity), sess]
-
-        @user_errors
-        def on_redraw(opacity, sess):
-            return show(sess, opacity)
-
-        @gpu
-        @user_errors
-        def on_compare(lam, use_mps, opacity, sess):
-            out = handlers.compare(sess, float(lam), bool(use_mps), float(opacity))
-            note = (
-                f"Labels differ on **{out['changed']:.1f}%** of the pixels (λ = {float(lam):.2f})."
-            )
-            return out["images"], note
-
-        @gpu
-        @user_errors
-        def on_prompt_maps(class_name, lam, sess):
-            out = handlers.prompt_maps(sess, class_name, float(lam))
-            o = out["overlap"]
-            note = (f"Mean pairwise overlap of the prompt maps (cosine, 1 = identical): "
-                    f"Sinkhorn **{o['sinkhorn']:.2f}**, softmax **{o['softmax']:.2f}**.")  # fmt: skip
-            return out["grids"]["sinkhorn"], out["grids"]["softmax"], note
-
-        @user_errors
-        def on_preset(preset):
-            if not preset:
-                raise UserError("Choose a preset first.")
-            return vocab.preset_text(preset)
-
-        inputs = [image, text, attention, lam, use_mps, opacity, session]
-        run.click(
-            on_segment,
-            inputs,
-            [*overlay_out, prompt_class, session],
-            api_name="segment",
-            preprocess=False,
-        )
-        text.submit(
-            on_segment,
-            inputs,
-            [*overlay_out, prompt_class, session],
-            api_name=False,
-            preprocess=False,
-        )
-        knob_in = [attention, lam, use_mps, opacity, session]
-        rerender_out = [*overlay_out, session]
-        attention.input(
-            on_rerender, knob_in, rerender_out, api_name="rerender", trigger_mode="always_last"
-        )
-        lam.release(on_rerender, knob_in, rerender_out, api_name=False, trigger_mode="always_last")
-        use_mps.input(
-            on_rerender, knob_in, rerender_out, api_name=False, trigger_mode="always_last"
-        )
-        opacity.release(on_redraw, [opacity, session], overlay_out, api_name="redraw",
-                        concurrency_limit=8, trigger_mode="always_last")  # fmt: skip
-        compare.click(
-            on_compare, [lam, use_mps, opacity, session], [slider, compare_note], api_name="compare"
-        )
-        show_maps.click(
-            on_prompt_maps,
-            [prompt_class, lam, session],
-            [grid_sinkhorn, grid_softmax, maps_note],
-            api_name="prompt_maps",
-        )
-        load_preset.click(on_preset, preset, text, api_name="preset", concurrency_limit=None)
+        _wire(handlers, session, ins, ov, cmp, pm)
     return demo
+
+
+def _wire(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
+    """Events. The page's events refresh every view; the API endpoints (on hidden buttons)
+    return only the overlay outputs."""
+    overlay_out = [ov.overlay, ov.legend, ov.files, ov.info]
+    page_out = [*overlay_out, ov.stale, pm.choice, pm.sinkhorn, pm.softmax, pm.note,
+                cmp.slider, cmp.note, session]  # fmt: skip
+    settings = [ins.attention, ins.lam, ins.use_mps, ins.opacity]
+
+    def overlay_values(sess: Session, opacity) -> list:
+        out = handlers.outputs(sess, opacity)
+        return [out["overlay"], out["legend"], out["files"], out["summary"]]
+
+    def page_values(sess: Session, opacity, segmented: bool) -> list:
+        """Overlay outputs plus what the other views show after this result."""
+        views = [gr.skip()] * 4
+        if segmented:  # views of the previous result are cleared, the class list refreshed
+            choice = gr.Dropdown(choices=sess.names, value=sess.names[0])
+            views = [choice, None, None, MAPS_STALE]
+        current = (sess.version, sess.knobs["lam"], sess.knobs["use_mps"], opacity)
+        if sess.compared is None or sess.compared == current:
+            compare = [gr.skip(), gr.skip()]
+        else:
+            compare = [None if segmented else gr.skip(), COMPARE_STALE]
+        return [*overlay_values(sess, opacity), "", *views, *compare, sess]
+
+    @user_errors
+    def on_segment(image, text, attention, lam, use_mps, opacity, sess, progress=PROGRESS):
+        knobs, opacity = check_knobs(attention, lam, use_mps), check_opacity(opacity)
+        sess = handlers.segment(sess, image, text, knobs, progress)
+        return page_values(sess, opacity, segmented=True)
+
+    @user_errors
+    def on_settings(image, text, attention, lam, use_mps, opacity, sess, progress=PROGRESS):
+        """λ / attention / MPS / opacity released: redraw, re-fuse or re-segment as needed."""
+        if not image:
+            return [gr.skip()] * len(page_out)
+        if not handlers.is_current(sess, image, text):
+            return on_segment(image, text, attention, lam, use_mps, opacity, sess, progress)
+        knobs = check_knobs(attention, lam, use_mps)
+        if knobs != sess.knobs:
+            sess = handlers.rerender(sess, knobs)
+        return page_values(sess, opacity, segmented=False)
+
+    def on_inputs_changed(image, text, sess):
+        return "" if sess is None or handlers.is_current(sess, image, text) else STALE
+
+    @user_errors
+    def api_segment(image, text, attention, lam, use_mps, opacity, sess):
+        knobs, opacity = check_knobs(attention, lam, use_mps), check_opacity(opacity)
+        sess = handlers.segment(sess, image, text, knobs)
+        return [*overlay_values(sess, opacity), sess]
+
+    @user_errors
+    def api_rerender(attention, lam, use_mps, opacity, sess):
+        sess = handlers.rerender(sess, check_knobs(attention, lam, use_mps))
+        return [*overlay_values(sess, opacity), sess]
+
+    @user_errors
+    def api_redraw(opacity, sess):
+        return overlay_values(sess, opacity)
+
+    @user_errors
+    def on_compare(lam, use_mps, opacity, sess):
+        out = handlers.compare(sess, {"lam": lam, "use_mps": use_mps}, opacity)
+        note = f"Labels differ on **{out['changed']:.1f}%** of the pixels (λ = {float(lam):.2f})."
+        return out["images"], note, sess
+
+    @user_errors
+    def on_prompt_maps(class_name, sess):
+        out = handlers.prompt_maps(sess, class_name)
+        o = out["overlap"]
+        note = (f"Mean pairwise overlap of the prompt maps (cosine, 1 = identical): "
+                f"Sinkhorn **{o['sinkhorn']:.2f}**, softmax **{o['softmax']:.2f}**.")  # fmt: skip
+        return out["grids"]["sinkhorn"], out["grids"]["softmax"], note
+
+    @user_errors
+    def on_preset(preset):
+        if not preset:
+            raise UserError("Choose a preset first.")
+        return vocab.preset_text(preset)
+
+    page_in = [ins.image, ins.text, *settings, session]
+    seg = {"fn": on_segment, "inputs": page_in, "outputs": page_out, "preprocess": False}
+    ins.run.click(**seg, api_name=False)
+    ins.text.submit(**seg, api_name=False)
+    live = {"fn": on_settings, "inputs": page_in, "outputs": page_out, "preprocess": False,
+            "api_name": False, "trigger_mode": "always_last", "show_progress": "minimal"}  # fmt: skip
+    ins.attention.input(**live)
+    ins.use_mps.input(**live)
+    ins.lam.release(**live)
+    ins.opacity.release(**live)
+    changed = {"fn": on_inputs_changed, "inputs": [ins.image, ins.text, session],
+               "outputs": ov.stale, "preprocess": False, "api_name": False,
+               "concurrency_limit": None, "show_progress": "hidden",
+               "trigger_mode": "always_last"}  # fmt: skip
+    ins.image.change(**changed)
+    ins.text.change(**changed)
+    cmp.button.click(on_compare, [ins.lam, ins.use_mps, ins.opacity, session],
+                     [cmp.slider, cmp.note, session], api_name="compare",
+                     preprocess=False)  # fmt: skip
+    pm_event = {"fn": on_prompt_maps, "inputs": [pm.choice, session],
+                "outputs": [pm.sinkhorn, pm.softmax, pm.note], "preprocess": False}  # fmt: skip
+    pm.button.click(**pm_event, api_name="prompt_maps")
+    pm.choice.input(**pm_event, api_name=False)
+    ins.load_preset.click(on_preset, ins.preset, ins.text, api_name="preset",
+                          concurrency_limit=None, preprocess=False)  # fmt: skip
+
+    # API endpoints with overlay-only outputs, on buttons the page never shows
+    hidden = gr.Button(visible=False)
+    hidden.click(api_segment, page_in, [*overlay_out, session], api_name="segment",
+                 preprocess=False)  # fmt: skip
+    hidden.click(api_rerender, [*settings, session], [*overlay_out, session],
+                 api_name="rerender", preprocess=False)  # fmt: skip
+    hidden.click(api_redraw, [ins.opacity, session], overlay_out, api_name="redraw",
+                 concurrency_limit=8, preprocess=False)  # fmt: skip

@@ -107,3 +107,40 @@ def awkward_images(root: Path) -> dict[str, Path]:
         "16-bit": sixteen_bit_png(root / "16bit.png"),
         "exif-rotated": exif_rotated_jpeg(root / "exif.jpg"),
     }
+
+
+# -- a stand-in for the ZeroGPU worker boundary ------------------------------------------------
+def check_plain(value, where: str) -> None:
+    """Fail unless ``value`` is made only of CPU tensors, arrays, strings, numbers and None
+    (in tuples, lists or dicts): what may cross ZeroGPU's process boundary."""
+    import torch
+
+    if isinstance(value, list | tuple):
+        for item in value:
+            check_plain(item, where)
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            check_plain(k, where)
+            check_plain(item, where)
+    elif isinstance(value, torch.Tensor):
+        assert value.device.type == "cpu", f"{where}: a {value.device} tensor"
+    elif not isinstance(value, np.ndarray | str | int | float | bool | type(None)):
+        raise AssertionError(f"{where}: a {type(value).__name__} crosses the GPU boundary")
+
+
+def pickling_gpu(fn, calls: list[str]):
+    """What ``spaces.GPU`` does to ``fn`` on ZeroGPU, minus the GPU: arguments and result are
+    pickled and unpickled (the worker is another process) and must be plain data."""
+    import functools
+    import pickle
+
+    @functools.wraps(fn)
+    def worker_call(*args, **kwargs):
+        check_plain((args, kwargs), f"arguments of {fn.__name__}")
+        args, kwargs = pickle.loads(pickle.dumps((args, kwargs)))
+        result = fn(*args, **kwargs)
+        check_plain(result, f"result of {fn.__name__}")
+        calls.append(fn.__name__)
+        return pickle.loads(pickle.dumps(result))
+
+    return worker_call

@@ -60,7 +60,7 @@ def page_config(url: str) -> str:
 
 def test_segment_rerender_redraw(trained_url):
     c = client(trained_url)
-    annotated, legend, files, info, choice = segment(c, CAT, "cat, class0, Class2, background")
+    overlay, legend, files, info = segment(c, CAT, "cat, class0, Class2, background")
     assert [k["name"] for k in info["classes"]] == ["cat", "class0", "Class2", "background"]
     # tiny split: class1 and class3 unseen, so class0 and class2 (any spelling) are seen
     assert [k["seen"] for k in info["classes"]] == [False, True, True, False]
@@ -69,8 +69,9 @@ def test_segment_rerender_redraw(trained_url):
     assert "badge-seen" in legend and "badge-novel" in legend
     labels = label_map(files)
     assert labels.shape == Image.open(CAT).size[::-1] and labels.max() < 4
-    assert {a["label"] for a in annotated["value"]["annotations"]} <= set(annotated["color_map"])
-    assert choice["value"] == "cat"
+    assert Image.open(overlay).size == Image.open(CAT).size
+    assert Path(files[0]).name == "chelsea-otseg-4-classes-labels.png"
+    assert Path(files[1]).name == "chelsea-otseg-4-classes.json"
     classes_json = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())
     assert classes_json["classes"] == info["classes"]
 
@@ -85,9 +86,13 @@ def test_segment_rerender_redraw(trained_url):
     *_, info = c.predict("sinkhorn", 0.5, False, 0.5, api_name="/rerender")
     assert info["use_mps"] is False
 
-    annotated, legend2, _, info2 = c.predict(1.0, api_name="/redraw")
-    alpha = np.array(Image.open(annotated["value"]["annotations"][0]["image"]))[..., 3]
-    assert set(np.unique(alpha)) <= {0, 255} and info2["classes"] == info["classes"]
+    opaque, _, _, info2 = c.predict(1.0, api_name="/redraw")
+    clear, *_ = c.predict(0.0, api_name="/redraw")
+    assert info2["classes"] == info["classes"]
+    photo = np.asarray(Image.open(CAT).convert("RGB"), dtype=float)
+    # JPEG-encoded: opacity 0 is the photo, opacity 1 the flat colour map
+    assert np.abs(np.asarray(Image.open(clear), dtype=float) - photo).mean() < 4
+    assert np.abs(np.asarray(Image.open(opaque), dtype=float) - photo).mean() > 20
 
 
 def test_compare_and_prompt_maps(trained_url):
@@ -96,11 +101,11 @@ def test_compare_and_prompt_maps(trained_url):
     (left, right), note = c.predict(1.0, True, 0.5, api_name="/compare")
     assert Image.open(left).size == Image.open(right).size == Image.open(CAT).size
     assert "differ" in note
-    sinkhorn, softmax, note = c.predict("sofa", 0.5, api_name="/prompt_maps")
+    sinkhorn, softmax, note = c.predict("sofa", api_name="/prompt_maps")
     assert Image.open(sinkhorn).size == Image.open(softmax).size
     assert "Sinkhorn" in note and "softmax" in note
-    with pytest.raises(AppError, match="not in the list of choices"):
-        c.predict("dog", 0.5, api_name="/prompt_maps")
+    with pytest.raises(AppError, match="Class must be one of the segmented classes"):
+        c.predict("dog", api_name="/prompt_maps")
     assert "aeroplane" in c.predict("VOC-20", api_name="/preset")
 
 
@@ -108,8 +113,51 @@ def test_needs_an_image_first(trained_url):
     c = client(trained_url)
     with pytest.raises(AppError, match="press Segment first"):
         c.predict("softmax", 0.5, True, 0.5, api_name="/rerender")
+    for call in (("cat", "/prompt_maps"), (0.5, True, 0.5, "/compare"), (0.5, "/redraw")):
+        with pytest.raises(AppError, match=r"^Upload an image and press Segment first\.$"):
+            c.predict(*call[:-1], api_name=call[-1])
     with pytest.raises(AppError, match="Upload an image"):
         c.predict(None, "cat", "sinkhorn", 0.5, True, 0.5, api_name="/segment")
+
+
+def test_settings_are_validated_with_one_wording_before_encoding(trained_url, tmp_path):
+    c = client(trained_url)
+    never_read = tmp_path / "garbage.png"  # a bad setting is reported before the file is read
+    never_read.write_text("not an image")
+    bad = {
+        ("sinkhorn", 1.5, True, 0.5): "λ must be a number from 0 to 1; got “1.5”.",
+        ("sinkhorn", "abc", True, 0.5): "λ must be a number from 0 to 1; got “abc”.",
+        ("sinkhorn", 0.5, True, -0.1): "Opacity must be a number from 0 to 1; got “-0.1”.",
+        ("cosine", 0.5, True, 0.5): "Attention must be one of sinkhorn, softmax; got “cosine”.",
+        ("sinkhorn", 0.5, "yes", 0.5): "use_mps must be true or false; got “yes”.",
+    }
+    for (attention, lam, use_mps, opacity), message in bad.items():
+        with pytest.raises(AppError) as segment_error:
+            segment(c, never_read, "cat", attention, lam, use_mps, opacity)
+        assert str(segment_error.value) == message
+    segment(c, CAT, "cat, dog")
+    for (attention, lam, use_mps, opacity), message in bad.items():
+        with pytest.raises(AppError) as rerender_error:
+            c.predict(attention, lam, use_mps, opacity, api_name="/rerender")
+        assert str(rerender_error.value) == message
+    with pytest.raises(AppError, match="^Opacity must be a number from 0 to 1; got “2”.$"):
+        c.predict(2, api_name="/redraw")
+    with pytest.raises(AppError, match="^λ must be a number from 0 to 1; got “-1”.$"):
+        c.predict(-1, True, 0.5, api_name="/compare")
+
+
+def test_messages_are_plain_escaped_text(trained_url, tmp_path):
+    c = client(trained_url)
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image")
+    with pytest.raises(AppError) as error:
+        segment(c, text, "cat")
+    assert "object at 0x" not in str(error.value) and "not a readable image" in str(error.value)
+    with pytest.raises(AppError) as error:
+        segment(c, CAT, "cat, <img src=x onerror=alert(1)>")
+    assert "<img" not in str(error.value) and "&lt;img src=x onerror=alert(1)&gt;" in str(
+        error.value
+    )
 
 
 def test_bad_files_get_clear_messages(trained_url, tmp_path):
@@ -130,20 +178,21 @@ def test_bad_files_get_clear_messages(trained_url, tmp_path):
     for path, message in cases.items():
         with pytest.raises(AppError, match=message):
             segment(c, path, "cat, dog")
-    *_, info, _ = segment(c, CAT, "cat, dog")  # still serving, same session usable
+    *_, info = segment(c, CAT, "cat, dog")  # still serving, same session usable
     assert [k["name"] for k in info["classes"]] == ["cat", "dog"]
 
 
 def test_awkward_images_are_handled(trained_url, tmp_path):
     c = client(trained_url)
     for kind, path in awkward_images(tmp_path).items():
-        *_, files, info, _ = segment(c, path, "cat, dog")
+        *_, files, info = segment(c, path, "cat, dog")
         width, height = info["image_size"]
         assert label_map(files).shape == (height, width), kind
         if kind == "exif-rotated":
             assert (width, height) == (48, 96)  # stored 96×48, displayed upright
-    *_, files, info, _ = segment(c, big_jpeg(tmp_path / "big.jpg"), "cat, dog")
-    assert info["image_size"] == [1024, 1024] and "downscaled" in info["note"]
+    *_, files, info = segment(c, big_jpeg(tmp_path / "big.jpg"), "cat, dog")
+    assert info["image_size"] == [1024, 1024]
+    assert "The image (12000×12000 px) was downscaled to 1024×1024 px" in info["note"]
 
 
 def test_bad_vocabularies(trained_url):
@@ -158,10 +207,10 @@ def test_bad_vocabularies(trained_url):
     for text, message in cases.items():
         with pytest.raises(AppError, match=message):
             segment(c, CAT, text)
-    *_, info, _ = segment(c, CAT, "cat, Cat , dog\ncat")
+    *_, info = segment(c, CAT, "cat, Cat , dog\ncat")
     assert [k["name"] for k in info["classes"]] == ["cat", "dog"]
     many = [f"object {i}" for i in range(150)]
-    *_, files, info, _ = segment(c, CAT, ", ".join(many))
+    *_, files, info = segment(c, CAT, ", ".join(many))
     assert [k["name"] for k in info["classes"]] == many and label_map(files).max() < 150
 
 
@@ -171,14 +220,14 @@ def test_training_free_mode(dirs):
     with served(loaded) as url:
         assert "Training-free mode" in page_config(url) and "--model" in page_config(url)
         c = client(url)
-        *_, files, info, _ = segment(c, CAT, "cat, grass, sky")
+        *_, files, info = segment(c, CAT, "cat, grass, sky")
         assert (
             info["mode"] == "training-free" and [k["seen"] for k in info["classes"]] == [None] * 3
         )
         sinkhorn = label_map(files)
         *_, files, info = c.predict("softmax", 1.0, True, 0.5, api_name="/rerender")
         assert info["attention"] == "softmax" and label_map(files).shape == sinkhorn.shape
-        *_, note = c.predict("grass", 0.5, api_name="/prompt_maps")
+        *_, note = c.predict("grass", api_name="/prompt_maps")
         assert "overlap" in note
 
 
@@ -190,5 +239,6 @@ def test_no_model_starts_and_explains(tmp_path):
     with served(loaded) as url:
         config = page_config(url)
         assert "No model loaded" in config and "OTSEG_MODEL" in config
-        with pytest.raises(AppError, match="No model loaded"):
+        with pytest.raises(AppError, match="^No model loaded") as error:
             segment(client(url), CAT, "cat")
+        assert not any(mark in str(error.value) for mark in ("**", "`", "⚠"))

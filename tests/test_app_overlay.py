@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from app.overlay import (
-    annotations,
+    can_draw,
+    caption_font,
     class_shares,
-    color_map,
     colormap,
     label_image,
     label_png_bytes,
@@ -151,23 +151,39 @@ def test_prompt_score_grid_layout_and_shared_scale():
     scores = np.zeros((2, 3, 4, 8), dtype=np.float32)
     scores[1, 0] = 1.0  # class 1: prompt 0 high, prompts 1 and 2 low
     templates = ("a photo of a {}.", "a part of a {}.", "a segment of a {}.")
-    grid = prompt_score_grid(scores, 1, templates, class_name="cat", tile=40, columns=2)
-    assert grid.mode == "RGB" and grid.size == (80, 2 * (20 + 18))
+    grid = prompt_score_grid(scores, 1, templates, class_name="cat", tile=40, columns=4)
     pixels = np.array(grid)
-    assert pixels[18 + 10, 20].tolist() == [253, 231, 37]  # tile 0: top of the shared scale
-    assert pixels[18 + 10, 60].tolist() == [68, 1, 84]  # tile 1: bottom of the shared scale
-    assert (pixels[5, 2:38] < 128).any()  # a title was drawn in the strip
+    font_h = caption_font(12).size
+    assert grid.mode == "RGB" and grid.width == 3 * (40 + 4) + 4  # 3 prompts: one full row
+    assert pixels[4 + 10, 4 + 20].tolist() == [253, 231, 37]  # tile 0: top of the shared scale
+    assert pixels[4 + 10, 48 + 20].tolist() == [68, 1, 84]  # tile 1: bottom of the shared scale
+    caption = pixels[4 + 20 + 3 : 4 + 20 + 6 + font_h, 4:44]
+    assert (caption < 128).any()  # a caption was drawn under tile 0
+    scale_top = 4 + 20 + font_h + 10 + 4
+    bar = pixels[scale_top + 2, 8 : grid.width - 8]
+    assert bar[0].tolist() == [68, 1, 84] and bar[-1].tolist() == [253, 231, 37]
     with pytest.raises(ValueError, match="templates"):
         prompt_score_grid(scores, 0, templates[:2])
     with pytest.raises(ValueError, match="class_id"):
         prompt_score_grid(scores, 2, templates)
 
 
-def test_annotations_value_for_annotated_image(scene):
-    image, labels = scene
-    base, masks = annotations(image, labels, ["sky", "cat", "tree"])
-    assert base is image
-    assert [name for _, name in masks] == ["sky", "tree"]  # absent "cat" left out, order kept
-    assert masks[0][0].dtype == np.float32 and masks[0][0].shape == labels.shape
-    assert np.array_equal(masks[1][0], (labels == 2).astype(np.float32))
-    assert color_map(["sky", "cat"], palette(2)) == {"sky": "#e6194b", "cat": "#3cb44b"}
+def test_prompt_score_grid_has_no_blank_tiles():
+    """6 prompts under at most 4 columns: 3 per row, both rows full."""
+    scores = np.ones((1, 6, 4, 4), dtype=np.float32)
+    scores[0, :, 0, 0] = 0.0
+    grid = np.array(prompt_score_grid(scores, 0, ["{}"] * 6, "x", tile=40, columns=4))
+    assert grid.shape[1] == 3 * 44 + 4
+    font_h = caption_font(12).size
+    for row in range(2):
+        y = 4 + row * (40 + font_h + 10) + 30
+        assert all(grid[y, 4 + c * 44 + 30].tolist() == [253, 231, 37] for c in range(3))
+
+
+def test_captions_draw_cjk_or_leave_the_name_out():
+    font = caption_font(18)
+    assert can_draw(font, "cat") and not can_draw(font, "\U000f0001")
+    assert can_draw(font, "猫"), f"no CJK font found ({font.path}); install fonts-wqy-microhei"
+    scores = np.random.default_rng(0).random((1, 2, 4, 4)).astype(np.float32)
+    grid = prompt_score_grid(scores, 0, ["a {}.", "the {}."], "猫", tile=80)
+    assert grid.width == 2 * 84 + 4

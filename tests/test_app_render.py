@@ -19,17 +19,24 @@ def test_fit_image_downscales_long_side_only():
     small = np.zeros((100, 200, 3), np.uint8)
     assert render.fit_image(small)[0] is small and render.fit_image(small)[1] == ""
     big, note = render.fit_image(np.zeros((1000, 3000, 3), np.uint8))
-    assert big.shape == (341, 1024, 3) and "3000×1000" in note
+    assert big.shape == (341, 1024, 3)
+    assert note == "The image (3000×1000 px) was downscaled to 1024×341 px."
+    # a huge JPEG already reduced while decoding: the note gives the uploaded size
+    _, note = render.fit_image(np.zeros((1000, 3000, 3), np.uint8), original=(24000, 8000))
+    assert note.startswith("The image (24000×8000 px)")
+    _, note = render.fit_image(np.zeros((600, 800, 3), np.uint8), original=(6400, 4800))
+    assert note == "The image (6400×4800 px) was downscaled to 800×600 px."
 
 
-def test_annotated_value_scales_masks_by_opacity():
-    image = np.zeros((4, 5, 3), np.uint8)
-    labels = np.array([[0] * 5, [2] * 5, [2] * 5, [0] * 5], np.int32)
-    base, masks = render.annotated_value(image, labels, ["a", "b", "c"], 0.25)
-    assert base is image and [name for _, name in masks] == ["a", "c"]  # absent "b" left out
-    assert set(np.unique(masks[1][0])) == {0.0, 0.25}
-    with pytest.raises(ValueError, match="opacity"):
-        render.annotated_value(image, labels, ["a", "b", "c"], 1.5)
+def test_stored_size_reads_the_header_with_exif_rotation(tmp_path):
+    from tests.demo_helpers import exif_rotated_jpeg
+
+    assert render.stored_size(write_photo(tmp_path / "p.png", 30, 50).read_bytes()) == (50, 30)
+    assert render.stored_size(exif_rotated_jpeg(tmp_path / "r.jpg", 48, 96).read_bytes()) == (
+        48,
+        96,
+    )
+    assert render.stored_size(b"not an image") is None
 
 
 def test_summary_and_downloads(tmp_path):
@@ -45,7 +52,9 @@ def test_summary_and_downloads(tmp_path):
         "share": 50.0,
     }
     assert render.summary(["a", "b"], labels, colors, None)["classes"][0]["seen"] is None
-    png, js = render.write_downloads(tmp_path, labels, colors, info)
+    png, js = render.write_downloads(tmp_path, labels, colors, info, "my photo-otseg-2-classes")
+    assert Path(png).name == "my_photo-otseg-2-classes-labels.png"
+    assert Path(js).name == "my_photo-otseg-2-classes.json"
     assert (
         np.array_equal(np.array(Image.open(png)), labels)
         and json.loads(Path(js).read_text()) == info
@@ -91,8 +100,8 @@ def test_knob_changes_do_not_rerun_the_image_encoder(handlers, tmp_path):
     for attention, lam in (("softmax", 0.2), ("sinkhorn", 1.0), ("softmax", 0.0)):
         handlers.rerender(session, {"attention": attention, "lam": lam, "use_mps": True})
     handlers.outputs(session, 0.9)
-    handlers.compare(session, 0.5, True, 0.5)
-    handlers.prompt_maps(session, "cat", 0.5)
+    handlers.compare(session, knobs, 0.5)
+    handlers.prompt_maps(session, "cat")
     handlers.segment(session, str(photo), "cat, dog, sky", knobs)  # new names, same image
     assert handlers.calls["image"] == windows and session.names == ["cat", "dog", "sky"]
     handlers.segment(session, str(write_photo(tmp_path / "q.png", seed=1)), "cat", knobs)
@@ -103,7 +112,7 @@ def test_sessions_are_independent(handlers, tmp_path):
     knobs = {"attention": "sinkhorn", "lam": 0.5, "use_mps": True}
     a = handlers.segment(None, str(write_photo(tmp_path / "a.png", 64, 64)), "cat, dog", knobs)
     b = handlers.segment(None, str(write_photo(tmp_path / "b.png", 80, 120, 2)), "sky", knobs)
-    assert a.predictor is not b.predictor and a.predictor.model is b.predictor.model
+    assert a.predictor is not b.predictor and a.predictor.model.key == b.predictor.model.key
     assert a.labels.shape == (64, 64) and b.labels.shape == (80, 120) and a.names == ["cat", "dog"]
     with pytest.raises(UserError, match="Segment first"):
         handlers.rerender(None, knobs)

@@ -1,0 +1,155 @@
+"""The ZeroGPU boundary: the process-wide models and the only functions that run them.
+
+On a ZeroGPU Space, ``spaces.GPU`` runs each decorated function in a worker process that holds
+the GPU, pickling every argument and result on the way. So the three functions below take and
+return only CPU tensors, strings and numbers; the model itself never crosses: it is looked up
+by key in a module-level registry filled once at start-up, which the worker inherits. Off a
+Space ``spaces.GPU`` returns the function unchanged, and without ``spaces`` nothing is wrapped.
+
+:class:`RemoteModel` stands in for the model inside each user's ``OTSegPredictor``: it offers
+what the predictor uses, forwards the expensive parts through this boundary and holds only the
+key, the config and that user's text embeddings, so a whole predictor pickles into ``gr.State``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from otseg.clip_image import ImageEmbedding
+from otseg.model import HeadMaps
+
+GPU_SECONDS = 60  # ZeroGPU time budget per call; the slowest call (20 windows) needs ~5 s
+TEXT_CACHE = 1024  # class names whose embeddings one session keeps
+GPU_FUNCTIONS = ("encode_image", "embed_text", "decode")
+
+_MODELS: dict[str, tuple[nn.Module, str]] = {}  # key → (model on its device, precision)
+
+
+def register(model: nn.Module, precision: str = "fp32") -> str:
+    """Make ``model`` (already on its device, in eval mode) callable through this boundary."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    key = f"{type(model).__name__}-{len(_MODELS)}"
+    _MODELS[key] = (model.eval(), precision)
+    return key
+
+
+def _lookup(key: str) -> tuple[nn.Module, str]:
+    if key not in _MODELS:
+        raise RuntimeError(f"no model is registered as {key!r}; call app.gpu.register() first")
+    return _MODELS[key]
+
+
+def _on_gpu(fn):
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    return spaces.GPU(duration=GPU_SECONDS)(fn)
+
+
+def _autocast(model: nn.Module, precision: str):
+    if precision == "bf16":
+        return torch.autocast(model.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _cpu(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.detach().cpu()
+
+
+@_on_gpu
+def encode_image(key: str, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image tower. windows: (B, 3, c, c) normalised crops → pixels (B, C, h, w), cls (B, C)."""
+    model, precision = _lookup(key)
+    with torch.inference_mode(), _autocast(model, precision):
+        emb = model.encode_image(windows.to(model.device))
+    return _cpu(emb.pixels), _cpu(emb.cls)
+
+
+@_on_gpu
+def embed_text(key: str, names: list[str]) -> torch.Tensor:
+    """Text tower. K class names → (K, N, C) float32 prompt embeddings."""
+    model, _ = _lookup(key)
+    with torch.inference_mode():
+        return _cpu(model.embed_text(list(names)).float())
+
+
+@_on_gpu
+def decode(
+    key: str,
+    pixels: torch.Tensor,
+    cls: torch.Tensor,
+    text: torch.Tensor,
+    attention: str,
+    use_mps: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The head on one window's embedding: pixels (1, C, h, w), cls (1, C), text (K, N, C) →
+    decoder map (1, K, h, w), MPS map (1, K, h, w) and per-prompt maps (1, K, N, h, w); the
+    last two are None without MPS."""
+    model, precision = _lookup(key)
+    device = model.device
+    emb = ImageEmbedding(pixels=pixels.to(device), cls=cls.to(device))
+    with torch.inference_mode(), _autocast(model, precision):
+        maps = model.decode(emb, text.to(device), attention=attention, use_mps=bool(use_mps))
+    return _cpu(maps.decoder), _cpu(maps.score), _cpu(maps.prompt_maps)
+
+
+class RemoteModel:
+    """The model as one user's predictor sees it; every call goes through the boundary above."""
+
+    def __init__(self, key: str) -> None:
+        model, _ = _lookup(key)
+        self.key = key
+        self.config = model.config
+        self._text: dict[str, torch.Tensor] = {}  # class name → (N, C) float32, CPU
+
+    device = torch.device("cpu")  # where the predictor keeps its caches
+
+    def eval(self) -> RemoteModel:
+        return self
+
+    def encode_image(self, images: torch.Tensor) -> ImageEmbedding:
+        pixels, cls = encode_image(self.key, images.cpu())
+        return ImageEmbedding(pixels=pixels, cls=cls)
+
+    def embed_text(self, names: Sequence[str]) -> torch.Tensor:
+        """K names → (K, N, C); only names this session has not seen yet cross the boundary."""
+        missing = [n for n in dict.fromkeys(names) if n not in self._text]
+        if missing:
+            self._text.update(zip(missing, embed_text(self.key, missing), strict=True))
+            for old in list(self._text)[: max(0, len(self._text) - TEXT_CACHE)]:
+                if old not in names:
+                    del self._text[old]
+        return torch.stack([self._text[n] for n in names])
+
+    def decode(
+        self,
+        emb: ImageEmbedding,
+        text: torch.Tensor,
+        *,
+        attention: str = "sinkhorn",
+        use_mps: bool = True,
+        mask_combine: str | None = None,
+    ) -> HeadMaps:
+        if mask_combine is not None:
+            raise ValueError("the demo always uses the attention's default mask_combine")
+        decoder, score, prompt_maps = decode(
+            self.key, emb.pixels, emb.cls, text, attention, use_mps
+        )
+        return HeadMaps(
+            decoder=decoder,
+            score=score,
+            layer_masks=[],
+            queries=[],
+            transports=[],
+            prompt_maps=prompt_maps,
+        )
+
+    def upsample(self, x: torch.Tensor) -> torch.Tensor:
+        """Bilinear resize to the model size (no weights involved, so it runs here)."""
+        return _lookup(self.key)[0].upsample(x)

@@ -1,0 +1,123 @@
+"""The ZeroGPU boundary: only plain tensors cross it, and a user's session pickles.
+
+On a ZeroGPU Space ``spaces.GPU`` runs each decorated function in a GPU worker process and
+pickles its arguments and results. Off a Space the real ``spaces`` package returns the function
+unchanged, so these tests check that our functions are the ones it decorates and then replace
+the worker with a stand-in that pickles every argument and result and refuses anything that is
+not a CPU tensor, array, string or number. The plain-CPU path is covered by test_app_e2e.py.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import handle_file
+from PIL import Image
+from torch import nn
+
+from app import gpu
+from app.inference import Handlers, LoadedModel, load_model
+from tests.demo_helpers import client, pickling_gpu, served, tiny_dirs, write_photo
+
+ROOT = Path(__file__).resolve().parents[1]
+CAT = ROOT / "assets" / "chelsea.jpg"
+
+
+@pytest.fixture
+def worker_calls(monkeypatch) -> list[str]:
+    """Every app.gpu function behind the pickling stand-in; yields the names called."""
+    calls: list[str] = []
+    for name in gpu.GPU_FUNCTIONS:
+        monkeypatch.setattr(gpu, name, pickling_gpu(getattr(gpu, name), calls))
+    return calls
+
+
+def test_spaces_decorates_exactly_the_boundary_functions():
+    code = (
+        "import spaces\n"
+        "assert spaces.GPU(len) is len  # off a Space (no GPU): the function itself\n"
+        "seen = []\n"
+        "spaces.GPU = lambda *a, **k: (lambda fn: seen.append(fn.__name__) or fn)\n"
+        "import app.gpu\n"
+        "print(','.join(seen))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("SPACES_ZERO_GPU", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120, cwd=ROOT)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().split(",") == list(gpu.GPU_FUNCTIONS)
+
+
+class _RefuseModules(pickle.Pickler):
+    def reducer_override(self, obj):
+        if isinstance(obj, nn.Module):
+            raise AssertionError(f"the session holds a model ({type(obj).__name__})")
+        return NotImplemented
+
+
+def _dumps(session) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    _RefuseModules(buffer).dump(session)
+    return buffer.getvalue()
+
+
+def test_session_is_plain_picklable_data(tmp_path, worker_calls):
+    _, model_dir = tiny_dirs(tmp_path)
+    handlers = Handlers(load_model(str(model_dir)), tmp_path / "dl")
+    knobs = {"attention": "sinkhorn", "lam": 0.5, "use_mps": True}
+    session = handlers.segment(None, str(write_photo(tmp_path / "p.png")), "cat, class0", knobs)
+    handlers.rerender(session, {**knobs, "attention": "softmax"})
+    handlers.compare(session, knobs, 0.5)
+    handlers.prompt_maps(session, "cat")
+    assert set(worker_calls) == set(gpu.GPU_FUNCTIONS)
+
+    restored = pickle.loads(_dumps(session))  # what a pickling session store would hand back
+    calls = len(worker_calls)
+    again = handlers.rerender(restored, {**knobs, "lam": 0.2})
+    before = handlers.rerender(session, {**knobs, "lam": 0.2})
+    assert np.array_equal(again.labels, before.labels)
+    assert len(worker_calls) == calls  # λ re-fuses cached maps: no GPU call at all
+
+
+@pytest.mark.parametrize("mode", ["trained", "training-free"])
+def test_demo_end_to_end_through_the_pickling_boundary(tmp_path, worker_calls, mode):
+    clip_dir, model_dir = tiny_dirs(tmp_path)
+    if mode == "trained":
+        loaded = load_model(str(model_dir))
+    else:
+        loaded = load_model(None, clip_model=f"local-dir:{clip_dir}", clip_pretrained=None)
+    assert loaded.mode == mode, loaded.status
+    with served(loaded) as url:
+        c = client(url)
+        overlay, _, files, info = c.predict(handle_file(str(CAT)), "cat, grass, class0",
+                                            "sinkhorn", 0.5, True, 0.5, api_name="/segment")  # fmt: skip
+        assert [k["name"] for k in info["classes"]] == ["cat", "grass", "class0"]
+        assert Image.open(overlay).size == Image.open(CAT).size
+        *_, info = c.predict("softmax", 0.8, True, 0.5, api_name="/rerender")
+        assert info["attention"] == "softmax"
+        c.predict(0.9, api_name="/redraw")
+        (left, right), _ = c.predict(0.5, True, 0.5, api_name="/compare")
+        assert Image.open(left).size == Image.open(right).size
+        *_, note = c.predict("grass", api_name="/prompt_maps")
+        assert "overlap" in note
+    assert {"encode_image", "embed_text", "decode"} <= set(worker_calls)
+
+
+def test_plain_cpu_model_registry_is_used_by_key(tmp_path):
+    """The predictor of a session holds a key, not the model; an unknown key says so."""
+    _, model_dir = tiny_dirs(tmp_path)
+    loaded = load_model(str(model_dir))
+    session = Handlers(loaded).new_session()
+    assert session.predictor.model.key == loaded.key and gpu._lookup(loaded.key)[0] is loaded.model
+    with pytest.raises(RuntimeError, match="no model is registered"):
+        gpu.RemoteModel("nobody")
+    assert isinstance(LoadedModel(None, "none", "x").key, type(None))
