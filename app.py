@@ -3,7 +3,12 @@
 See ``app/main.py`` for every setting and its environment variable (``OTSEG_MODEL``, ...).
 """
 
-from app.main import main
+import contextlib
+
+with contextlib.suppress(ImportError):  # on ZeroGPU, spaces comes before anything touches CUDA
+    import spaces  # noqa: F401
+
+from app.main import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

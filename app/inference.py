@@ -81,7 +81,7 @@ def load_model(
     from otseg.model import OTSeg
     from otseg.training_free import build_training_free
 
-    problem = failed = ""
+    problem = ""
     if model:
         try:
             net = OTSeg.from_pretrained(model)
@@ -94,13 +94,12 @@ def load_model(
             )
             return LoadedModel(net.to(device), "trained", status, precision, device)
         except (WeightsNotFoundError, CheckpointError, ValueError) as e:
-            failed = f"could not load `{model}` ({_first_line(e)}), and "
             problem = f"⚠️ Could not load `{model}`: {_first_line(e)}\n\n"
     try:
         net = build_training_free(clip_model, clip_pretrained)
     except (WeightsNotFoundError, CheckpointError, ValueError, RuntimeError) as e:
         status = (
-            f"**No model loaded** — {failed}the CLIP weights `{clip_model}` / "
+            f"**No model loaded.** {problem}The CLIP weights `{clip_model}` / "
             f"`{clip_pretrained}` are not available ({_first_line(e)}). Run once with internet "
             "access so they are cached, or point `--clip`/`OTSEG_CLIP` at a local open_clip "
             f"directory (`local-dir:/path`). {HOW_TO_TRAINED}"

@@ -5,7 +5,7 @@ Settings (flag, then environment variable, then default):
     --clip       OTSEG_CLIP       CLIP for the training-free mode ("ViT-B-16-quickgelu")
     --clip-pretrained OTSEG_CLIP_PRETRAINED  its weights tag or file ("openai"; "" for none)
     --precision  OTSEG_PRECISION  "fp32" or "bf16" (bf16 autocast: ~2.5× faster on CPUs with AVX-512 BF16)
-    --device     OTSEG_DEVICE     "cpu", "cuda" (default: cuda when available)
+    --device     OTSEG_DEVICE     "cpu", "cuda" or "mps" (default: cuda when available)
     --host       OTSEG_HOST / GRADIO_SERVER_NAME   ("127.0.0.1")
     --port       OTSEG_PORT / GRADIO_SERVER_PORT   (7860)
     --share      OTSEG_SHARE=1    public gradio.live link
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 
 import gradio as gr
@@ -62,13 +63,38 @@ def build_demo(loaded: LoadedModel) -> gr.Blocks:
     return demo.queue(default_concurrency_limit=2, max_size=QUEUE_MAX_SIZE)
 
 
+def check_device(device: str | None) -> str:
+    """The torch device to run on ("cuda" when available if None); a one-line ``ValueError``
+    when the machine cannot provide it."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = device.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ValueError(
+            f"--device {device}: no CUDA GPU is usable here (torch {torch.__version__}, {build}); "
+            "use --device cpu"
+        )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: Apple MPS is not available here; use --device cpu")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: unknown device; use cpu, cuda or mps")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"--device {device}: {str(e).strip().splitlines()[0]}") from None
+    return device
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    device = args.device
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = check_device(args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     loaded = load_model(
         args.model,
         clip_model=args.clip,

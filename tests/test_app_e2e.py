@@ -239,6 +239,6 @@ def test_no_model_starts_and_explains(tmp_path):
     with served(loaded) as url:
         config = page_config(url)
         assert "No model loaded" in config and "OTSEG_MODEL" in config
-        with pytest.raises(AppError, match="^No model loaded") as error:
+        with pytest.raises(AppError, match=r"^No model loaded\. Could not load nobody") as error:
             segment(client(url), CAT, "cat")
         assert not any(mark in str(error.value) for mark in ("**", "`", "⚠"))

@@ -294,7 +294,7 @@ def test_app_starts_with_an_original_model(mirror, monkeypatch, capsys):
         assert "**OTSeg (authors' weights, tiny parity fixture)**" in capsys.readouterr().out
         photo = write_photo(Path(os.environ["OTSEG_CACHE"]) / "photo.png")
         c = client(f"http://127.0.0.1:{port}/")
-        *_, info, _ = c.predict(
+        *_, info = c.predict(
             handle_file(str(photo)), "class0, class3", "sinkhorn", 0.5, True, 0.5,
             api_name="/segment",
         )  # fmt: skip

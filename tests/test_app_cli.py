@@ -1,0 +1,43 @@
+"""``python app.py`` settings that cannot work end in one line and exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.main import check_device
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_missing_cuda_and_mps_are_one_line_errors(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(
+        ValueError, match=r"^--device cuda: no CUDA GPU is usable here .*--device cpu$"
+    ):
+        check_device("cuda")
+    with pytest.raises(ValueError, match=r"^--device cuda:1: no CUDA GPU"):
+        check_device("cuda:1")
+    with pytest.raises(ValueError, match=r"^--device mps: Apple MPS is not available here"):
+        check_device("mps")
+    with pytest.raises(ValueError, match=r"^--device gpu: unknown device; use cpu, cuda or mps$"):
+        check_device("gpu")
+    assert check_device(None) == "cpu" and check_device("cpu") == "cpu"
+
+
+def test_app_py_exits_with_one_line_before_loading_any_weights():
+    out = subprocess.run(
+        [sys.executable, "app.py", "--device", "tpu", "--clip", "local-dir:/nonexistent"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: --device tpu: unknown device; use cpu, cuda or mps"
+    assert "CLIP" not in out.stdout + out.stderr
