@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +55,9 @@ class Decoder(nn.Module):
     def __init__(self, dim: int, cfg: HeadConfig) -> None:
         super().__init__()
         self.q_proj = nn.Linear(2 * dim, dim)
-        self.layers = nn.ModuleList(DecoderLayer(dim, cfg) for _ in range(cfg.num_layers))
+        layer = DecoderLayer(dim, cfg)
+        # As the original (``_get_clones``): the layers start as identical copies of one layer.
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(cfg.num_layers))
 
     def forward(
         self, q0: torch.Tensor, pixels: torch.Tensor, attention: str = "sinkhorn"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -52,9 +50,12 @@ def pseudo_label(targets: torch.Tensor, output: OTSegOutput, config: OTSegConfig
 
 
 def count_masks(targets: torch.Tensor) -> torch.Tensor:
-    """Σ over images of the number of distinct non-ignored labels (a float tensor, ≥ 0)."""
-    n = sum(int((t.unique() != IGNORE).sum()) for t in targets)
-    return torch.tensor(float(n), device=targets.device)
+    """Σ over images of the number of distinct non-ignored labels: a float tensor on the
+    targets' device (no host synchronisation). targets: (B, H, W) int64 in 0..254 or 255."""
+    b = targets.shape[0]
+    present = torch.zeros(b, IGNORE + 1, dtype=torch.bool, device=targets.device)
+    present.scatter_(1, targets.reshape(b, -1).clamp(0, IGNORE), True)
+    return present[:, :IGNORE].sum().float()
 
 
 def seg_loss(
@@ -89,13 +90,10 @@ def seg_loss(
     bce = ce.mean(-1).sum() / num_masks
     present = t.sum(-1) > 0  # (B, K)
     dice = 1 - (2 * (prob * t).sum(-1) + 1) / (prob.sum(-1) + t.sum(-1) + 1)
-    dice = dice[present].sum() / num_masks
-    pred = logits.argmax(1)
-    acc = (
-        (pred[valid] == targets[valid]).float().mean() * 100
-        if valid.any()
-        else logits.new_zeros(())
-    )
+    dice = (dice * present).sum() / num_masks
+    # no boolean indexing (each would be a host synchronisation); 0 when nothing is labelled
+    correct = ((logits.argmax(1) == targets) & valid).sum()
+    acc = correct.float() / valid.sum().clamp(min=1) * 100
     return {"focal": focal, "bce": bce, "dice": dice, "acc": acc.detach()}
 
 
@@ -106,19 +104,19 @@ def otseg_losses(
     mask_weight: float = 100.0,
     dice_weight: float = 1.0,
     bce_weight: float = 0.0,
-    reduce_num_masks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    num_masks: torch.Tensor | float | None = None,
 ) -> dict[str, torch.Tensor]:
     """The six logged values of the original (``decode.*`` on D↑, ``score.*`` on MPS↑) + ``loss``.
 
     ``loss_mask`` is the focal loss; with ``bce_weight`` > 0 a ``loss_bce`` term is added per map
     (ZegOT: BCE 1 + focal 20 + dice 1 on its decoder and MPOT maps).
     targets: (B, H, W) after :func:`remap_labels` / :func:`pseudo_label`.
-    reduce_num_masks: averages the mask count over processes in distributed training.
+    num_masks: the focal/dice normaliser; None: this batch's :func:`count_masks` (at least 1).
+        Training passes 1 and divides by the whole optimizer step's count afterwards (see
+        ``train.engine``), so any process count and accumulation optimise the same objective.
     """
-    num_masks = count_masks(targets)
-    if reduce_num_masks is not None:
-        num_masks = reduce_num_masks(num_masks)
-    num_masks = num_masks.clamp(min=1.0)
+    if num_masks is None:
+        num_masks = count_masks(targets).clamp(min=1.0)
     out: dict[str, torch.Tensor] = {}
     maps = {"decode": output.decoder_map, "score": output.score_map}
     for name, logits in maps.items():

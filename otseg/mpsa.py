@@ -4,11 +4,10 @@ or the softmax attention of the ZegCLIP baseline, on one set of weights."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import HeadConfig
-from .mps import Transport, transport_plan
+from .mps import Transport, cosine_similarity, transport_plan
 
 ATTENTIONS = ("sinkhorn", "softmax")
 
@@ -36,10 +35,8 @@ class PromptPixelAttention(nn.Module):
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
 
     def _sinkhorn(self, queries, pixels):
-        q = F.normalize(self.q(queries), dim=-1)
-        k = F.normalize(self.k(pixels), dim=-1)
         v = self.v(pixels)
-        sim = torch.einsum("bmc,bknc->bkmn", k, q)
+        sim = cosine_similarity(self.k(pixels), self.q(queries))
         c = self.cfg
         plan = transport_plan(
             sim, "sinkhorn", eps=c.sinkhorn_eps, max_iter=c.sinkhorn_max_iter, tol=c.sinkhorn_thresh

@@ -10,13 +10,20 @@ import pytest
 from PIL import Image
 
 from otseg.data.classes import CLASS_NAMES
-from otseg.data.datasets import CustomDataset, build_dataset, read_label, reduce_zero
+from otseg.data.datasets import (
+    CustomDataset,
+    build_dataset,
+    check_label_values,
+    read_label,
+    reduce_zero,
+)
 from otseg.data.synthetic import SYNTHETIC_CLASSES, write_synthetic
 
 SPLITS = {
     "voc": ("train", "val", "trainaug"),
     "context": ("train", "val"),
     "coco": ("train2017", "val2017"),
+    "ade": ("training", "validation"),
     "custom": ("train", "val"),
 }
 
@@ -32,7 +39,8 @@ def test_reader_yields_raw_samples(tmp_path: Path, layout: str):
     root = write_synthetic(tmp_path, layout, num_train=5, num_val=3, num_classes=5)
     for split in SPLITS[layout]:
         ds = build_dataset(layout, root, split)
-        assert len(ds) == (3 if split.startswith("val") else 5)
+        expected = 3 if split.startswith("val") else 10 if split == "trainaug" else 5
+        assert len(ds) == expected  # trainaug: train.txt + trainaug.txt, as the original
         for i in range(len(ds)):
             s = ds[i]
             assert s["image"].dtype == np.uint8 and s["image"].ndim == 3
@@ -41,21 +49,22 @@ def test_reader_yields_raw_samples(tmp_path: Path, layout: str):
             assert values <= set(range(5)) | {255}
             assert values - {255}, "every synthetic image holds at least one object"
             assert Path(s["path"]).is_file()
-    expected = SYNTHETIC_CLASSES[:5] if layout == "custom" else CLASS_NAMES[layout]
-    assert ds.class_names == tuple(expected)
+    names = SYNTHETIC_CLASSES[:5] if layout == "custom" else CLASS_NAMES[layout]
+    assert ds.class_names == tuple(names)
 
 
 def test_all_layouts_give_the_same_labels(tmp_path: Path):
     """VOC/Context store background 0 and reduce it; COCO/custom store 255: same labels out."""
     labels = {}
-    for layout in ("context", "coco", "custom"):
+    for layout in ("context", "coco", "ade", "custom"):
         root = write_synthetic(tmp_path / layout, layout, num_train=3, num_val=1, seed=7)
         labels[layout] = build_dataset(layout, root, "val")[0]["label"]
     root = write_synthetic(tmp_path / "voc", "voc", num_train=3, num_val=1, seed=7)
-    labels["voc-aug"] = build_dataset("voc", root, "trainaug")[0]["label"]
+    labels["voc-aug"] = build_dataset("voc", root, "trainaug")[3]["label"]  # after train.txt
     labels["custom-train"] = build_dataset("custom", tmp_path / "custom", "train")[0]["label"]
     np.testing.assert_array_equal(labels["context"], labels["coco"])
     np.testing.assert_array_equal(labels["context"], labels["custom"])
+    np.testing.assert_array_equal(labels["context"], labels["ade"])
     np.testing.assert_array_equal(labels["voc-aug"], labels["custom-train"])
 
 
@@ -77,7 +86,10 @@ def test_voc_trainaug_variants(tmp_path: Path):
     assert "SegmentationClass" in str(ds.pairs[0][1]) and "Aug" in str(ds.pairs[-1][1])
     deeplab = write_synthetic(tmp_path / "b", "voc", num_train=4, num_val=1)
     ds = build_dataset("voc", deeplab / "VOCdevkit", "trainaug")  # a parent folder also works
-    assert len(ds) == 4 and all("SegmentationClassAug" in str(p[1]) for p in ds.pairs)
+    assert len(ds) == 8  # the original: train.txt + trainaug.txt, train images twice
+    assert all("SegmentationClass/" in str(p[1]) for p in ds.pairs[:4])
+    assert all("SegmentationClassAug/" in str(p[1]) for p in ds.pairs[4:])
+    assert [p[0] for p in ds.pairs[:4]] == [p[0] for p in ds.pairs[4:]]
 
 
 def test_missing_paths_raise_clear_errors(tmp_path: Path):
@@ -86,7 +98,7 @@ def test_missing_paths_raise_clear_errors(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="(?s)VOC root.*nowhere.*expected layout"):
         build_dataset("voc", tmp_path / "nowhere", "train")
     (base / "ImageSets/Segmentation/trainaug.txt").unlink()
-    with pytest.raises(FileNotFoundError, match="aug.txt.*trainaug.txt"):
+    with pytest.raises(FileNotFoundError, match="trainaug.txt.*aug.txt"):
         build_dataset("voc", root, "trainaug")
     (base / "SegmentationClass/val_00000.png").unlink()
     with pytest.raises(FileNotFoundError, match="label file.*val_00000.png"):
@@ -101,7 +113,7 @@ def test_missing_paths_raise_clear_errors(tmp_path: Path):
         (coco / "annotations/val2017").rmdir()
         build_dataset("coco", coco, "val")
     with pytest.raises(ValueError, match="unknown dataset"):
-        build_dataset("ade", root, "val")
+        build_dataset("cityscapes", root, "val")
 
 
 def test_custom_dataset_options(tmp_path: Path):
@@ -121,6 +133,23 @@ def test_custom_dataset_options(tmp_path: Path):
     (root / "labels/train/train_00001.png").unlink()
     with pytest.raises(FileNotFoundError, match="train_00001.png"):
         build_dataset("custom", root, "train")
+
+
+def test_label_values_beyond_the_classes_are_named(tmp_path: Path):
+    root = write_synthetic(tmp_path, "custom", num_train=3, num_val=1, num_classes=4)
+    check_label_values(build_dataset("custom", root, "train"))  # 0..3 and 255: fine
+    path = root / "labels/train/train_00001.png"
+    label = read_label(path)
+    label[0, 0] = 7
+    Image.fromarray(label).save(path)
+    with pytest.raises(ValueError, match=r"train_00001.png: label value 7 but only 4 classes"):
+        check_label_values(build_dataset("custom", root, "train"))
+    # with reduce_zero_label the stored 7 is class 6: still out of range; stored 4 → 3 is fine
+    label[0, 0] = 4
+    Image.fromarray(label).save(path)
+    with pytest.raises(ValueError, match="label value 4"):
+        check_label_values(build_dataset("custom", root, "train"))
+    check_label_values(build_dataset("custom", root, "train", reduce_zero_label=True))
 
 
 def test_transform_hook_gets_per_sample_generator(tmp_path: Path):

@@ -12,11 +12,40 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from otseg.config import OTSegConfig
-from otseg.losses import otseg_losses, pseudo_label, remap_labels
-from train.build import EpochSampler, set_epoch
+from otseg.losses import count_masks, otseg_losses, pseudo_label, remap_labels
+from train.build import EpochSampler, fixed_sinkhorn, set_epoch
 from train.checkpoint import TrainState
 
 logger = get_logger("train")
+
+
+class StepWindow:
+    """Loss sums and mask counts of the micro-batches of one optimizer step on this process."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.masks: torch.Tensor | float = 0.0
+        self.count = 0
+
+    def add(self, losses: dict[str, torch.Tensor], masks: torch.Tensor) -> None:
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+        self.masks = self.masks + masks
+        self.count += 1
+
+    def reduce(self, accelerator: Accelerator, min_masks: float) -> dict[str, torch.Tensor]:
+        """One all-reduce: the step's loss components normalised by its total mask count
+        (at least ``min_masks``), accuracies averaged over micro-batches, and ``num_masks``."""
+        keys = sorted(self.sums)
+        masks = torch.as_tensor(self.masks, dtype=torch.float32, device=accelerator.device)
+        local = torch.stack([self.sums[k] for k in keys] + [masks, masks.new_tensor(self.count)])
+        total = accelerator.reduce(local, "sum")
+        masks, micro = total[-2], total[-1]
+        norm = masks.clamp(min=min_masks)
+        out = {k: v / (micro if "acc" in k else norm) for k, v in zip(keys, total, strict=False)}
+        out["num_masks"] = norm
+        self.sums, self.masks, self.count = {}, 0.0, 0
+        return out
 
 
 def train_step(
@@ -27,46 +56,44 @@ def train_step(
     batch: dict,
     text: torch.Tensor,
     config: OTSegConfig,
-) -> dict[str, torch.Tensor]:
+    window: StepWindow,
+    *,
+    min_masks: float = 1.0,
+) -> dict[str, torch.Tensor] | None:
     """One micro-batch: forward, losses, backward; the optimizer and schedule advance only
     when this micro-batch completes an accumulation window (``sync_gradients``).
 
+    Focal and dice are summed per micro-batch and divided once per optimizer step by the mask
+    count of the whole step (all micro-batches, all processes): the original divides by the
+    mean count over its 4 GPUs, which is the same objective, so 1, 2, 4 or 8 processes (with
+    accumulation) train identically. The count is clamped at ``min_masks`` (the original
+    clamps its mean at 1, i.e. the step's total at 4).
+
     batch: ``image`` (B, 3, S, S) normalised crops, ``label`` (B, S, S) dataset ids, 255 ignore.
     text: (K', N, C) training prompt embeddings (seen classes when inductive).
-    Returns the detached loss components (``loss``, ``{decode,score}.{loss_mask,loss_dice,acc_seg}``).
+    Returns None inside an accumulation window; at its end the step's loss components
+    (``loss``, ``{decode,score}.{loss_mask,loss_dice,acc_seg}``), ``num_masks`` and ``lr``
+    (the rate this step used), as 0-d tensors on the device.
     """
+    logs = None
     with accelerator.accumulate(model):
         output = model(batch["image"], text)
         targets = pseudo_label(remap_labels(batch["label"], config), output, config)
-        losses = otseg_losses(
-            output, targets, reduce_num_masks=lambda n: accelerator.reduce(n, "mean")
-        )
+        losses = otseg_losses(output, targets, num_masks=1.0)  # sums, normalised below
+        window.add(losses, count_masks(targets))
         accelerator.backward(losses["loss"])
+        if accelerator.sync_gradients:
+            logs = window.reduce(accelerator, min_masks)
+            # the gradients are the mean over processes × micro-batches of the summed losses
+            scale = accelerator.num_processes * accelerator.gradient_accumulation_steps
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, scale / logs["num_masks"])
+            logs["lr"] = logs["loss"].new_tensor(scheduler.get_last_lr()[0])
         optimizer.step()  # a no-op inside an accumulation window (Accelerate)
         if accelerator.sync_gradients:
             scheduler.step()  # per iteration, whatever the number of processes
         optimizer.zero_grad(set_to_none=True)
-    return {k: v.detach() for k, v in losses.items()}
-
-
-class LossWindow:
-    """Averages the loss components of one accumulation window, then across processes."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-
-    def add(self, losses: dict[str, torch.Tensor]) -> None:
-        for k, v in losses.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v.float()
-        self.count += 1
-
-    def reduce(self, accelerator: Accelerator) -> dict[str, float]:
-        keys = sorted(self.sums)
-        local = torch.stack([self.sums[k] / self.count for k in keys])
-        values = accelerator.reduce(local, "mean").tolist()
-        self.sums, self.count = {}, 0
-        return dict(zip(keys, values, strict=True))
+    return logs
 
 
 def train_loop(
@@ -81,20 +108,24 @@ def train_loop(
     state: TrainState,
     *,
     iterations: int,
-    save_every: int,
-    save: Callable[[TrainState], object],
+    after_step: Callable[[TrainState], object],
+    min_masks: float = 1.0,
+    sinkhorn_iters: int | None = None,
 ) -> TrainState:
     """Run optimizer steps ``state.step + 1 .. iterations``.
 
     The data position is ``state.micro_step`` batches of this process's loader: the epoch
     (shuffle order and augmentation stream) and the batches of it already seen, which a resumed
-    run skips with ``skip_first_batches``. ``save(state)`` runs every ``save_every`` steps and
-    at the end (on every process: saving is collective).
+    run skips with ``skip_first_batches``. ``after_step(state)`` runs after every optimizer
+    step on every process (periodic evaluation and checkpoints are collective).
+    ``sinkhorn_iters``: run the training forward with that many Sinkhorn iterations and no
+    early stop (no host synchronisation); None keeps the model's (the original) rule.
     """
     per_epoch = len(loader)
     if per_epoch == 0:
         raise ValueError("the training loader is empty on this process: too few images")
     model.train()
+    net = accelerator.unwrap_model(model)
     bar = tqdm(
         total=iterations,
         initial=state.step,
@@ -102,31 +133,33 @@ def train_loop(
         dynamic_ncols=True,
         disable=not accelerator.is_local_main_process,
     )
-    window = LossWindow()
+    window = StepWindow()
     while state.step < iterations:
         epoch, seen = divmod(state.micro_step, per_epoch)
         set_epoch(loader, sampler, epoch)
         batches = accelerator.skip_first_batches(loader, seen) if seen else loader
         for batch in batches:
-            window.add(train_step(accelerator, model, optimizer, scheduler, batch, text, config))
+            with fixed_sinkhorn(net, sinkhorn_iters):
+                logs = train_step(
+                    accelerator, model, optimizer, scheduler, batch, text, config, window,
+                    min_masks=min_masks,
+                )  # fmt: skip
             state.micro_step += 1
-            if not accelerator.sync_gradients:
+            if logs is None:
                 continue
             state.step += 1
-            logs = window.reduce(accelerator)
-            logs["lr"] = scheduler.get_last_lr()[0]
-            accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=state.step)
+            keys = sorted(logs)
+            values = dict(zip(keys, torch.stack([logs[k] for k in keys]).tolist(), strict=True))
+            accelerator.log({f"train/{k}": v for k, v in values.items()}, step=state.step)
             bar.update(1)
             bar.set_postfix(
-                loss=f"{logs['loss']:.3f}",
-                mask=f"{logs['decode.loss_mask']:.3f}",
-                dice=f"{logs['decode.loss_dice']:.3f}",
-                acc=f"{logs['decode.acc_seg']:.1f}",
+                loss=f"{values['loss']:.3f}",
+                mask=f"{values['decode.loss_mask']:.3f}",
+                dice=f"{values['decode.loss_dice']:.3f}",
+                acc=f"{values['decode.acc_seg']:.1f}",
                 epoch=epoch,
             )
-            if state.step % save_every == 0 or state.step == iterations:
-                path = save(state)
-                logger.info("step %d: saved %s", state.step, path)
+            after_step(state)
             if state.step >= iterations:
                 break
     bar.close()

@@ -22,6 +22,8 @@ Accepted layouts (``root`` may be the folder shown or one that contains it):
   ImageSets/SegmentationContext/{train,val}.txt}`` (59 classes, 0 = background).
 * ``coco``: ``coco_stuff164k/{images,annotations}/{train2017,val2017}/`` with labels
   ``<stem>_labelTrainIds.png`` (0..170, 255 ignore); every ``.jpg`` of the image folder is used.
+* ``ade`` (cross-dataset evaluation only): ``ADEChallengeData2016/{images,annotations}/
+  {training,validation}/`` (``.jpg`` / ``.png``, 150 classes, 0 = other → ignored).
 * ``custom``: ``root/classes.txt`` (one name per line), ``root/images/<split>/`` and
   ``root/labels/<split>/<stem>.png``; see :class:`CustomDataset`.
 """
@@ -175,17 +177,15 @@ def voc_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
     if split not in ("trainaug", "aug"):
         raise ValueError(f"VOC split must be train, val or trainaug, got {split!r}")
     aug_labels = _require(base / "SegmentationClassAug", "label folder", VOC_LAYOUT)
-    if (sets / "aug.txt").exists():  # mmseg: ConcatDataset(train + aug)
-        train = voc_pairs(root, "train")
-        aug = _read_split(sets / "aug.txt", VOC_LAYOUT)
-        return train + _pairs(images, aug_labels, aug, ".jpg", ".png", VOC_LAYOUT)
-    if not (sets / "trainaug.txt").exists():
+    aug_split = next((sets / n for n in ("trainaug.txt", "aug.txt") if (sets / n).exists()), None)
+    if aug_split is None:
         raise FileNotFoundError(
-            f"split file not found: neither {sets / 'aug.txt'} (mmseg) nor "
-            f"{sets / 'trainaug.txt'}\n  expected layout: {VOC_LAYOUT}"
+            f"split file not found: neither {sets / 'trainaug.txt'} nor {sets / 'aug.txt'} "
+            f"(mmseg)\n  expected layout: {VOC_LAYOUT}"
         )
-    stems = _read_split(sets / "trainaug.txt", VOC_LAYOUT)
-    return _pairs(images, aug_labels, stems, ".jpg", ".png", VOC_LAYOUT)
+    # the original concatenates train.txt (SegmentationClass) and trainaug.txt (Aug labels)
+    aug = _pairs(images, aug_labels, _read_split(aug_split, VOC_LAYOUT), ".jpg", ".png", VOC_LAYOUT)
+    return voc_pairs(root, "train") + aug
 
 
 CONTEXT_LAYOUT = (
@@ -219,6 +219,20 @@ def coco_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
     labels = _require(base / "annotations" / split, "label folder", COCO_LAYOUT)
     stems = sorted(p.stem for p in images.glob("*.jpg"))
     return _pairs(images, labels, stems, ".jpg", "_labelTrainIds.png", COCO_LAYOUT)
+
+
+ADE_LAYOUT = "ADEChallengeData2016/{images,annotations}/{training,validation}/*.{jpg,png}"
+
+
+def ade_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
+    """(image, label) pairs of ADE20K-150 ``split`` in {training, validation} (or train/val)."""
+    split = {"train": "training", "val": "validation"}.get(split, split)
+    root = _require(Path(root), "ADE20K root", ADE_LAYOUT)
+    base = _find(root, "ADEChallengeData2016")
+    images = _require(base / "images" / split, "image folder", ADE_LAYOUT)
+    labels = _require(base / "annotations" / split, "label folder", ADE_LAYOUT)
+    stems = sorted(p.stem for p in images.glob("*.jpg"))
+    return _pairs(images, labels, stems, ".jpg", ".png", ADE_LAYOUT)
 
 
 CUSTOM_LAYOUT = "root/{classes.txt, images/<split>/<stem>.<jpg|png|...>, labels/<split>/<stem>.png}"
@@ -264,7 +278,13 @@ class CustomDataset(SegmentationDataset):
         )
 
 
-_READERS = {"voc": (voc_pairs, True), "context": (context_pairs, True), "coco": (coco_pairs, False)}
+_READERS = {
+    "voc": (voc_pairs, True),
+    "context": (context_pairs, True),
+    "coco": (coco_pairs, False),
+    "ade": (ade_pairs, True),
+}
+DATASETS = (*_READERS, "custom")
 
 
 def build_dataset(
@@ -274,7 +294,7 @@ def build_dataset(
     transform: Transform | None = None,
     **kwargs: Any,
 ) -> SegmentationDataset:
-    """A dataset by name: ``voc`` | ``context`` | ``coco`` | ``custom``.
+    """A dataset by name: ``voc`` | ``context`` | ``coco`` | ``ade`` | ``custom``.
 
     ``kwargs`` go to the dataset (``seed``; for ``custom`` also ``reduce_zero_label``,
     ``ignore_index`` and ``class_names``, default ``root/classes.txt``).
@@ -286,7 +306,7 @@ def build_dataset(
             root / "images" / split, root / "labels" / split, transform=transform, **kwargs
         )
     if name not in _READERS:
-        raise ValueError(f"unknown dataset {name!r}; choose voc, context, coco or custom")
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     reader, reduce = _READERS[name]
     return SegmentationDataset(
         reader(root, split),
@@ -295,3 +315,20 @@ def build_dataset(
         transform=transform,
         **kwargs,
     )
+
+
+def check_label_values(dataset: SegmentationDataset) -> None:
+    """Stop with the file and value when a label (after ``reduce_zero_label`` / ``ignore_index``)
+    is neither a class id 0..K−1 nor 255; reads every label file once."""
+    k = len(dataset.class_names)
+    for _, label_path in dataset.pairs:
+        label = read_label(label_path)
+        if dataset.reduce_zero_label:
+            label = reduce_zero(label)
+        values = np.unique(label)
+        bad = values[(values >= k) & (values != 255) & (values != dataset.ignore_index)]
+        if bad.size:
+            raise ValueError(
+                f"{label_path}: label value {int(bad[0])} but only {k} classes (ids 0..{k - 1}, "
+                f"255 = ignore); fix the label file or add the missing class names"
+            )

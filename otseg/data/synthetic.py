@@ -23,7 +23,7 @@ _COLOURS = np.array([
     (220, 30, 30), (30, 200, 40), (40, 60, 230), (235, 220, 30), (220, 40, 220),
     (30, 220, 220), (245, 140, 20), (250, 250, 250),
 ])  # fmt: skip
-LAYOUTS = ("voc", "context", "coco", "custom")
+LAYOUTS = ("voc", "context", "coco", "ade", "custom")
 
 
 def _shape_mask(
@@ -116,7 +116,8 @@ def write_synthetic(
 
     Args:
         layout: ``voc`` (splits train, val, trainaug), ``context`` (train, val), ``coco``
-            (train2017, val2017) or ``custom`` (train, val; with ``classes.txt``).
+            (train2017, val2017), ``ade`` (training, validation) or ``custom`` (train, val;
+            with ``classes.txt``).
         size: smallest image (H, W); each image adds 0..16 pixels to both.
         num_classes: K ≤ 8 (see ``SYNTHETIC_CLASSES``).
         mmseg_aug: VOC only: write ``aug.txt`` (mmseg) instead of ``trainaug.txt``.
@@ -171,6 +172,11 @@ def _write_pair(
         folder = "train2017" if split == "train" else "val2017"
         _save_image(root / "images" / folder / f"{stem}.jpg", image)
         _save_label(root / "annotations" / folder / f"{stem}_labelTrainIds.png", label, False)
+    elif layout == "ade":
+        folder = "training" if split == "train" else "validation"
+        stored = np.where(label == 255, 0, label + 1).astype(np.uint8)  # 0 = "other"
+        _save_image(root / "images" / folder / f"{stem}.jpg", image)
+        _save_label(root / "annotations" / folder / f"{stem}.png", stored, palette=False)
     else:
         _save_image(root / "images" / split / f"{stem}.jpg", image)
         _save_label(root / "labels" / split / f"{stem}.png", label, palette=False)
