@@ -8,10 +8,10 @@ from torch import nn
 
 from otseg.config import PRESETS
 from train.optim import (
+    batch_layout,
     build_optimizer,
     build_scheduler,
     describe_batch,
-    grad_accum_steps,
     poly_warmup_lambda,
     poly_warmup_lr,
 )
@@ -65,12 +65,17 @@ def test_lambdalr_follows_the_schedule_per_step():
     assert opt.param_groups[0]["initial_lr"] == BASE
 
 
-def test_grad_accum_makes_the_global_batch():
-    assert grad_accum_steps(16, 4, 4) == 1
-    assert grad_accum_steps(16, 4, 1) == 4
-    assert grad_accum_steps(16, 2, 2) == 4
-    with pytest.raises(ValueError, match="not a multiple"):
-        grad_accum_steps(16, 3, 2)
+def test_batch_layout_for_any_gpu_count_dividing_16():
+    expected = {1: (4, 4), 2: (4, 2), 4: (4, 1), 8: (2, 1), 16: (1, 1)}
+    for n, layout in expected.items():
+        assert batch_layout(16, 4, n) == layout
+        per_device, steps = layout
+        assert per_device * n * steps == 16
+    assert batch_layout(16, 2, 1) == (2, 8)  # a smaller memory bound: more accumulation
+    assert batch_layout(4, 2, 4) == (1, 1)
+    for n in (3, 5, 6, 7, 12):
+        with pytest.raises(ValueError, match=rf"over {n} processes; launch 1, 2, 4, 8 or 16"):
+            batch_layout(16, 4, n)
     line = describe_batch(16, 2, 2)
     assert "16 = 2 per device × 2 processes × 4 gradient-accumulation steps" in line
 
@@ -90,6 +95,10 @@ def test_every_preset_has_a_recipe_matching_the_spec():
             assert r.global_batch == 16 and r.lr == 2e-4 and r.warmup_iters == 1500
             assert r.checkpoint_interval == (1000 if count == 10000 else 10000)
             assert r.requires_init_from == (setting == "transductive")
+            if setting == "transductive":  # its start checkpoint survives the inductive run
+                start = load_recipe(f"{dataset}-inductive")
+                assert start.keep_steps == (r.init_from_iter,) == (count,)
+                assert r.init_from_iter % start.checkpoint_interval == 0
     assert {p.stem for p in CONFIG_DIR.glob("*.toml")} >= {f"{k}" for k in PRESETS}
 
 

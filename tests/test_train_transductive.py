@@ -3,6 +3,7 @@ pseudo-labels only on unseen pixels), configs from a custom dataset, and evaluat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -53,14 +54,35 @@ def test_main_smoke_then_transductive_from_it(data: Path, tmp_path: Path):
 def test_init_from_loads_the_inductive_weights(data: Path, tmp_path: Path):
     from train.train import main
 
-    main(tiny_args(data, tmp_path / "ind", "--max-iters", "2", "--no-eval"))
-    source = OTSeg.from_pretrained(tmp_path / "ind" / "model")
-    recipe = load_recipe(
-        "tiny", ["setting=transductive", f"init_from={tmp_path / 'ind'}"]
-    )  # a run folder: its export
+    ind = tmp_path / "ind"
+    main(tiny_args(data, ind, "--max-iters", "4", "--checkpoint-every", "2", "--no-eval"))
+    # a run folder with a final model and checkpoints: which one the protocol means is unclear
+    recipe = load_recipe("tiny", ["setting=transductive", f"init_from={ind}"])
+    with pytest.raises(ValueError, match=r"ambiguous.*steps \[2, 4\]"):
+        build_training_model(recipe, build_config(recipe))
+    # the recipe's init_from_iter names the inductive step the protocol starts from
+    recipe = dataclasses.replace(recipe, init_from_iter=2)
     model = build_training_model(recipe, build_config(recipe))
+    source = OTSeg.from_pretrained(ind / "checkpoints" / "checkpoint_00000002" / "model")
     for key, value in source.trained_state_dict().items():
         assert torch.equal(model.trained_state_dict()[key], value), key
+    with pytest.raises(FileNotFoundError, match=r"step 3, but .*checkpoint_00000003"):
+        build_training_model(dataclasses.replace(recipe, init_from_iter=3), build_config(recipe))
+    final = OTSeg.from_pretrained(ind / "model")  # an explicit model folder is taken as is
+    recipe = dataclasses.replace(recipe, init_from=str(ind / "model"))
+    model = build_training_model(recipe, build_config(recipe))
+    for key, value in final.trained_state_dict().items():
+        assert torch.equal(model.trained_state_dict()[key], value), key
+
+
+def test_keep_steps_survive_rotation(data: Path, tmp_path: Path):
+    from train.train import main
+
+    run = tmp_path / "ind"
+    main(tiny_args(data, run, "--max-iters", "5", "--checkpoint-every", "1", "--no-eval",
+                   "--keep-checkpoints", "2", "--set", "keep_steps=[2]"))  # fmt: skip
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["checkpoint_00000002", "checkpoint_00000004", "checkpoint_00000005"]
 
 
 def test_pseudo_labels_touch_only_unseen_pixels():

@@ -6,8 +6,10 @@ run (and a resumed run) builds the same model and iterates the same data order.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from otseg.config import OTSegConfig, get_preset
 from otseg.data.augment import EvalTransform, TrainTransform, collate
-from otseg.data.datasets import build_dataset
+from otseg.data.datasets import build_dataset, check_label_values
 from otseg.hub import CONFIG_NAME, WEIGHTS_NAME, load_text_bank, load_weights, read_config
 from otseg.model import OTSeg, build_model
 from train.recipe import Recipe
@@ -65,41 +67,92 @@ def random_text_bank(config: OTSegConfig, seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def resolve_init(path: str | Path) -> Path:
-    """An otseg model directory from ``init_from``: the directory itself, a checkpoint (its
-    ``model/``), or a run directory (its export ``model/`` or its newest complete checkpoint)."""
-    from train.checkpoint import latest_checkpoint
+def _is_model_dir(path: Path) -> bool:
+    return (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
+
+
+def resolve_init(path: str | Path, step: int | None = None) -> Path:
+    """An otseg model directory from ``init_from``: a model directory itself, a checkpoint (its
+    ``model/``), or a run directory: its checkpoint of ``step`` (the inductive step the protocol
+    starts from) or, without a step, its only candidate; several candidates are refused."""
+    from train.checkpoint import META, checkpoint_dir, complete_checkpoints
 
     path = Path(path)
-    for candidate in (path, path / "model"):
-        if (candidate / CONFIG_NAME).is_file() and (candidate / WEIGHTS_NAME).is_file():
-            return candidate
-    latest = latest_checkpoint(path / "checkpoints") if path.is_dir() else None
-    if latest is not None:
-        return latest / "model"
+    if _is_model_dir(path):
+        return path
+    if (path / META).is_file() and _is_model_dir(path / "model"):
+        return path / "model"
+    found = complete_checkpoints(path / "checkpoints")
+    steps = [int(p.name.rsplit("_", 1)[1]) for p in found]
+    if step is not None and (found or _is_model_dir(path / "model")):
+        wanted = checkpoint_dir(path / "checkpoints", step)
+        if wanted in found:
+            return wanted / "model"
+        raise FileNotFoundError(
+            f"init_from {path}: the protocol starts from the inductive checkpoint of step {step}, "
+            f"but {wanted} does not exist (checkpoints of steps {steps}); pass a model or "
+            f"checkpoint directory explicitly"
+        )
+    candidates = found + ([path] if _is_model_dir(path / "model") else [])
+    if len(candidates) == 1:
+        return candidates[0] / "model"
+    if candidates:
+        raise ValueError(
+            f"init_from {path} is ambiguous: a run directory with a final model and checkpoints "
+            f"of steps {steps}; pass one of them, e.g. {path / 'model'} or {found[-1]}"
+        )
     raise FileNotFoundError(
         f"init_from {str(path)!r}: no otseg model (config.json + model.safetensors), checkpoint "
         f"or run directory with checkpoints there"
     )
 
 
+def load_frozen_clip(config: OTSegConfig, weights: str | None = None):
+    """The frozen open_clip model and tokenizer of ``config`` (weights from a local file when
+    given), with an actionable error when the weights are neither cached nor downloadable."""
+    from otseg.hub import WeightsNotFoundError, load_clip
+
+    pretrained = weights or config.clip_pretrained
+    try:
+        return load_clip(config.clip_model, pretrained)
+    except WeightsNotFoundError as e:
+        raise WeightsNotFoundError(
+            f"cannot load the frozen CLIP {config.clip_model} ({pretrained}): {e}. Run once "
+            f"with network access (the weights are then cached), or point training at a local "
+            f"open_clip weights file: --set clip_weights=/path/open_clip_pytorch_model.bin"
+        ) from None
+
+
+def training_text_bank(
+    recipe: Recipe, config: OTSegConfig, source: Path | None
+) -> dict[str, torch.Tensor] | None:
+    """Stored prompt embeddings to train with: the recipe's original ``.npy`` (as stored, fp16),
+    else those stored with the ``init_from`` model (a converted original checkpoint keeps
+    its embeddings), else random ones for a model without a text tower; None: CLIP's tower."""
+    if recipe.text_embeddings:
+        from otseg.convert import read_text_embeddings
+
+        return read_text_embeddings(recipe.text_embeddings, config)
+    if source is not None:
+        _, info = read_config(source / CONFIG_NAME)
+        if info.get("text_embeddings"):
+            return load_text_bank(source / info["text_embeddings"])
+    return random_text_bank(config, recipe.seed) if config.clip_model is None else None
+
+
 def build_training_model(recipe: Recipe, config: OTSegConfig) -> OTSeg:
     """The model to train: frozen CLIP (``load_clip``) or the config's random frozen tower,
     fresh prompts and decoder, or the weights of ``recipe.init_from`` (weights only)."""
+    if recipe.model != "otseg":
+        raise ValueError(f"unknown model type {recipe.model!r}; this trainer builds: otseg")
     torch.manual_seed(recipe.seed)
-    source = resolve_init(recipe.init_from) if recipe.init_from else None
+    source = resolve_init(recipe.init_from, recipe.init_from_iter) if recipe.init_from else None
+    bank = training_text_bank(recipe, config, source)
     if config.clip_model is None:
-        bank = random_text_bank(config, recipe.seed)
-        if source is not None:
-            _, info = read_config(source / CONFIG_NAME)
-            if info.get("text_embeddings"):
-                bank = load_text_bank(source / info["text_embeddings"])
         model = build_model(config, text_bank=bank)
     else:
-        from otseg.hub import load_clip
-
-        clip, tokenizer = load_clip(config.clip_model, config.clip_pretrained)
-        model = build_model(config, clip=clip, tokenizer=tokenizer)
+        clip, tokenizer = load_frozen_clip(config, recipe.clip_weights)
+        model = build_model(config, clip=clip, tokenizer=tokenizer, text_bank=bank)
     if source is not None:
         from safetensors.torch import load_file
 
@@ -108,6 +161,28 @@ def build_training_model(recipe: Recipe, config: OTSegConfig) -> OTSeg:
             raise ValueError(f"init_from {source}: image tower {src_config.vision} differs")
         load_weights(model, load_file(str(source / WEIGHTS_NAME)), str(source))
     return model
+
+
+@contextmanager
+def fixed_sinkhorn(model: OTSeg, iterations: int | None) -> Iterator[None]:
+    """Run ``model`` with exactly ``iterations`` Sinkhorn iterations and no early stop (no host
+    synchronisation per iteration); None changes nothing. Restored on exit, so checkpoints,
+    evaluation and the export keep the original rule."""
+    if iterations is None:
+        yield
+        return
+    config = model.config
+    head = dataclasses.replace(config.head, sinkhorn_max_iter=iterations, sinkhorn_thresh=None)
+    attentions = [layer.multihead_attn for layer in model.decoder.layers]
+    model.config = config.replace(head=head)
+    for attention in attentions:
+        attention.cfg = head
+    try:
+        yield
+    finally:
+        model.config = config
+        for attention in attentions:
+            attention.cfg = config.head
 
 
 def freeze_unreached(model: OTSeg) -> list[str]:
@@ -149,7 +224,16 @@ class EpochSampler(Sampler[int]):
         return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist())
 
 
-def build_train_loader(recipe: Recipe, config: OTSegConfig) -> DataLoader:
+def check_custom_labels(recipe: Recipe, config: OTSegConfig) -> None:
+    """A custom dataset's label files must hold class ids 0..K−1 or 255 (read once, at start)."""
+    if recipe.dataset == "custom":
+        for split in (recipe.train_split, recipe.val_split):
+            check_label_values(build_dataset("custom", recipe.data_root, split))
+
+
+def build_train_loader(
+    recipe: Recipe, config: OTSegConfig, per_device_batch: int, *, pin_memory: bool = False
+) -> DataLoader:
     """Augmented training crops, ``per_device_batch`` per step, the last partial
     batch dropped. The loader's own generator keeps iterator creation off the global RNG."""
     transform = TrainTransform.for_config(
@@ -158,13 +242,12 @@ def build_train_loader(recipe: Recipe, config: OTSegConfig) -> DataLoader:
     dataset = build_dataset(
         recipe.dataset, recipe.data_root, recipe.train_split, transform, seed=recipe.seed
     )
-    if len(dataset) < recipe.per_device_batch:
-        raise ValueError(
-            f"{len(dataset)} training images < per-device batch {recipe.per_device_batch}"
-        )
+    if len(dataset) < per_device_batch:
+        raise ValueError(f"{len(dataset)} training images < per-device batch {per_device_batch}")
     return DataLoader(
         dataset,
-        batch_size=recipe.per_device_batch,
+        batch_size=per_device_batch,
+        pin_memory=pin_memory,
         sampler=EpochSampler(len(dataset), recipe.seed),
         drop_last=True,
         collate_fn=collate,

@@ -11,7 +11,8 @@ Layout of ``<run>/checkpoints/``::
 A checkpoint is written into a temporary folder by every process, flushed to disk, then renamed
 (atomic on one file system). A SIGKILL at any point leaves either the old set of checkpoints or
 the new one, so ``--resume-from latest`` always finds a complete checkpoint. Old checkpoints are
-rotated (renamed away first, then deleted) to keep the newest ``keep``.
+rotated (renamed away first, then deleted) to keep the newest ``keep`` plus the ``keep_steps``
+(those a later stage of the protocol starts from).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class TrainState:
     num_processes: int = 1
     per_device_batch: int = 1
     accumulation_steps: int = 1
+    best_score: float | None = None  # best periodic-evaluation hIoU (mIoU when nothing unseen)
+    best_step: int | None = None
 
 
 def checkpoint_dir(folder: Path, step: int) -> Path:
@@ -83,10 +86,17 @@ def _remove(path: Path) -> None:
 class CheckpointManager:
     """Saves, rotates and restores checkpoints of the objects prepared by ``accelerator``."""
 
-    def __init__(self, accelerator: Accelerator, folder: Path, keep: int | None = 3) -> None:
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        folder: Path,
+        keep: int | None = 3,
+        keep_steps: tuple[int, ...] = (),
+    ) -> None:
         if keep is not None and keep < 1:
             raise ValueError("keep must be ≥ 1 (or None to keep all checkpoints)")
         self.accelerator, self.folder, self.keep = accelerator, Path(folder), keep
+        self.keep_steps = {checkpoint_dir(self.folder, s).name for s in keep_steps}
         accelerator.register_save_state_pre_hook(self._save_model)
         accelerator.register_load_state_pre_hook(self._load_model)
         if accelerator.is_main_process and self.folder.is_dir():
@@ -130,7 +140,10 @@ class CheckpointManager:
 
     def rotate(self) -> None:
         if self.keep is not None:
-            for old in complete_checkpoints(self.folder)[: -self.keep]:
+            rotating = [
+                p for p in complete_checkpoints(self.folder) if p.name not in self.keep_steps
+            ]
+            for old in rotating[: -self.keep]:
                 _remove(old)
 
     def resolve(self, resume_from: str | None) -> Path | None:

@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+
+logger = logging.getLogger("train")
+
+
+def push_problem(repo_id: str) -> str | None:
+    """Why pushing to ``repo_id`` at the end of training would fail (offline, no token,
+    Hub unreachable, token rejected), or None; checked at the start so a run can warn early."""
+    from huggingface_hub import HfApi, constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE=1 forbids uploads"
+    if get_token() is None:
+        return "no Hugging Face token (run `hf auth login` or set HF_TOKEN)"
+    from otseg.hub import _hub_unreachable_reason
+
+    unreachable = _hub_unreachable_reason()
+    if unreachable:
+        return unreachable
+    try:
+        HfApi().whoami()
+    except Exception as e:  # any failure means the upload would fail the same way
+        return f"the Hub rejected the token ({type(e).__name__}: {e})"
+    return None
+
+
+def push_later_hint(directory: Path, repo_id: str) -> str:
+    return f"push it later with: hf upload {repo_id} {directory} --repo-type model"
 
 
 def export_model(
@@ -17,11 +45,15 @@ def export_model(
     *,
     card: dict[str, Any],
     push_to_hub: str | None = None,
-) -> Path:
+) -> bool:
     """Write ``directory`` (config.json, model.safetensors, text embeddings when stored,
     README.md model card with ``card``) on the main process, atomically: a folder is written
-    beside it and renamed into place. Collective: call on every process."""
+    beside it and renamed into place. Collective: call on every process.
+
+    A failed upload does not raise: it is logged with how to push the intact export later.
+    Returns False when the upload failed, else True."""
     accelerator.wait_for_everyone()
+    pushed = True
     if accelerator.is_main_process:
         net = accelerator.unwrap_model(model)
         tmp = directory.with_name(f".tmp-{directory.name}")
@@ -34,7 +66,15 @@ def export_model(
             shutil.rmtree(old)
         os.replace(tmp, directory)
         if push_to_hub:
-            url = net.push_to_hub(push_to_hub, card=card)
-            print(f"pushed to https://huggingface.co/{push_to_hub} ({url})")
+            try:
+                url = net.push_to_hub(push_to_hub, card=card)
+                logger.info(f"pushed to https://huggingface.co/{push_to_hub} ({url})")
+            except Exception as e:  # network, auth, quota...: the local export is what matters
+                pushed = False
+                logger.error(
+                    f"push to {push_to_hub} failed ({type(e).__name__}: {str(e)[:300]}); the "
+                    f"exported model in {directory} is intact; "
+                    f"{push_later_hint(directory, push_to_hub)}"
+                )
     accelerator.wait_for_everyone()
-    return directory
+    return pushed

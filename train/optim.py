@@ -88,21 +88,24 @@ def build_scheduler(
     )
 
 
-def grad_accum_steps(global_batch: int, per_device_batch: int, num_processes: int) -> int:
-    """Accumulation steps so that per-device batch × processes × steps = global batch."""
-    per_step = per_device_batch * num_processes
-    if per_device_batch < 1 or num_processes < 1 or global_batch % per_step:
-        raise ValueError(
-            f"global batch {global_batch} is not a multiple of per-device batch "
-            f"{per_device_batch} × {num_processes} processes; choose a per-device batch that "
-            f"divides {global_batch // max(num_processes, 1)}"
-        )
-    return global_batch // per_step
+def batch_layout(global_batch: int, max_per_device: int, num_processes: int) -> tuple[int, int]:
+    """(per-device batch, accumulation steps) with per-device × processes × steps = global batch:
+    the largest per-device batch ≤ ``max_per_device`` that works (16 on 8 GPUs: 2 × 8 × 1)."""
+    for per_device in range(min(max_per_device, global_batch), 0, -1):
+        if global_batch % (per_device * num_processes) == 0:
+            return per_device, global_batch // (per_device * num_processes)
+    counts = [n for n in range(1, global_batch + 1) if global_batch % n == 0]
+    raise ValueError(
+        f"the global batch of {global_batch} images cannot be split evenly over "
+        f"{num_processes} processes; launch {', '.join(map(str, counts[:-1]))} or {counts[-1]} "
+        f"processes (e.g. restrict the GPUs with CUDA_VISIBLE_DEVICES), or change the recipe "
+        f"with --set global_batch=<a multiple of {num_processes}> (no longer the paper's recipe)"
+    )
 
 
 def describe_batch(global_batch: int, per_device_batch: int, num_processes: int) -> str:
     """A log line explaining how the global batch is formed."""
-    steps = grad_accum_steps(global_batch, per_device_batch, num_processes)
+    steps = global_batch // (per_device_batch * num_processes)
     return (
         f"global batch {global_batch} = {per_device_batch} per device × {num_processes} "
         f"process{'es' if num_processes > 1 else ''} × {steps} gradient-accumulation "

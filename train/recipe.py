@@ -39,8 +39,9 @@ class Recipe:
     crop_size: int  # training crop; must equal the model's S (the head outputs S)
     img_scale: tuple[int, int]  # Resize scale before the 0.5–2.0 ratio: (2048, 512) | (520, 520)
     checkpoint_interval: int  # save every this many steps (10k; 1k for the 10k schedule)
-    global_batch: int = 16  # per_device_batch × processes × grad-accum steps
-    per_device_batch: int = 4
+    global_batch: int = 16  # per-device batch × processes × grad-accum steps (original 4 × 4 × 1)
+    per_device_batch: int = 4  # the most images per device and micro-step (memory bound);
+    # the largest value ≤ this that forms global_batch on the launched processes is used
     lr: float = 2e-4  # effective lr of every trainable parameter, as the original
     weight_decay: float = 0.01  # on all trainable parameters, norms included, as the original
     betas: tuple[float, float] = (0.9, 0.999)
@@ -53,10 +54,25 @@ class Recipe:
     cat_max_ratio: float = 0.75
     requires_init_from: bool = False  # transductive: must start from an inductive checkpoint
     init_from: str | None = None  # weights to start from (fresh optimizer and schedule)
-    init_from_iter: int | None = None  # inductive step the original ST runs started from
+    init_from_iter: int | None = None  # inductive step the original ST runs started from;
+    # ``init_from`` = an inductive run directory picks its checkpoint of this step
+    keep_steps: tuple[int, ...] = ()  # checkpoints saved and never rotated away (a later
+    # stage starts there: the inductive run's step that transductive training starts from)
+    eval_every: int = 0  # evaluate every N steps (0: only at the end); the best hIoU
+    # (mIoU when no class is unseen) is exported to <run>/best
     seed: int = 0
     num_workers: int = 4
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (original: fp32)
+    tf32: bool = True  # CUDA fp32 matmuls/convolutions in TF32, as torch 1.10 (the original's)
+    # did by default on Ampere GPUs
+    sinkhorn_iters: int | None = None  # training forward only: exactly this many Sinkhorn
+    # iterations, no early stop and so no host synchronisation per iteration (the original
+    # rule stops after 4–9); None: the original rule. Evaluation and export keep the original.
+    model: str = "otseg"  # model type to train
+    text_embeddings: str | None = None  # the original's (K, N, C) fp16 .npy prompt embeddings
+    # (e.g. voc12_otseg.npy): train on them as stored instead of the CLIP text tower
+    clip_weights: str | None = None  # a local open_clip weights file for the frozen CLIP
+    # (instead of downloading the preset's "openai" weights)
     output_dir: str = "work_dirs"
     setting: str | None = None  # override the preset's setting: inductive | transductive | fully
     unseen_classes: tuple[str, ...] = ()  # custom datasets: class names never supervised
@@ -65,6 +81,8 @@ class Recipe:
         for key in ("iterations", "global_batch", "per_device_batch", "checkpoint_interval"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be ≥ 1, got {getattr(self, key)}")
+        if self.eval_every < 0 or (self.sinkhorn_iters is not None and self.sinkhorn_iters < 1):
+            raise ValueError("eval_every must be ≥ 0 and sinkhorn_iters ≥ 1 (or none)")
         if self.warmup_iters < 0:
             raise ValueError("warmup_iters must be ≥ 0")
         if len(self.img_scale) != 2 or len(self.ratio_range) != 2:
@@ -95,6 +113,10 @@ class Recipe:
         size = get_preset(self.preset).vision.image_size
         if self.crop_size != size:
             raise ValueError(f"crop_size {self.crop_size} must equal the model size {size}")
+        for key in ("text_embeddings", "clip_weights"):
+            path = getattr(self, key)
+            if path and not Path(path).is_file():
+                raise FileNotFoundError(f"{key}: no such file: {path}")
 
     @property
     def run_dir(self) -> Path:

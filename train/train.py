@@ -4,10 +4,12 @@
         --data-root data/VOCdevkit/VOC2012 --output-dir runs/voc-inductive
     python -m train.train --config tiny --data-root data/synthetic --output-dir runs/tiny --cpu
 
-The global batch of the recipe (16) is kept on any number of processes by gradient
-accumulation. Checkpoints go to ``<output-dir>/checkpoints`` (resume with ``--resume-from
-latest``), TensorBoard logs to ``<output-dir>/logs``, the final evaluation to
-``<output-dir>/metrics.json`` and the exported model (the otseg format) to ``<output-dir>/model``.
+The global batch of the recipe (16) is kept on 1, 2, 4, 8 or 16 processes: the per-device batch
+(at most the recipe's) and gradient accumulation are chosen automatically. Checkpoints go to
+``<output-dir>/checkpoints`` (resume with ``--resume-from latest``), TensorBoard logs to
+``<output-dir>/logs``, the final evaluation to ``<output-dir>/metrics.json``, the exported model
+(the otseg format) to ``<output-dir>/model`` and, with ``--eval-every``, the best one to
+``<output-dir>/best``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import argparse
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -36,6 +38,7 @@ from train.build import (
     build_eval_loader,
     build_train_loader,
     build_training_model,
+    check_custom_labels,
     describe_model,
     dump_json,
     freeze_unreached,
@@ -43,8 +46,8 @@ from train.build import (
 from train.checkpoint import CheckpointManager, TrainState
 from train.engine import train_loop
 from train.evaluate import evaluate, metrics_summary, write_metrics
-from train.export import export_model
-from train.optim import build_optimizer, build_scheduler, describe_batch, grad_accum_steps
+from train.export import export_model, push_later_hint, push_problem
+from train.optim import batch_layout, build_optimizer, build_scheduler, describe_batch
 from train.recipe import Recipe, add_recipe_args, recipe_from_args
 
 logger = get_logger("train")
@@ -57,13 +60,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", help="run directory (default: <recipe output_dir>/<name>)")
     p.add_argument("--resume-from", help="'latest' or a checkpoint directory")
     p.add_argument(
-        "--init-from", help="transductive: the inductive model/checkpoint/run to start from"
+        "--init-from",
+        help="transductive: the inductive model, checkpoint or run directory to start from "
+        "(a run directory: its checkpoint of the recipe's init_from_iter)",
     )
     p.add_argument("--max-iters", type=int, help="optimizer steps (overrides iterations)")
     p.add_argument("--checkpoint-every", type=int, help="save every N steps (overrides the recipe)")
     p.add_argument(
-        "--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)"
+        "--keep-checkpoints",
+        type=int,
+        default=3,
+        help="newest checkpoints kept (0: all); the recipe's keep_steps are always kept",
     )
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps, keep the best (hIoU)")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), help="default: recipe's")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute ViT blocks")
     p.add_argument("--log-with", default="tensorboard", help="Accelerate tracker, or 'none'")
@@ -83,6 +92,7 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         "iterations": args.max_iters,
         "checkpoint_interval": args.checkpoint_every,
         "mixed_precision": args.mixed_precision,
+        "eval_every": args.eval_every,
     }
     recipe = dataclasses.replace(recipe, **{k: v for k, v in flags.items() if v is not None})
     recipe.validate()
@@ -102,12 +112,21 @@ def check_distributed(num_processes: int) -> None:
         )
 
 
-def build_accelerator(recipe: Recipe, args: argparse.Namespace, run_dir: Path) -> Accelerator:
+def build_accelerator(
+    recipe: Recipe, args: argparse.Namespace, run_dir: Path
+) -> tuple[Accelerator, int]:
+    """The Accelerator and the per-device batch: the largest one ≤ the recipe's that forms the
+    global batch on the launched processes, the rest by gradient accumulation."""
     cpu = args.cpu or parse_flag_from_env("ACCELERATE_USE_CPU")  # PartialState ignores the env
     state = PartialState(cpu=cpu)
     check_distributed(state.num_processes)
-    steps = grad_accum_steps(recipe.global_batch, recipe.per_device_batch, state.num_processes)
-    return Accelerator(
+    try:
+        per_device, steps = batch_layout(
+            recipe.global_batch, recipe.per_device_batch, state.num_processes
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=recipe.mixed_precision,
         # accumulation windows may span epochs: the global batch never shrinks at an epoch end
@@ -120,6 +139,10 @@ def build_accelerator(recipe: Recipe, args: argparse.Namespace, run_dir: Path) -
         ),
         step_scheduler_with_optimizer=False,  # one schedule step per iteration
     )
+    if accelerator.device.type == "cuda" and recipe.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True  # torch 1.10's default on Ampere
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator, per_device
 
 
 def setup_logging(accelerator: Accelerator, run_dir: Path) -> None:
@@ -145,40 +168,50 @@ def resume(
     if any(getattr(state, k) != getattr(fresh, k) for k in layout):
         logger.warning("batch layout changed since the checkpoint: resuming, but not bit-exactly")
         state = dataclasses.replace(
-            fresh, step=state.step, micro_step=state.step * fresh.accumulation_steps
+            fresh,
+            step=state.step,
+            micro_step=state.step * fresh.accumulation_steps,
+            best_score=state.best_score,
+            best_step=state.best_step,
         )
     return state
 
 
-def final_evaluation(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    recipe: Recipe,
-    config: OTSegConfig,
-    run_dir: Path,
-) -> dict:
-    """Slide evaluation on the validation split; writes ``metrics.json``; returns the summary."""
-    loader = build_eval_loader(
-        recipe.dataset, recipe.data_root, recipe.val_split, config, recipe.num_workers
-    )
-    metrics = evaluate(
-        accelerator,
-        model,
-        accelerator.prepare(loader),
-        config.class_names,
-        seen=config.seen,
-        unseen=config.unseen,
-        crop=config.test_crop,
-        stride=config.test_stride,
-    )
-    summary = metrics_summary(metrics)
-    if accelerator.is_main_process:
-        logger.info(
-            "evaluation on %s/%s:\n%s", recipe.dataset, recipe.val_split, format_table(metrics)
-        )
-        write_metrics(metrics, run_dir / "metrics.json")
-    accelerator.log({f"eval/{k}": v for k, v in summary.items() if v is not None})
-    return summary
+def make_evaluator(
+    accelerator: Accelerator, recipe: Recipe, config: OTSegConfig, run_dir: Path
+) -> Callable[[torch.nn.Module, int], dict]:
+    """``evaluate(model, step)``: slide evaluation on the validation split, ``metrics.json``
+    written, ``eval/*`` scalars logged at ``step``; returns the summary (percent)."""
+    loader = None
+
+    def run(model: torch.nn.Module, step: int) -> dict:
+        nonlocal loader
+        if loader is None:
+            loader = accelerator.prepare(
+                build_eval_loader(
+                    recipe.dataset, recipe.data_root, recipe.val_split, config, recipe.num_workers
+                )
+            )
+        metrics = evaluate(
+            accelerator, model, loader, config.class_names, seen=config.seen,
+            unseen=config.unseen, crop=config.test_crop, stride=config.test_stride,
+        )  # fmt: skip
+        summary = metrics_summary(metrics)
+        if accelerator.is_main_process:
+            logger.info(
+                "step %d, evaluation on %s/%s:\n%s",
+                step, recipe.dataset, recipe.val_split, format_table(metrics),
+            )  # fmt: skip
+            write_metrics(metrics, run_dir / "metrics.json")
+        accelerator.log({f"eval/{k}": v for k, v in summary.items() if v is not None}, step=step)
+        return summary
+
+    return run
+
+
+def headline(summary: dict) -> float | None:
+    """The number the best model is chosen by: hIoU, or mIoU when no class is unseen."""
+    return summary.get("hiou") if summary.get("hiou") is not None else summary.get("miou")
 
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
@@ -186,15 +219,26 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     args = parse_args(argv)
     recipe = build_recipe(args)
     run_dir = Path(args.output_dir) if args.output_dir else recipe.run_dir
-    accelerator = build_accelerator(recipe, args, run_dir)
+    accelerator, per_device = build_accelerator(recipe, args, run_dir)
     setup_logging(accelerator, run_dir)
     config = build_config(recipe)
     if config.setting == "transductive" and not recipe.init_from:
         raise ValueError("transductive training starts from an inductive model: pass --init-from")
+    check_custom_labels(recipe, config)
+    if args.push_to_hub and accelerator.is_main_process:
+        problem = push_problem(args.push_to_hub)
+        if problem:
+            logger.warning(
+                f"--push-to-hub {args.push_to_hub} will fail: {problem}. Training goes on and "
+                f"exports to {run_dir / 'model'}; "
+                f"{push_later_hint(run_dir / 'model', args.push_to_hub)}"
+            )
     model = build_training_model(recipe, config)
     model.image_encoder.grad_checkpointing = args.gradient_checkpointing
     unreached = freeze_unreached(model)
-    loader = build_train_loader(recipe, config)
+    loader = build_train_loader(
+        recipe, config, per_device, pin_memory=accelerator.device.type == "cuda"
+    )
     sampler = loader.sampler
     optimizer = build_optimizer(model, recipe.lr, recipe.weight_decay, recipe.betas, recipe.eps)
     scheduler = build_scheduler(
@@ -205,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     logger.info(
         f"{recipe.name}: {config.setting} on {recipe.dataset} ({len(loader.dataset)} images)"
     )
-    logger.info(describe_batch(recipe.global_batch, recipe.per_device_batch, n))
+    logger.info(describe_batch(recipe.global_batch, per_device, n))
     logger.info(f"{describe_model(model)}; mixed precision {recipe.mixed_precision}")
     logger.info(f"{len(unreached)} parameter tensors get no gradient and stay fixed: {unreached}")
     if accelerator.is_main_process:
@@ -213,25 +257,49 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
     accelerator.init_trackers(recipe.name, config={k: str(v) for k, v in recipe.to_dict().items()})
     checkpoints = CheckpointManager(
-        accelerator, run_dir / "checkpoints", args.keep_checkpoints or None
+        accelerator, run_dir / "checkpoints", args.keep_checkpoints or None, recipe.keep_steps
     )
     fresh = TrainState(
         num_processes=n,
-        per_device_batch=recipe.per_device_batch,
+        per_device_batch=per_device,
         accumulation_steps=accelerator.gradient_accumulation_steps,
     )
     state = resume(checkpoints, args.resume_from, fresh)
+    evaluate_at = make_evaluator(accelerator, recipe, config, run_dir)
+
+    def card(state: TrainState, summary: dict | None) -> dict:
+        return {"metrics": summary or {}, "training": recipe.to_dict() | {"steps": state.step}}
+
+    def keep_if_best(state: TrainState, summary: dict) -> None:
+        score = headline(summary)
+        if score is not None and (state.best_score is None or score > state.best_score):
+            state.best_score, state.best_step = score, state.step
+            export_model(accelerator, model, run_dir / "best", card=card(state, summary))
+            logger.info(
+                f"step {state.step}: best so far ({score:.2f}), exported {run_dir / 'best'}"
+            )
+
+    def after_step(state: TrainState) -> None:
+        last = state.step == recipe.iterations
+        if recipe.eval_every and state.step % recipe.eval_every == 0 and not last:
+            keep_if_best(state, evaluate_at(model, state.step))
+        if state.step % recipe.checkpoint_interval == 0 or last or state.step in recipe.keep_steps:
+            logger.info("step %d: saved %s", state.step, checkpoints.save(state))
+
     with torch.no_grad():
         text = accelerator.unwrap_model(model).training_text  # (K', N, C), fixed in training
     state = train_loop(
         accelerator, model, optimizer, scheduler, loader, sampler, text, config, state,
-        iterations=recipe.iterations, save_every=recipe.checkpoint_interval, save=checkpoints.save,
+        iterations=recipe.iterations, after_step=after_step,
+        min_masks=max(1.0, recipe.global_batch / 4), sinkhorn_iters=recipe.sinkhorn_iters,
     )  # fmt: skip
-    summary = (
-        None if args.no_eval else final_evaluation(accelerator, model, recipe, config, run_dir)
-    )
-    card = {"metrics": summary or {}, "training": recipe.to_dict() | {"steps": state.step}}
-    export_model(accelerator, model, run_dir / "model", card=card, push_to_hub=args.push_to_hub)
+    summary = None if args.no_eval else evaluate_at(model, state.step)
+    if summary is not None and recipe.eval_every:
+        keep_if_best(state, summary)
+    export_model(
+        accelerator, model, run_dir / "model", card=card(state, summary),
+        push_to_hub=args.push_to_hub,
+    )  # fmt: skip
     logger.info(f"exported {run_dir / 'model'}")
     accelerator.end_training()
     return summary
