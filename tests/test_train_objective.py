@@ -12,6 +12,7 @@ from otseg.losses import IGNORE, count_masks, otseg_losses, pseudo_label, remap_
 from otseg.mps import cosine_similarity
 from train.build import build_config, build_training_model, fixed_sinkhorn
 from train.engine import StepWindow, train_step
+from train.objective import OTSegObjective
 from train.recipe import load_recipe
 
 # The original's early stop is global over a batch, so 2 images per forward would stop at
@@ -77,9 +78,9 @@ def our_grads(model, config, images, labels, per_device: int) -> dict[str, torch
     for i in range(0, 4, per_device):
         batch = {"image": images[i : i + per_device], "label": labels[i : i + per_device]}
         assert logs is None
-        text = model.training_text.detach()
+        objective = OTSegObjective(model)
         with fixed_sinkhorn(model, ITERS):
-            logs = train_step(accelerator, model, optimizer, scheduler, batch, text, config, window)
+            logs = train_step(accelerator, model, optimizer, scheduler, batch, objective, 0, window)
     assert logs is not None and logs["num_masks"].item() == 6  # 1 + 3 + 0 + 2
     reset_accelerate()
     return received

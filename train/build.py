@@ -22,6 +22,7 @@ from otseg.data.augment import EvalTransform, TrainTransform, collate
 from otseg.data.datasets import build_dataset, check_label_values
 from otseg.hub import CONFIG_NAME, WEIGHTS_NAME, load_text_bank, load_weights, read_config
 from otseg.model import OTSeg, build_model
+from otseg.mpsa import PromptPixelAttention
 from train.recipe import Recipe
 
 
@@ -173,7 +174,7 @@ def fixed_sinkhorn(model: OTSeg, iterations: int | None) -> Iterator[None]:
         return
     config = model.config
     head = dataclasses.replace(config.head, sinkhorn_max_iter=iterations, sinkhorn_thresh=None)
-    attentions = [layer.multihead_attn for layer in model.decoder.layers]
+    attentions = [m for m in model.modules() if isinstance(m, PromptPixelAttention)]
     model.config = config.replace(head=head)
     for attention in attentions:
         attention.cfg = head

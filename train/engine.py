@@ -1,5 +1,6 @@
-"""The training step and loop: remap labels, pseudo-label (transductive), focal + dice
-on both maps, AdamW + poly schedule, gradient accumulation up to the global batch."""
+"""The training step and loop: the objective's text, targets (pseudo-labels when
+transductive) and losses, normalised by the mask count of the whole optimizer step, AdamW +
+poly schedule, gradient accumulation up to the global batch."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from accelerate.logging import get_logger
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from otseg.config import OTSegConfig
-from otseg.losses import count_masks, otseg_losses, pseudo_label, remap_labels
+from otseg.losses import count_masks
 from train.build import EpochSampler, fixed_sinkhorn, set_epoch
 from train.checkpoint import TrainState
+from train.objective import OTSegObjective, ZegOTObjective
+
+Objective = OTSegObjective | ZegOTObjective
 
 logger = get_logger("train")
 
@@ -54,8 +57,8 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batch: dict,
-    text: torch.Tensor,
-    config: OTSegConfig,
+    objective: Objective,
+    step: int,
     window: StepWindow,
     *,
     min_masks: float = 1.0,
@@ -70,16 +73,17 @@ def train_step(
     clamps its mean at 1, i.e. the step's total at 4).
 
     batch: ``image`` (B, 3, S, S) normalised crops, ``label`` (B, S, S) dataset ids, 255 ignore.
-    text: (K', N, C) training prompt embeddings (seen classes when inductive).
+    objective: the model's text, targets and losses (see ``train.objective``); step: optimizer
+    steps done (the objective's schedule reads it).
     Returns None inside an accumulation window; at its end the step's loss components
     (``loss``, ``{decode,score}.{loss_mask,loss_dice,acc_seg}``), ``num_masks`` and ``lr``
     (the rate this step used), as 0-d tensors on the device.
     """
     logs = None
     with accelerator.accumulate(model):
-        output = model(batch["image"], text)
-        targets = pseudo_label(remap_labels(batch["label"], config), output, config)
-        losses = otseg_losses(output, targets, num_masks=1.0)  # sums, normalised below
+        output = model(batch["image"], objective.forward_text(step))
+        targets = objective.targets(batch["label"], batch["image"], output, step)
+        losses = objective.losses(output, targets, num_masks=1.0)  # sums, normalised below
         window.add(losses, count_masks(targets))
         accelerator.backward(losses["loss"])
         if accelerator.sync_gradients:
@@ -103,8 +107,7 @@ def train_loop(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     loader: DataLoader,
     sampler: EpochSampler,
-    text: torch.Tensor,
-    config: OTSegConfig,
+    objective: Objective,
     state: TrainState,
     *,
     iterations: int,
@@ -141,8 +144,8 @@ def train_loop(
         for batch in batches:
             with fixed_sinkhorn(net, sinkhorn_iters):
                 logs = train_step(
-                    accelerator, model, optimizer, scheduler, batch, text, config, window,
-                    min_masks=min_masks,
+                    accelerator, model, optimizer, scheduler, batch, objective, state.step,
+                    window, min_masks=min_masks,
                 )  # fmt: skip
             state.micro_step += 1
             if logs is None:

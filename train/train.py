@@ -47,6 +47,7 @@ from train.checkpoint import CheckpointManager, TrainState
 from train.engine import train_loop
 from train.evaluate import evaluate, metrics_summary, write_metrics
 from train.export import export_model, push_later_hint, push_problem
+from train.objective import build_objective
 from train.optim import batch_layout, build_optimizer, build_scheduler, describe_batch
 from train.recipe import Recipe, add_recipe_args, recipe_from_args
 
@@ -286,10 +287,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         if state.step % recipe.checkpoint_interval == 0 or last or state.step in recipe.keep_steps:
             logger.info("step %d: saved %s", state.step, checkpoints.save(state))
 
-    with torch.no_grad():
-        text = accelerator.unwrap_model(model).training_text  # (K', N, C), fixed in training
+    objective = build_objective(accelerator.unwrap_model(model), recipe.iterations)
     state = train_loop(
-        accelerator, model, optimizer, scheduler, loader, sampler, text, config, state,
+        accelerator, model, optimizer, scheduler, loader, sampler, objective, state,
         iterations=recipe.iterations, after_step=after_step,
         min_masks=max(1.0, recipe.global_batch / 4), sinkhorn_iters=recipe.sinkhorn_iters,
     )  # fmt: skip
