@@ -1,8 +1,12 @@
 """CLIP ViT image tower with deep visual prompts → pixel and global embeddings.
 
 The transformer blocks, patch embedding and norms are open_clip's modules (so OpenAI CLIP
-weights load directly); the forward loop is ours, because OTSeg inserts and replaces prompt
-tokens between blocks and interpolates positions to any token grid.
+weights load directly); the forward is ours, because OTSeg inserts and replaces prompt tokens
+between blocks and interpolates positions to any token grid. Each block runs through
+:func:`block_forward` over the block's own weights: one fused QKV projection and
+``scaled_dot_product_attention`` instead of ``nn.MultiheadAttention`` (whose inference path
+materialises the attention matrix), and in-place activations when no gradient is needed. It
+equals open_clip's block to ~1e-7 (see tests).
 """
 
 from __future__ import annotations
@@ -78,24 +82,58 @@ class PromptedViT(nn.Module):
         p = self.cfg.num_prompt_tokens
         x = torch.cat([x[:, :1], self._prompts(self.prompt_embeddings, b), x[:, 1:]], dim=1)
         deep = self.deep_prompt_embeddings.shape[0]
+        grad = torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.resblocks):
             if 1 <= i <= deep:
                 prompts = self._prompts(self.deep_prompt_embeddings[i - 1 : i], b)
-                x = torch.cat([x[:, :1], prompts, x[:, 1 + p :]], dim=1)
+                if grad:
+                    x = torch.cat([x[:, :1], prompts, x[:, 1 + p :]], dim=1)
+                else:  # x is this forward's own intermediate: overwrite the prompt rows
+                    x[:, 1 : 1 + p] = prompts
             elif i > deep and x.shape[1] > 1 + h * w:
                 x = torch.cat(
                     [x[:, :1], x[:, -h * w :]], dim=1
                 )  # prompts dropped after the last set
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+            if self.grad_checkpointing and self.training and grad:
+                x = checkpoint(block_forward, block, x, use_reentrant=False)
             else:
-                x = block(x)
+                x = block_forward(block, x)
         x = self.ln_post(self.prompt_norm(x)) @ self.proj  # both norms, as the original
         pixels = x[:, -h * w :].transpose(1, 2).reshape(b, -1, h, w)
         return ImageEmbedding(pixels=F.normalize(pixels, dim=1), cls=F.normalize(x[:, 0], dim=-1))
 
     def trainable_state_keys(self) -> list[str]:
         return [k for k in self.state_dict() if "prompt" in k]
+
+
+def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip ``ResidualAttentionBlock`` (pre-norm, QuickGELU MLP) on (B, L, W) tokens.
+
+    Same weights and result as ``block(x)``; any other block type runs as ``block(x)``.
+    """
+    attn = getattr(block, "attn", None)
+    if not (
+        isinstance(attn, nn.MultiheadAttention)
+        and attn.in_proj_weight is not None
+        and attn.batch_first
+        and isinstance(block.ls_1, nn.Identity)
+        and isinstance(block.ls_2, nn.Identity)
+        and not hasattr(block, "ln_1_kv")
+        and type(block.mlp.gelu).__name__ == "QuickGELU"
+    ):
+        return block(x)
+    b, n, c = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+    x = x + F.linear(y, attn.out_proj.weight, attn.out_proj.bias)
+    y = F.linear(block.ln_2(x), block.mlp.c_fc.weight, block.mlp.c_fc.bias)
+    if torch.is_grad_enabled():
+        y = y * torch.sigmoid(1.702 * y)  # QuickGELU
+    else:
+        y.mul_(torch.sigmoid(1.702 * y))
+    return x + F.linear(y, block.mlp.c_proj.weight, block.mlp.c_proj.bias)
 
 
 def build_visual(cfg: VisionConfig) -> nn.Module:

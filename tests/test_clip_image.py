@@ -1,0 +1,60 @@
+"""Our block forward and prompt handling equal open_clip's modules on the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import otseg.clip_image as clip_image
+from factories import tiny_model
+from otseg.clip_image import block_forward
+
+
+@pytest.fixture(scope="module")
+def block():
+    from open_clip.transformer import QuickGELU, ResidualAttentionBlock
+
+    torch.manual_seed(0)
+    return ResidualAttentionBlock(96, 4, act_layer=QuickGELU).eval()
+
+
+@pytest.mark.parametrize("tokens", [1, 37, 130])
+def test_block_forward_equals_open_clip(block, tokens):
+    x = torch.randn(2, tokens, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(block_forward(block, x), block(x), atol=1e-5, rtol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(block_forward(block, x), block(x), atol=1e-5, rtol=0)
+
+
+def test_block_forward_gradients_equal_open_clip(block):
+    x = torch.randn(1, 20, 96, requires_grad=True)
+    (g_ours,) = torch.autograd.grad(block_forward(block, x).square().sum(), x)
+    (g_ref,) = torch.autograd.grad(block(x).square().sum(), x)
+    torch.testing.assert_close(g_ours, g_ref, atol=1e-4, rtol=1e-5)
+
+
+def test_other_block_types_run_as_themselves():
+    from open_clip.transformer import ResidualAttentionBlock
+
+    torch.manual_seed(0)
+    scaled = ResidualAttentionBlock(32, 2, ls_init_value=0.5).eval()  # LayerScale, nn.GELU
+    x = torch.randn(1, 5, 32)
+    with torch.no_grad():
+        assert torch.equal(block_forward(scaled, x), scaled(x))
+
+
+@pytest.mark.parametrize("mode", ["inference", "no_grad", "grad"])
+def test_tower_equals_open_clip_blocks(monkeypatch, mode):
+    """The whole prompted tower (prompt rows overwritten in place without autograd, concatenated
+    with it) equals the concatenating loop through open_clip's own block modules."""
+    encoder = tiny_model().image_encoder.eval()
+    images = torch.randn(2, 3, 64, 80)
+    ctx = {"inference": torch.inference_mode, "no_grad": torch.no_grad, "grad": torch.enable_grad}
+    with ctx[mode]():
+        ours = encoder(images)
+    monkeypatch.setattr(clip_image, "block_forward", lambda block, x: block(x))
+    with torch.enable_grad():
+        ref = encoder(images)
+    torch.testing.assert_close(ours.pixels, ref.pixels.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.cls, ref.cls.detach(), atol=1e-5, rtol=0)
