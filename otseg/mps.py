@@ -36,7 +36,8 @@ def transport_plan(
     S/ε per prompt, scaled by 1/N (the ablation the paper compares against).
     """
     if kind == "sinkhorn":
-        return sinkhorn(1.0 - similarity, eps=eps, max_iter=max_iter, tol=tol)
+        # 1 − cosine lies in [0, 2]: the domain is chosen without reading the data back.
+        return sinkhorn(1.0 - similarity, eps=eps, max_iter=max_iter, tol=tol, cost_range=2.0)
     if kind == "softmax":
         return torch.softmax(similarity.float() / eps, dim=-2) / similarity.shape[-1]
     raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")

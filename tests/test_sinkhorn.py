@@ -66,7 +66,8 @@ def test_stopping_rule_is_the_original_batch_global_mean():
     cost = random_cost(b=4, m=256, n=6, dtype=torch.float32)
     plan, n = sinkhorn(cost, return_iterations=True)
     assert 1 < n < 100
-    torch.testing.assert_close(plan, sinkhorn(cost, max_iter=n, tol=None), atol=0, rtol=0)
+    fixed = sinkhorn(cost, max_iter=n, tol=None, cost_range=2.0)  # same (exp) domain
+    torch.testing.assert_close(plan, fixed, atol=0, rtol=0)
     # the stop tests the mean error of the whole batch, not each member's
     counts = [sinkhorn(cost[i : i + 1], return_iterations=True)[1] for i in range(4)]
     assert min(counts) <= n <= max(counts)
@@ -93,7 +94,7 @@ def test_log_domain_fallback_for_extreme_cost_ranges():
         np.full(32, 1 / 32), np.full(4, 1 / 4), c, 0.05, numItermax=5000, stopThr=1e-14
     )
     np.testing.assert_allclose(plan[0].numpy(), pot, atol=1e-9)
-    small = sinkhorn(random_cost(b=2, m=16, n=3), eps=0.05, max_iter=500, tol=None)
+    small = sinkhorn(random_cost(b=2, m=16, n=3), eps=0.05, max_iter=500, tol=None, cost_range=2)
     from otseg import sinkhorn as module
 
     neg = -random_cost(b=2, m=16, n=3) / 0.05
@@ -101,3 +102,26 @@ def test_log_domain_fallback_for_extreme_cost_ranges():
         neg, neg.amax(dim=(1, 2), keepdim=True), 16, 3, 0.05, 500, None
     )
     torch.testing.assert_close(small, log_plan, atol=1e-12, rtol=1e-9)
+
+
+def test_fixed_iterations_never_read_the_data_on_the_host():
+    """Meta tensors have no values: any host read (``.item()``, ``bool``) raises. Fixed
+    iterations run on them in both domains; the original stopping rule cannot."""
+    import pytest
+
+    cost = torch.empty(2, 5, 1024, 6, device="meta")
+    for cost_range in (2.0, None):  # exp domain chosen from the bound / log domain
+        plan, n = sinkhorn(
+            cost, max_iter=4, tol=None, cost_range=cost_range, return_iterations=True
+        )
+        assert plan.shape == cost.shape and n == 4
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        sinkhorn(cost, max_iter=4)
+
+
+def test_domain_from_a_cost_bound_equals_the_data_choice():
+    cost = random_cost(b=3, m=128, n=6, dtype=torch.float32)
+    for tol in (1e-6, None):
+        torch.testing.assert_close(
+            sinkhorn(cost, tol=tol, cost_range=2.0), sinkhorn(cost, tol=tol), atol=1e-7, rtol=1e-5
+        )
