@@ -1,8 +1,13 @@
-"""λ-fusion of the decoder and MPS maps and the seen-class calibration."""
+"""From head maps to window scores: upsampling, λ-fusion of the decoder and MPS maps, and the
+seen-class calibration. :class:`PostProcessing` is the one path every model uses for it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Protocol
+
 import torch
+import torch.nn.functional as F
 
 
 def fuse(decoder_map: torch.Tensor, score_map: torch.Tensor | None, lam: float) -> torch.Tensor:
@@ -30,8 +35,78 @@ def calibrate(
         (B, K, H, W) calibrated sigmoid scores, not probabilities: the original merges slide
         windows on these values (docs/original-behaviour.md).
     """
-    out = logits.sigmoid_() if inplace else torch.sigmoid(logits)
+    out = torch.sigmoid(logits, out=logits if inplace else None)
     if seen is None or weight == 0.0:
         return out
     shift = (seen.to(device=out.device, dtype=out.dtype) * weight)[None, :, None, None]
-    return out.sub_(shift) if inplace else out - shift
+    return torch.sub(out, shift, out=out if inplace else None)
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) → (B, C, *size), bilinear without corner alignment (as everywhere here)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class TokenMaps(Protocol):
+    """What :meth:`PostProcessing.postprocess` reads from a model's ``decode`` result."""
+
+    decoder: torch.Tensor  # (B, K, h, w)
+    score: torch.Tensor | None  # (B, K, h, w), None with the MPS branch off
+
+
+@dataclass
+class WindowScores:
+    """Post-processed maps of B crops. S = the model size, (H, W) = the crop size."""
+
+    decoder_map: torch.Tensor  # (B, K, S, S) decoder map D↑ (raw, before the sigmoid)
+    score_map: torch.Tensor | None  # (B, K, S, S) MPS map↑ (raw), None with the branch off
+    logits: torch.Tensor  # (B, K, S, S) (1 − λ)·D↑ + λ·MPS↑ (overwritten when in place)
+    output: torch.Tensor  # (B, K, S, S) σ(logits) − calibration on seen classes
+    scores: torch.Tensor  # (B, K, H, W) ``output`` resized to the crop (same if H = W = S)
+
+
+class PostProcessing:
+    """Mixin for a model with ``config.vision.image_size``, ``config.ensemble_lambda`` and
+    ``config.calibration``: the forward pass, the predictor, slide inference and evaluation
+    all go through :meth:`postprocess`."""
+
+    config: object
+
+    def upsample(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, K, h, w) → (B, K, S, S), bilinear (the head always outputs the model size S)."""
+        s = self.config.vision.image_size
+        return resize(x, (s, s))
+
+    def postprocess(
+        self,
+        maps: TokenMaps,
+        *,
+        lam: float | None = None,
+        seen: torch.Tensor | None = None,
+        calibration: float | None = None,
+        size: tuple[int, int] | None = None,
+        inplace: bool = False,
+    ) -> WindowScores:
+        """Head maps at the token grid → calibrated sigmoid scores of each crop.
+
+        Upsample both maps to S, fuse them with λ, apply σ and the seen calibration, and resize
+        to the crop: 420 crops on a 480 model, as the original tests Context transductive.
+
+        Args:
+            maps: ``decode`` output of B crops (``decoder`` and ``score``, (B, K, h, w)).
+            lam: weight of the MPS map (default: the config's).
+            seen: (K,) bool, classes that get the calibration (None: no class).
+            calibration: value subtracted on seen classes (default: the config's).
+            size: the crop size (H, W) (None: the model size S).
+            inplace: reuse the fused buffer for the sigmoid (inference only).
+        """
+        cfg = self.config
+        decoder_map = self.upsample(maps.decoder.float())
+        score_map = None if maps.score is None else self.upsample(maps.score.float())
+        logits = fuse(decoder_map, score_map, cfg.ensemble_lambda if lam is None else lam)
+        weight = cfg.calibration if calibration is None else calibration
+        output = calibrate(logits, seen, weight, inplace=inplace)
+        scores = output if size is None else resize(output, size)
+        return WindowScores(decoder_map, score_map, logits, output, scores)

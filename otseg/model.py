@@ -9,14 +9,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .clip_image import ImageEmbedding, PromptedViT
 from .clip_text import PromptEmbedder, TextTower
 from .config import OTSegConfig
 from .decoder import Decoder, combine_masks, relationship_queries
-from .ensemble import calibrate, fuse
+from .ensemble import PostProcessing
 from .mps import Transport, mps_maps
 from .mpsa import ATTENTIONS
 
@@ -51,7 +50,7 @@ class HeadMaps:
     prompt_maps: torch.Tensor | None = None  # (B, K, N, h, w) per-prompt MPS maps M·N·T·S
 
 
-class OTSeg(nn.Module):
+class OTSeg(PostProcessing, nn.Module):
     """The OTSeg segmentor. Build with :func:`build_model` or ``otseg.hub.from_pretrained``."""
 
     model_type = "otseg"
@@ -147,39 +146,30 @@ class OTSeg(nn.Module):
             seen: (K,) bool, classes that get the seen calibration (default: none).
             calibration: value subtracted on seen classes (default: config).
         """
-        emb = images if isinstance(images, ImageEmbedding) else self.encode_image(images)
+        cached = isinstance(images, ImageEmbedding)
+        emb = images if cached else self.encode_image(images)
         maps = self.decode(
             emb, text, attention=attention, use_mps=use_mps, mask_combine=mask_combine
         )
-        decoder_map = self.upsample(maps.decoder)
-        score_map = None if maps.score is None else self.upsample(maps.score)
-        logits = fuse(decoder_map, score_map, self.config.ensemble_lambda if lam is None else lam)
-        output = calibrate(
-            logits, seen, self.config.calibration if calibration is None else calibration
+        post = self.postprocess(
+            maps,
+            lam=lam,
+            seen=seen,
+            calibration=calibration,
+            size=None if cached else tuple(images.shape[-2:]),
         )
-        scores = output
-        if not isinstance(images, ImageEmbedding) and output.shape[-2:] != images.shape[-2:]:
-            # e.g. 420 crops on a 480 model (docs/original-behaviour.md)
-            scores = F.interpolate(
-                output, size=images.shape[-2:], mode="bilinear", align_corners=False
-            )
         return OTSegOutput(
-            decoder_map=decoder_map,
-            score_map=score_map,
-            logits=logits,
-            output=output,
-            scores=scores,
+            decoder_map=post.decoder_map,
+            score_map=post.score_map,
+            logits=post.logits,
+            output=post.output,
+            scores=post.scores,
             layer_masks=maps.layer_masks,
             queries=maps.queries,
             transports=maps.transports,
             prompt_maps=maps.prompt_maps,
             embedding=emb,
         )
-
-    def upsample(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, K, h, w) → (B, K, S, S), bilinear (the head always outputs the model size S)."""
-        s = self.config.vision.image_size
-        return F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
 
     # -- weights ----------------------------------------------------------------------------
     def trained_state_dict(self) -> dict[str, torch.Tensor]:

@@ -15,14 +15,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .clip_image import ImageEmbedding
-from .ensemble import calibrate, fuse
+from .ensemble import resize
 from .model import OTSeg
 from .mpsa import ATTENTIONS
 from .preprocess import ImageLike, load_image, to_model_input
-from .slide import Box, crops, merge_windows, slide_windows, to_probabilities
+from .slide import Box, crops, merge_windows, slide_windows, window_probabilities
 
 MAX_CLASSES = 1000
 PROMPT_MAP_STRIDE = 8  # per-prompt maps are returned at 1/8 of the test-scale image
@@ -162,17 +161,15 @@ class OTSegPredictor:
             raise ValueError(f"attention must be one of {attentions}, got {attention!r}")
         cfg = self.model.config
         lam = cfg.ensemble_lambda if lam is None else float(lam)
-        maps = self._head_maps(attention, use_mps)
         seen = self._seen if calibrate_seen else None
-        window_scores = []
-        for m in maps:
-            logits = self.model.upsample(fuse(m.decoder.float(), _float(m.score), lam))
-            scores = calibrate(logits, seen, cfg.calibration, inplace=True)
-            if scores.shape[-1] != cfg.test_crop:
-                scores = _resize(scores, (cfg.test_crop, cfg.test_crop))
-            window_scores.append(scores)
-        merged = merge_windows(window_scores, self._boxes, self._scaled_size)
-        probs = to_probabilities(merged, self.original_size)[0]
+        crop = (cfg.test_crop, cfg.test_crop)
+        window_scores = [
+            self.model.postprocess(m, lam=lam, seen=seen, size=crop, inplace=True).scores
+            for m in self._head_maps(attention, use_mps)
+        ]
+        probs = window_probabilities(
+            window_scores, self._boxes, self._scaled_size, self.original_size
+        )[0]
         labels = _channel_argmax(probs)
         return Prediction(
             labels=labels.cpu().numpy(),
@@ -214,7 +211,7 @@ class OTSegPredictor:
         for m, (y1, x1, y2, x2) in zip(maps, boxes, strict=True):
             pm = m.prompt_maps.float()[0]  # (K, N, h, w)
             k, n = pm.shape[:2]
-            tiles.append(_resize(pm.reshape(1, k * n, *pm.shape[-2:]), (y2 - y1, x2 - x1)))
+            tiles.append(resize(pm.reshape(1, k * n, *pm.shape[-2:]), (y2 - y1, x2 - x1)))
         merged = merge_windows(tiles, boxes, size)
         return merged.reshape(k, n, *size).cpu().numpy()
 
@@ -227,11 +224,3 @@ def _channel_argmax(x: torch.Tensor) -> torch.Tensor:
     for k in range(x.shape[0] - 1, -1, -1):  # descending, so the first maximum wins ties
         labels.masked_fill_(x[k] == best, k)
     return labels
-
-
-def _float(x: torch.Tensor | None) -> torch.Tensor | None:
-    return None if x is None else x.float()
-
-
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from .ensemble import resize
 
 Box = tuple[int, int, int, int]  # y1, x1, y2, x2
 
@@ -44,9 +45,19 @@ def merge_windows(
 
 def to_probabilities(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Averaged window scores (1, K, H', W') → (1, K, H, W) softmax at the original size."""
-    if tuple(scores.shape[-2:]) != tuple(size):
-        scores = F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)
-    return scores.softmax(dim=1)
+    return resize(scores.float(), size).softmax(dim=1)
+
+
+def window_probabilities(
+    outputs: Sequence[torch.Tensor],
+    boxes: Sequence[Box],
+    size: tuple[int, int],
+    out_size: tuple[int, int],
+) -> torch.Tensor:
+    """Per-window scores (each (1, K, c, c), see ``PostProcessing.postprocess``) of an image
+    of ``size`` at the test scale → (1, K, *out_size) probabilities: average over windows,
+    resize to the original size, softmax over classes."""
+    return to_probabilities(merge_windows(outputs, boxes, size), out_size)
 
 
 def slide_inference(
@@ -65,4 +76,4 @@ def slide_inference(
     """
     boxes = slide_windows(image.shape[-2], image.shape[-1], crop, stride)
     outputs = [run(image[..., y1:y2, x1:x2]) for y1, x1, y2, x2 in boxes]
-    return to_probabilities(merge_windows(outputs, boxes, tuple(image.shape[-2:])), out_size)
+    return window_probabilities(outputs, boxes, tuple(image.shape[-2:]), out_size)

@@ -2,7 +2,7 @@
 
 Used when no trained OTSeg checkpoint is available. Duck-types the parts of :class:`OTSeg` that
 :class:`otseg.predictor.OTSegPredictor` uses (``config``, ``encode_image``, ``embed_text``,
-``decode``, ``upsample``, ``text``, ``device``), so ``OTSegPredictor(TrainingFreeOTSeg(...))``
+``decode``, ``postprocess``, ``text``, ``device``), so ``OTSegPredictor(TrainingFreeOTSeg(...))``
 works unchanged, with both transports (Sinkhorn or softmax) and λ.
 
 Dense features follow MaskCLIP (Zhou et al., "Extract Free Dense Labels from CLIP", ECCV 2022):
@@ -32,6 +32,7 @@ from torch import nn
 from .clip_image import ImageEmbedding, resize_positions
 from .clip_text import PromptEmbedder, TextTower
 from .config import HeadConfig, OTSegConfig, VisionConfig
+from .ensemble import PostProcessing
 from .model import HeadMaps
 from .mps import mps_maps
 from .mpsa import ATTENTIONS
@@ -89,7 +90,7 @@ def training_free_config(
     )
 
 
-class TrainingFreeOTSeg(nn.Module):
+class TrainingFreeOTSeg(PostProcessing, nn.Module):
     """Frozen CLIP (image and text towers) with a parameter-free MPS head; see module doc."""
 
     def __init__(
@@ -186,11 +187,6 @@ class TrainingFreeOTSeg(nn.Module):
             maps.score = _centre(score / queries.shape[2])
             maps.transports.append(tr)
         return maps
-
-    def upsample(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, K, h, w) → (B, K, S, S) bilinear, S = the crop size."""
-        s = self.config.vision.image_size
-        return F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
 
 
 def _centre(x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..clip_text import TextTower
 from ..decoder import relationship_queries
-from ..ensemble import calibrate, fuse
+from ..ensemble import PostProcessing
 from ..mps import Transport
 from .config import ZegOTConfig
 from .decoder import ScoreMapDecoder
@@ -53,7 +53,7 @@ class ZegOTOutput:
     embedding: LayeredEmbedding
 
 
-class ZegOT(nn.Module):
+class ZegOT(PostProcessing, nn.Module):
     """The ZegOT segmentor. Build with :func:`build_zegot` or ``otseg.hub.from_pretrained``."""
 
     model_type = "zegot"
@@ -150,34 +150,26 @@ class ZegOT(nn.Module):
         if not isinstance(text, torch.Tensor):
             text = self.embed_text(text)
         maps = self.decode(emb, text, attention=attention, use_mps=use_mps)
-        decoder_map = self.upsample(maps.decoder)
-        score_map = None if maps.score is None else self.upsample(maps.score)
-        logits = fuse(decoder_map, score_map, self.config.ensemble_lambda if lam is None else lam)
-        output = calibrate(
-            logits, seen, self.config.calibration if calibration is None else calibration
+        cached = isinstance(images, LayeredEmbedding)
+        post = self.postprocess(
+            maps,
+            lam=lam,
+            seen=seen,
+            calibration=calibration,
+            size=None if cached else tuple(images.shape[-2:]),
         )
-        scores = output
-        if not isinstance(images, LayeredEmbedding) and output.shape[-2:] != images.shape[-2:]:
-            scores = F.interpolate(
-                output, size=images.shape[-2:], mode="bilinear", align_corners=False
-            )
         return ZegOTOutput(
-            decoder_map=decoder_map,
-            score_map=score_map,
-            logits=logits,
-            output=output,
-            scores=scores,
+            decoder_map=post.decoder_map,
+            score_map=post.score_map,
+            logits=post.logits,
+            output=post.output,
+            scores=post.scores,
             prompt_maps=maps.prompt_maps,
             dfa_maps=maps.dfa,
             mpot=maps.mpot,
             transports=maps.transports,
             embedding=emb,
         )
-
-    def upsample(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, K, h, w) → (B, K, S, S), bilinear (U: the head always outputs the model size S)."""
-        s = self.config.vision.image_size
-        return F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
 
     # -- weights ----------------------------------------------------------------------------
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
