@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from otseg.clip_image import ImageEmbedding
+from otseg.ensemble import PostProcessing
 from otseg.model import HeadMaps
 
 GPU_SECONDS = 60  # ZeroGPU time budget per call; the slowest call (20 windows) needs ~5 s
@@ -99,8 +100,9 @@ def decode(
     return _cpu(maps.decoder), _cpu(maps.score), _cpu(maps.prompt_maps)
 
 
-class RemoteModel:
-    """The model as one user's predictor sees it; every call goes through the boundary above."""
+class RemoteModel(PostProcessing):
+    """The model as one user's predictor sees it; every call goes through the boundary above.
+    Post-processing has no weights, so it runs here, on the config."""
 
     def __init__(self, key: str) -> None:
         model, _ = _lookup(key)
@@ -149,7 +151,3 @@ class RemoteModel:
             transports=[],
             prompt_maps=prompt_maps,
         )
-
-    def upsample(self, x: torch.Tensor) -> torch.Tensor:
-        """Bilinear resize to the model size (no weights involved, so it runs here)."""
-        return _lookup(self.key)[0].upsample(x)
