@@ -1,11 +1,14 @@
 """Slide-window evaluation with a confusion matrix gathered across processes.
 
     python -m train.evaluate --model runs/voc-inductive/model --dataset voc --data-root DIR
-    python -m train.evaluate --model org/otseg-coco-fully --dataset context --data-root DIR
+    python -m train.evaluate --model org/otseg-coco-inductive --protocol coco-to-context \
+        --data-root data/VOCdevkit/VOC2010
 
 A model is evaluated on its own vocabulary (mIoU over seen and unseen classes, hIoU) when the
 dataset is the one it was trained on, and on the target dataset's class names otherwise
 (cross-dataset: all classes count as seen; the text comes from the model's text tower).
+``--protocol`` runs one of the original's five cross-dataset evaluations with its exact
+geometry (``train.protocols``); otherwise the window, stride and resize are the model's.
 Multi-process: ``accelerate launch -m train.evaluate ...`` shards the images.
 """
 
@@ -28,9 +31,16 @@ from otseg.data.classes import CLASS_NAMES
 from otseg.metrics import SegMetrics, compute_metrics, format_table, new_confusion, to_json, update
 from otseg.model import OTSeg
 from otseg.slide import slide_inference
+from train.protocols import PROTOCOLS, get_protocol
 
 logger = get_logger("train")
-DEFAULT_SPLITS = {"voc": "val", "context": "val", "coco": "val2017", "custom": "val"}
+DEFAULT_SPLITS = {
+    "voc": "val",
+    "context": "val",
+    "coco": "val2017",
+    "ade": "validation",
+    "custom": "val",
+}
 
 
 @torch.no_grad()
@@ -125,9 +135,17 @@ def check_vocabulary(model: OTSeg, names: Sequence[str]) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="otseg model directory or Hub repo id")
-    p.add_argument("--dataset", required=True, choices=sorted(DEFAULT_SPLITS))
+    p.add_argument(
+        "--protocol",
+        choices=sorted(PROTOCOLS),
+        help="an original cross-dataset evaluation: target dataset, split, resize, "
+        "normalisation, window and stride as the original (flags below still override)",
+    )
+    p.add_argument("--dataset", choices=sorted(DEFAULT_SPLITS), help="default: the protocol's")
     p.add_argument("--data-root", required=True)
-    p.add_argument("--split", help="default: val (VOC, Context, custom), val2017 (COCO)")
+    p.add_argument(
+        "--split", help="default: val (VOC, Context, custom), val2017 (COCO), validation (ADE)"
+    )
     p.add_argument("--class-names", help="file (one per line) or comma list; default: dataset's")
     p.add_argument("--crop", type=int, help="slide window (default: the model's test_crop)")
     p.add_argument("--stride", type=int, help="slide stride (default: the model's test_stride)")
@@ -144,21 +162,33 @@ def main(argv: Sequence[str] | None = None) -> SegMetrics:
     from train.train import check_distributed
 
     args = parse_args(argv)
+    protocol = get_protocol(args.protocol) if args.protocol else None
+    dataset = args.dataset or (protocol.target if protocol else None)
+    if dataset is None:
+        raise SystemExit("error: pass --dataset, or --protocol for a cross-dataset evaluation")
+    if protocol and dataset != protocol.target:
+        raise SystemExit(f"error: --protocol {args.protocol} evaluates on {protocol.target}")
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     check_distributed(accelerator.num_processes)
     model = OTSeg.from_pretrained(args.model).to(accelerator.device)
-    config = model.config
+    config = protocol.apply(model.config) if protocol else model.config
+    if protocol and model.config.dataset != protocol.source:
+        logger.warning(
+            f"--protocol {args.protocol} evaluates a {protocol.source} model; this one was "
+            f"trained on {model.config.dataset}"
+        )
     if args.resize_short:
         config = config.replace(resize_short=args.resize_short)
     names = parse_names(args.class_names) if args.class_names else None
-    names, seen, unseen = vocabulary(config, args.dataset, args.data_root, names)
+    names, seen, unseen = vocabulary(config, dataset, args.data_root, names)
     check_vocabulary(model, names)
-    split = args.split or DEFAULT_SPLITS[args.dataset]
-    loader = build_eval_loader(args.dataset, args.data_root, split, config, args.num_workers)
+    split = args.split or (protocol.split if protocol else DEFAULT_SPLITS[dataset])
+    loader = build_eval_loader(dataset, args.data_root, split, config, args.num_workers)
     loader = accelerator.prepare(loader)
     crop, stride = args.crop or config.test_crop, args.stride or config.test_stride
     logger.info(
-        f"{args.model} on {args.dataset}/{split}: {len(names)} classes, crop {crop}/{stride}"
+        f"{args.model} on {dataset}/{split}: {len(names)} classes, resize {config.resize_short}, "
+        f"crop {crop}/{stride}"
     )
     metrics = evaluate(
         accelerator, model, loader, names, seen=seen, unseen=unseen, crop=crop, stride=stride
