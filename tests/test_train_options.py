@@ -1,0 +1,152 @@
+"""Run options of ``train.train`` on the tiny preset, in process: periodic evaluation with the
+best model kept, the learning rate and evaluation scalars logged at their step, the push
+preflight and end-of-run message, the custom-label check at start, training on the original's
+``.npy`` embeddings, a converted checkpoint's stored embeddings, a local CLIP weights file and
+the offline CLIP error."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from train_helpers import reset_accelerate, tiny_args
+
+from factories import TINY_CLIP_CFG, save_tiny_clip
+from otseg.data.datasets import read_label
+from otseg.data.synthetic import write_synthetic
+from otseg.hub import WeightsNotFoundError, load_text_bank
+from otseg.model import OTSeg
+from train.build import build_config, build_training_model, load_frozen_clip
+from train.optim import poly_warmup_lr
+from train.recipe import load_recipe
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    yield
+    reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic(tmp_path_factory.mktemp("data"), "voc", num_train=4, num_val=2)
+
+
+def test_eval_every_keeps_the_best_and_logs_at_the_right_step(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from train.train import main
+
+    logged: list[tuple[int, dict]] = []
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, **kw: logged.append((step, values)))  # fmt: skip
+    out = tmp_path / "run"
+    main(tiny_args(data, out, "--max-iters", "4", "--eval-every", "2", "--checkpoint-every", "2"))
+    lrs = {step: v["train/lr"] for step, v in logged if "train/lr" in v}
+    recipe = load_recipe("tiny")
+    assert sorted(lrs) == [1, 2, 3, 4]
+    for step, lr in lrs.items():  # the rate the step ran with (0-based iteration step − 1)
+        expected = poly_warmup_lr(step - 1, recipe.lr, 4, warmup_iters=recipe.warmup_iters)
+        assert lr == pytest.approx(expected, rel=1e-6), step
+    evals = [step for step, v in logged if "eval/miou" in v]
+    assert evals == [2, 4]  # periodic, then final
+    scores = [v.get("eval/hiou", v["eval/miou"]) for _, v in logged if "eval/miou" in v]
+    best = json.loads((out / "best" / "config.json").read_text())["card"]["metrics"]
+    assert best.get("hiou", best["miou"]) == max(scores)  # hIoU: tiny is inductive
+    meta = json.loads((out / "checkpoints" / "checkpoint_00000004" / "meta.json").read_text())
+    assert meta["best_step"] in (2, 4) and meta["best_score"] is not None
+
+
+def test_push_to_hub_offline_warns_at_start_and_keeps_the_export(
+    data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    from train.train import main
+
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        main(tiny_args(data, out, "--max-iters", "1", "--no-eval", "--push-to-hub", "me/tiny"))
+    start = caplog.text.index("--push-to-hub me/tiny will fail: HF_HUB_OFFLINE=1")
+    end = caplog.text.index("push to me/tiny failed")
+    assert start < caplog.text.index("step 1: saved") < end
+    assert f"the exported model in {out / 'model'} is intact" in caplog.text
+    assert f"hf upload me/tiny {out / 'model'} --repo-type model" in caplog.text
+    OTSeg.from_pretrained(out / "model")
+
+
+def test_custom_label_beyond_the_classes_stops_at_start(tmp_path: Path):
+    from train.train import main
+
+    root = write_synthetic(tmp_path / "shapes", "custom", num_train=4, num_val=1, num_classes=4)
+    path = root / "labels/val/val_00000.png"
+    label = read_label(path)
+    label[3, 3] = 9
+    Image.fromarray(label).save(path)
+    args = tiny_args(root, tmp_path / "run", "--max-iters", "1", "--set", "dataset=custom",
+                     "--set", "unseen_classes=['blue triangle']", "--set", "train_split=train")  # fmt: skip
+    with pytest.raises(ValueError, match=r"val_00000.png: label value 9 but only 4 classes"):
+        main(args)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_training_on_the_original_npy_embeddings(data: Path, tmp_path: Path):
+    from train.train import main
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((5, 3, 32)).astype(np.float16)  # (K, N, C) as the original files
+    npy = tmp_path / "tiny_otseg.npy"
+    np.save(npy, emb)
+    out = tmp_path / "run"
+    main(tiny_args(data, out, "--max-iters", "1", "--no-eval", "--set", f"text_embeddings={npy}"))
+    bank = load_text_bank(out / "model" / "text_embeddings.safetensors")
+    stored = torch.stack([bank[f"class{i}"] for i in range(5)])
+    assert stored.dtype == torch.float16 and torch.equal(stored, torch.from_numpy(emb))
+    reset_accelerate()
+    # starting from that model (as from a converted original checkpoint) keeps its embeddings
+    recipe = load_recipe("tiny", ["setting=transductive", f"init_from={out / 'model'}"])
+    model = build_training_model(recipe, build_config(recipe))
+    torch.testing.assert_close(model.training_text, torch.from_numpy(emb).float())
+    with pytest.raises(FileNotFoundError, match="text_embeddings: no such file"):
+        load_recipe("tiny", ["text_embeddings=/nowhere.npy"]).validate()
+
+
+def test_stored_embeddings_win_over_the_clip_text_tower(tmp_path: Path):
+    clip_dir = save_tiny_clip(tmp_path / "clip")
+    recipe = load_recipe("tiny")
+    config = build_config(recipe).replace(clip_model=f"local-dir:{clip_dir}", clip_pretrained=None)
+    fresh = build_training_model(recipe, config)
+    assert fresh.text.can_encode and not fresh.text.bank  # text from the tower
+    bank = {n: torch.randn(3, 32).half() for n in config.class_names}
+    fresh.text.bank = bank
+    fresh.save_pretrained(tmp_path / "converted")  # a converted original: weights + embeddings
+    recipe = load_recipe("tiny", [f"init_from={tmp_path / 'converted'}"])
+    model = build_training_model(recipe, config)
+    expected = torch.stack([bank[config.class_names[i]] for i in config.training_class_ids])
+    torch.testing.assert_close(model.training_text, expected.float())
+
+
+def test_local_clip_weights_file_and_offline_error(tmp_path: Path, monkeypatch):
+    import open_clip
+
+    b = save_tiny_clip(tmp_path / "b", seed=1)
+    name = tmp_path / "cfg" / "otseg-test-tiny-clip.json"  # a named open_clip architecture
+    name.parent.mkdir()
+    name.write_text(json.dumps(TINY_CLIP_CFG))
+    open_clip.add_model_config(name)
+    config = build_config(load_recipe("tiny")).replace(clip_model=name.stem)
+    clip, _ = load_frozen_clip(config, str(b / "open_clip_model.safetensors"))
+    from safetensors.torch import load_file
+
+    weights = load_file(str(b / "open_clip_model.safetensors"))
+    assert torch.equal(clip.token_embedding.weight, weights["token_embedding.weight"])
+
+    def offline(*args, **kwargs):
+        raise WeightsNotFoundError("not in the Hugging Face cache and HF_HUB_OFFLINE=1")
+
+    monkeypatch.setattr("otseg.hub.load_clip", offline)
+    with pytest.raises(WeightsNotFoundError, match=r"(?s)HF_HUB_OFFLINE.*--set clip_weights="):
+        load_frozen_clip(build_config(load_recipe("voc-inductive")))
