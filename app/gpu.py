@@ -108,6 +108,7 @@ class RemoteModel(PostProcessing):
         model, _ = _lookup(key)
         self.key = key
         self.config = model.config
+        self.attentions = model.attentions
         self._text: dict[str, torch.Tensor] = {}  # class name → (N, C) float32, CPU
 
     device = torch.device("cpu")  # where the predictor keeps its caches

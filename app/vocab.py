@@ -12,9 +12,9 @@ renders names as HTML still escapes them (``overlay.legend_html``).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 
 from otseg.data.classes import CLASS_NAMES, DATASET_TITLES
+from otseg.vocabulary import mark_seen, match_key  # noqa: F401 - the library's one seen rule
 
 MAX_CLASSES = 200  # each class costs N prompts of the text tower (~40 ms each on 2 CPU cores)
 MAX_NAME_LENGTH = 60  # characters, after trimming; CLIP's context is 77 tokens per prompt
@@ -35,7 +35,6 @@ BACKGROUND_NOTE = (
 
 _SEPARATORS = re.compile(r"[,\n\r]+")
 _WHITESPACE = re.compile(r"\s+")
-_KEY_DROP = re.compile(r"[\s_\-]+")
 
 
 def _clean(name: str) -> str:
@@ -101,36 +100,3 @@ def preset_text(preset: str) -> str:
 def preset_title(preset: str) -> str:
     """Human-readable dataset title of a preset, e.g. ``"PASCAL VOC 2012 (20 classes)"``."""
     return DATASET_TITLES[PRESETS.get(preset, preset)]
-
-
-def match_key(name: str) -> str:
-    """Key under which two spellings count as the same class.
-
-    Case-insensitive, ignoring spaces, hyphens and underscores: ``"Dining table"``,
-    ``"dining-table"`` and ``"diningtable"`` all give ``"diningtable"``.
-    """
-    return _KEY_DROP.sub("", name.casefold())
-
-
-def mark_seen(
-    names: Sequence[str], train_names: Sequence[str], seen_ids: Sequence[int]
-) -> list[bool]:
-    """Whether each name was a seen (trained-on) class of the loaded model.
-
-    Args:
-        names: the user's vocabulary, length K.
-        train_names: the model's training vocabulary, indexed by class id.
-        seen_ids: ids into ``train_names`` that were seen in training.
-
-    Returns:
-        K booleans: True where ``match_key(name)`` equals the key of a seen training class.
-        Names matching only unseen training classes, or no training class, are novel (False).
-
-    Raises:
-        ValueError: a seen id outside ``range(len(train_names))``.
-    """
-    bad = [i for i in seen_ids if not 0 <= i < len(train_names)]
-    if bad:
-        raise ValueError(f"seen ids {bad} out of range for {len(train_names)} training classes")
-    seen_keys = {match_key(train_names[i]) for i in seen_ids}
-    return [match_key(name) in seen_keys for name in names]

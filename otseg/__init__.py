@@ -1,10 +1,28 @@
-"""OTSeg: multi-prompt Sinkhorn attention for zero-shot semantic segmentation."""
+"""OTSeg: multi-prompt Sinkhorn attention for zero-shot semantic segmentation.
+
+import otseg
+result = otseg.segment("photo.jpg", ["cat", "sofa"], model="original:voc-inductive")
+result.labels  # (H, W) index into result.class_names
+"""
 
 from ._compat import patch_torchvision
 
 patch_torchvision()  # before anything imports open_clip (CPU torch + CUDA torchvision wheels)
 
 from .config import OTSegConfig, get_preset, tiny_config  # noqa: E402
+from .hub import from_pretrained  # noqa: E402
+from .model import OTSeg  # noqa: E402
+from .predictor import OTSegPredictor, Prediction, SegmentationModel, segment  # noqa: E402
 
-__all__ = ["OTSegConfig", "get_preset", "tiny_config"]
+__all__ = [
+    "OTSeg",
+    "OTSegConfig",
+    "OTSegPredictor",
+    "Prediction",
+    "SegmentationModel",
+    "from_pretrained",
+    "get_preset",
+    "segment",
+    "tiny_config",
+]
 __version__ = "0.1.0"

@@ -1,5 +1,7 @@
 """A stateful predictor: encode an image once, then re-predict cheaply with other knobs.
 
+otseg.segment(image, ["cat", "sofa"], model="path/or/hub-id")  # one call → Prediction
+
 predictor = OTSegPredictor.from_pretrained("path/or/hub-id")
 predictor.set_image(Image.open("photo.jpg"))
 predictor.set_vocabulary(["cat", "sofa", "lamp"])
@@ -9,22 +11,65 @@ result = predictor.predict(attention="sinkhorn", lam=0.5)   # result.labels: (H,
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from .clip_image import ImageEmbedding
-from .ensemble import resize
-from .model import OTSeg
-from .mpsa import ATTENTIONS
+from .ensemble import TokenMaps, WindowScores, resize
 from .preprocess import ImageLike, load_image, to_model_input
 from .slide import Box, crops, merge_windows, slide_windows, window_probabilities
+from .vocabulary import mark_seen
 
 MAX_CLASSES = 1000
 PROMPT_MAP_STRIDE = 8  # per-prompt maps are returned at 1/8 of the test-scale image
+
+
+@runtime_checkable
+class SegmentationModel(Protocol):
+    """What :class:`OTSegPredictor` needs from a model. :class:`otseg.model.OTSeg`,
+    :class:`otseg.training_free.TrainingFreeOTSeg` and ZegOT satisfy it; the post-processing
+    comes from :class:`otseg.ensemble.PostProcessing`.
+
+    ``config`` must provide ``class_names`` and ``seen`` (the training split, for the seen
+    rule), ``templates``, the test scale (``resize_short``, ``pixel_mean``, ``pixel_std``,
+    ``test_crop``, ``test_stride``) and what ``postprocess`` reads (``vision.image_size``,
+    ``ensemble_lambda``, ``calibration``).
+    """
+
+    config: Any
+    attentions: tuple[str, ...]  # values ``decode`` accepts for ``attention``
+
+    @property
+    def device(self) -> torch.device: ...  # where images and embeddings are put
+
+    def eval(self) -> Any: ...
+
+    def encode_image(self, images: torch.Tensor) -> Any:
+        """(1, 3, c, c) normalised crop → an embedding that ``decode`` takes back."""
+
+    def embed_text(self, names: Sequence[str]) -> torch.Tensor:
+        """K class names → (K, N, C) prompt embeddings."""
+
+    def decode(self, emb: Any, text: torch.Tensor, *, attention: str, use_mps: bool) -> TokenMaps:
+        """Head maps at the token grid: ``decoder``, ``score`` (None without MPS) and
+        ``prompt_maps`` ((1, K, N, h, w) per-prompt maps, or None without MPS)."""
+
+    def postprocess(
+        self,
+        maps: TokenMaps,
+        *,
+        lam: float | None = None,
+        seen: torch.Tensor | None = None,
+        size: tuple[int, int] | None = None,
+        inplace: bool = False,
+    ) -> WindowScores:
+        """See :meth:`otseg.ensemble.PostProcessing.postprocess`."""
 
 
 @dataclass
@@ -47,7 +92,11 @@ class OTSegPredictor:
     also caches the head's maps per (attention, MPS on/off), so a new λ only re-fuses."""
 
     def __init__(
-        self, model: OTSeg, *, device: str | torch.device | None = None, precision: str = "fp32"
+        self,
+        model: SegmentationModel,
+        *,
+        device: str | torch.device | None = None,
+        precision: str = "fp32",
     ) -> None:
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
@@ -110,7 +159,8 @@ class OTSegPredictor:
         """Set the K class names (kept in this order).
 
         seen: per name, whether it gets the seen-class calibration. By default a name is seen
-        when it is one of the model's supervised training classes.
+        when it matches one of the model's seen training classes, ignoring case, spaces,
+        hyphens and underscores (:func:`otseg.vocabulary.mark_seen`).
         """
         names = list(names)
         if not names:
@@ -124,8 +174,8 @@ class OTSegPredictor:
         if dupes:
             raise ValueError(f"duplicate class names: {dupes[:5]}")
         if seen is None:
-            trained = {self.model.config.class_names[i] for i in self.model.config.seen}
-            seen = [n in trained for n in names]
+            cfg = self.model.config
+            seen = mark_seen(names, cfg.class_names, cfg.seen)
         elif len(seen) != len(names):
             raise ValueError(f"seen has {len(seen)} entries for {len(names)} class names")
         self._text = self.model.embed_text(names)
@@ -156,9 +206,8 @@ class OTSegPredictor:
             raise RuntimeError("call set_image() before predict()")
         if self._text is None:
             raise RuntimeError("call set_vocabulary() before predict()")
-        attentions = getattr(self.model, "attentions", ATTENTIONS)
-        if attention not in attentions:
-            raise ValueError(f"attention must be one of {attentions}, got {attention!r}")
+        if attention not in self.model.attentions:
+            raise ValueError(f"attention must be one of {self.model.attentions}, got {attention!r}")
         cfg = self.model.config
         lam = cfg.ensemble_lambda if lam is None else float(lam)
         seen = self._seen if calibrate_seen else None
@@ -224,3 +273,36 @@ def _channel_argmax(x: torch.Tensor) -> torch.Tensor:
     for k in range(x.shape[0] - 1, -1, -1):  # descending, so the first maximum wins ties
         labels.masked_fill_(x[k] == best, k)
     return labels
+
+
+@functools.lru_cache(maxsize=2)
+def _load(source: str) -> OTSegPredictor:
+    return OTSegPredictor.from_pretrained(source)
+
+
+def segment(
+    image: ImageLike,
+    names: Sequence[str],
+    *,
+    model: str | Path | SegmentationModel | OTSegPredictor,
+    **knobs: Any,
+) -> Prediction:
+    """Segment one image into the given class names, in one call.
+
+    Args:
+        image: PIL image, HWC uint8 array, path or bytes.
+        names: the K class names, in the order of the result.
+        model: a loaded model, a predictor, or where to load one from (a directory, a Hub
+            repo id or ``original:<setting>``; the two most recent are kept loaded).
+        knobs: ``attention``, ``lam``, ``use_mps``, ``calibrate_seen`` (see
+            :meth:`OTSegPredictor.predict`).
+    """
+    if isinstance(model, OTSegPredictor):
+        predictor = model
+    elif isinstance(model, str | Path):
+        predictor = _load(str(model))
+    else:
+        predictor = OTSegPredictor(model)
+    predictor.set_image(image)
+    predictor.set_vocabulary(names)
+    return predictor.predict(**knobs)

@@ -1,8 +1,7 @@
 """Training-free OTSeg: frozen CLIP dense features scored against the N prompts of each class.
 
-Used when no trained OTSeg checkpoint is available. Duck-types the parts of :class:`OTSeg` that
-:class:`otseg.predictor.OTSegPredictor` uses (``config``, ``encode_image``, ``embed_text``,
-``decode``, ``postprocess``, ``text``, ``device``), so ``OTSegPredictor(TrainingFreeOTSeg(...))``
+Used when no trained OTSeg checkpoint is available. Satisfies
+:class:`otseg.predictor.SegmentationModel`, so ``OTSegPredictor(TrainingFreeOTSeg(...))``
 works unchanged, with both transports (Sinkhorn or softmax) and λ.
 
 Dense features follow MaskCLIP (Zhou et al., "Extract Free Dense Labels from CLIP", ECCV 2022):
@@ -92,6 +91,8 @@ def training_free_config(
 
 class TrainingFreeOTSeg(PostProcessing, nn.Module):
     """Frozen CLIP (image and text towers) with a parameter-free MPS head; see module doc."""
+
+    attentions = ATTENTIONS
 
     def __init__(
         self, config: OTSegConfig, clip: nn.Module, tokenizer, *, dense: str = "maskclip"

@@ -1,0 +1,47 @@
+"""Which of a user's class names count as *seen* (trained-on) classes of a model.
+
+One rule for the library and the demo: a name is seen when its :func:`match_key` equals the
+key of one of the model's seen training classes. Seen names get the model's seen-class
+calibration; all other names (unseen training classes, new names) are novel.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+_KEY_DROP = re.compile(r"[\s_\-]+")
+
+
+def match_key(name: str) -> str:
+    """Key under which two spellings count as the same class.
+
+    Case-insensitive, ignoring spaces, hyphens and underscores: ``"Dining table"``,
+    ``"dining-table"`` and ``"diningtable"`` all give ``"diningtable"``.
+    """
+    return _KEY_DROP.sub("", name.casefold())
+
+
+def mark_seen(
+    names: Sequence[str], train_names: Sequence[str], seen_ids: Sequence[int]
+) -> list[bool]:
+    """Whether each name was a seen (trained-on) class of the model.
+
+    Args:
+        names: the user's vocabulary, length K.
+        train_names: the model's training vocabulary, indexed by class id
+            (``config.class_names``).
+        seen_ids: ids into ``train_names`` that were seen in training (``config.seen``).
+
+    Returns:
+        K booleans: True where ``match_key(name)`` equals the key of a seen training class.
+        Names matching only unseen training classes, or no training class, are novel (False).
+
+    Raises:
+        ValueError: a seen id outside ``range(len(train_names))``.
+    """
+    bad = [i for i in seen_ids if not 0 <= i < len(train_names)]
+    if bad:
+        raise ValueError(f"seen ids {bad} out of range for {len(train_names)} training classes")
+    seen_keys = {match_key(train_names[i]) for i in seen_ids}
+    return [match_key(name) in seen_keys for name in names]

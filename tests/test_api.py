@@ -1,0 +1,68 @@
+"""The public API (``import otseg``), the model Protocol and the one "seen" rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import otseg
+from app import vocab
+from factories import random_photo, save_tiny_clip, tiny_model
+from otseg.predictor import OTSegPredictor, SegmentationModel
+from otseg.vocabulary import mark_seen
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="module")
+def model(clip_dir):
+    return tiny_model(clip=f"local-dir:{clip_dir}")
+
+
+def test_public_names():
+    for name in ("OTSegPredictor", "Prediction", "OTSeg", "from_pretrained", "segment"):
+        assert name in otseg.__all__ and hasattr(otseg, name)
+    assert otseg.from_pretrained is otseg.hub.from_pretrained
+    assert otseg.OTSeg is otseg.model.OTSeg
+
+
+def test_segment_one_call_equals_the_predictor(model, tmp_path):
+    photo = random_photo(70, 90, seed=1)
+    names = ["class2", "tree", "class1"]
+    p = OTSegPredictor(model)
+    p.set_image(photo)
+    p.set_vocabulary(names)
+    want = p.predict(lam=0.3)
+    model.save_pretrained(tmp_path / "m")
+    for source in (model, str(tmp_path / "m"), tmp_path / "m", OTSegPredictor(model)):
+        got = otseg.segment(photo, names, model=source, lam=0.3)
+        assert isinstance(got, otseg.Prediction) and got.class_names == names
+        np.testing.assert_allclose(got.probs, want.probs, atol=1e-6)
+    with pytest.raises(ValueError, match="empty"):
+        otseg.segment(photo, [], model=model)
+
+
+def test_models_satisfy_the_protocol(model, clip_dir):
+    from otseg.training_free import build_training_free
+    from otseg.zegot import build_zegot, zegot_tiny_config
+
+    free = build_training_free(f"local-dir:{clip_dir}", None, resize_short=64, test_crop=64)
+    for m in (model, free, build_zegot(zegot_tiny_config()).eval()):
+        assert isinstance(m, SegmentationModel), type(m).__name__
+    assert not isinstance(object(), SegmentationModel)
+
+
+def test_library_and_demo_mark_seen_names_alike(model):
+    """Names match training classes ignoring case, spaces, hyphens and underscores."""
+    names = ["Class0", "class 2", "class4", "class_1", "cat"]
+    want = [True, True, True, False, False]  # class1 is unseen in the tiny split
+    p = OTSegPredictor(model)
+    p.set_image(random_photo(seed=2))
+    p.set_vocabulary(names)
+    assert p.predict().seen == want
+    cfg = model.config
+    assert vocab.mark_seen(names, cfg.class_names, cfg.seen) == want
+    assert mark_seen(names, cfg.class_names, cfg.seen) == want
