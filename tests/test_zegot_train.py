@@ -3,10 +3,12 @@ transductive schedule, the frozen teacher, and the loss terms."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from otseg.losses import IGNORE
+from otseg.predictor import OTSegPredictor
 from otseg.zegot import build_zegot, zegot_tiny_config
 from train.objective import ZegOTObjective, build_objective
 
@@ -124,3 +126,127 @@ def test_loss_terms_are_bce_focal_and_dice_on_both_maps():
 def test_schedule_fractions_are_checked(bad):
     with pytest.raises(ValueError, match="self_train_start"):
         zegot_tiny_config(**bad)
+
+
+# -- whole runs of ``train.train`` on synthetic shapes ----------------------------------------
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from otseg.data.synthetic import write_synthetic
+
+    return write_synthetic(tmp_path_factory.mktemp("shapes"), "voc", num_train=8, num_val=2)
+
+
+@pytest.fixture
+def fresh_accelerate():
+    from train_helpers import reset_accelerate
+
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+def _zegot_args(data, out, *extra):
+    return ["--config", "zegot-tiny", "--data-root", str(data), "--output-dir", str(out),
+            "--log-with", "none", "--cpu", *extra]  # fmt: skip
+
+
+def test_inductive_run_keeps_unseen_pixels_and_names_out(
+    shapes, tmp_path, monkeypatch, fresh_accelerate
+):
+    import json
+
+    from train.train import main
+
+    seen_names = {"class0", "class2", "class4"}
+    names, pairs = [], []
+    original_text, original_targets = ZegOTObjective.forward_text, ZegOTObjective.targets
+
+    def spy_text(self, step):
+        out = original_text(self, step)
+        names.append(out)
+        return out
+
+    def spy_targets(self, labels, images, output, step):
+        out = original_targets(self, labels, images, output, step)
+        pairs.append((labels.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(ZegOTObjective, "forward_text", spy_text)
+    monkeypatch.setattr(ZegOTObjective, "targets", spy_targets)
+    main(_zegot_args(shapes, tmp_path, "--max-iters", "3"))
+    assert names and all(set(n) == seen_names for n in names)
+    assert len(pairs) == 3 * 2  # 3 steps × 2 accumulated micro-batches
+    for labels, targets in pairs:
+        unseen_px = (labels == 1) | (labels == 3) | (labels == IGNORE)
+        assert (targets[unseen_px] == IGNORE).all()
+        assert set(targets[~unseen_px].unique().tolist()) <= {0, 1, 2}  # channels of seen names
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(metrics["iou"]) == 5 and metrics["unseen"] == [1, 3]  # evaluated on all 5 names
+    predictor = OTSegPredictor.from_pretrained(str(tmp_path / "model"))
+    predictor.set_image(np.zeros((40, 40, 3), dtype=np.uint8))
+    predictor.set_vocabulary([f"class{i}" for i in range(5)])
+    assert predictor.predict().probs.shape == (5, 40, 40)
+
+
+def test_transductive_switch_frozen_teacher_and_resume(
+    shapes, tmp_path, monkeypatch, fresh_accelerate
+):
+    from safetensors.torch import load_file
+    from train_helpers import digest, reset_accelerate
+
+    from train.train import main
+
+    steps = []
+    original_text = ZegOTObjective.forward_text
+    monkeypatch.setattr(
+        ZegOTObjective, "forward_text",
+        lambda self, step: steps.append((step, len(original_text(self, step)))) or original_text(self, step),
+    )  # fmt: skip
+    run = ["--set", "setting=transductive", "--max-iters", "10", "--checkpoint-every", "2",
+           "--keep-checkpoints", "0", "--no-eval"]  # fmt: skip
+    main(_zegot_args(shapes, tmp_path / "full", *run))  # no --init-from: one run
+    assert {s: k for s, k in steps} == {s: (3 if s < 2 else 5) for s in range(10)}
+
+    ckpts = tmp_path / "full" / "checkpoints"
+    at_switch = load_file(str(ckpts / "checkpoint_00000002" / "model" / "model.safetensors"))
+    for step in (2, 4):  # the teacher is the model of step 2 until 50 %
+        teacher = torch.load(
+            ckpts / f"checkpoint_0000000{step}" / "custom_checkpoint_0.pkl", weights_only=False
+        )["teacher"]
+        if step == 2:
+            assert teacher is None  # taken at the first step that needs it
+            continue
+        assert teacher.keys() == at_switch.keys()
+        assert all(torch.equal(teacher[k], at_switch[k]) for k in at_switch)
+    assert (
+        torch.load(ckpts / "checkpoint_00000006" / "custom_checkpoint_0.pkl", weights_only=False)[
+            "teacher"
+        ]
+        is None
+    )
+
+    reset_accelerate()
+    resumed = tmp_path / "resumed"
+    main(_zegot_args(shapes, resumed, *run, "--resume-from", str(ckpts / "checkpoint_00000004")))
+    assert digest(resumed / "model" / "model.safetensors") == digest(
+        tmp_path / "full" / "model" / "model.safetensors"
+    )
+
+
+@pytest.mark.slow
+def test_tiny_zegot_learns_far_above_chance(tmp_path):
+    import json
+
+    from train_helpers import TRAIN, run
+
+    from otseg.data.synthetic import write_synthetic
+    from otseg.predictor import OTSegPredictor
+
+    data = write_synthetic(tmp_path / "data", "voc", num_train=64, num_val=16, seed=1)
+    out = tmp_path / "run"
+    run(TRAIN + ["--config", "zegot-tiny-fully", "--data-root", str(data), "--output-dir", str(out),
+                 "--cpu", "--log-with", "none"], timeout=300)  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["miou"] > 0.4, metrics  # chance: ≈ 0.04–0.1 for 5 classes
+    predictor = OTSegPredictor.from_pretrained(str(out / "model"))
+    assert predictor.model.model_type == "zegot"

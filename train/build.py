@@ -20,9 +20,18 @@ from torch.utils.data import DataLoader, Sampler
 from otseg.config import OTSegConfig, get_preset
 from otseg.data.augment import EvalTransform, TrainTransform, collate
 from otseg.data.datasets import build_dataset, check_label_values
-from otseg.hub import CONFIG_NAME, WEIGHTS_NAME, load_text_bank, load_weights, read_config
+from otseg.hub import (
+    CONFIG_NAME,
+    MODEL_TYPES,
+    WEIGHTS_NAME,
+    load_text_bank,
+    load_weights,
+    read_config,
+)
 from otseg.model import OTSeg, build_model
 from otseg.mpsa import PromptPixelAttention
+from otseg.zegot import ZegOTConfig, build_zegot
+from train.objective import is_zegot
 from train.recipe import Recipe
 
 
@@ -50,7 +59,9 @@ def build_config(recipe: Recipe) -> OTSegConfig:
         )
     setting = recipe.setting or config.setting
     if recipe.setting is not None:
-        changes.update(setting=setting, calibration=0.0 if setting == "transductive" else 0.1)
+        changes["setting"] = setting
+        if isinstance(config, OTSegConfig):  # ZegOT has no seen-class calibration
+            changes["calibration"] = 0.0 if setting == "transductive" else 0.1
     if setting == "fully":
         changes["unseen"] = ()
     elif not changes.get("unseen", config.unseen):
@@ -144,15 +155,20 @@ def training_text_bank(
 def build_training_model(recipe: Recipe, config: OTSegConfig) -> OTSeg:
     """The model to train: frozen CLIP (``load_clip``) or the config's random frozen tower,
     fresh prompts and decoder, or the weights of ``recipe.init_from`` (weights only)."""
-    if recipe.model != "otseg":
-        raise ValueError(f"unknown model type {recipe.model!r}; this trainer builds: otseg")
+    if recipe.model not in MODEL_TYPES:
+        raise ValueError(f"unknown model type {recipe.model!r}; this trainer builds: {MODEL_TYPES}")
     torch.manual_seed(recipe.seed)
     source = resolve_init(recipe.init_from, recipe.init_from_iter) if recipe.init_from else None
-    bank = training_text_bank(recipe, config, source)
-    if config.clip_model is None:
-        model = build_model(config, text_bank=bank)
+    if isinstance(config, ZegOTConfig):  # random towers when clip_model is None
+        clip = tokenizer = None
+        if config.clip_model is not None:
+            clip, tokenizer = load_frozen_clip(config, recipe.clip_weights)
+        model = build_zegot(config, clip=clip, tokenizer=tokenizer)
+    elif config.clip_model is None:
+        model = build_model(config, text_bank=training_text_bank(recipe, config, source))
     else:
         clip, tokenizer = load_frozen_clip(config, recipe.clip_weights)
+        bank = training_text_bank(recipe, config, source)
         model = build_model(config, clip=clip, tokenizer=tokenizer, text_bank=bank)
     if source is not None:
         from safetensors.torch import load_file
@@ -196,8 +212,10 @@ def freeze_unreached(model: OTSeg) -> list[str]:
     forward/backward pass on a blank crop (global RNG untouched).
     """
     s = model.config.vision.image_size
+    # ZegOT takes class names: its prompts are encoded with gradients inside the forward
+    text = model.training_class_names if is_zegot(model) else model.training_text.detach()
     with torch.random.fork_rng(devices=[]):
-        out = model(torch.zeros(1, 3, s, s, device=model.device), model.training_text.detach())
+        out = model(torch.zeros(1, 3, s, s, device=model.device), text)
         maps = [m for m in (out.decoder_map, out.score_map) if m is not None]
         torch.stack([m.float().sum() for m in maps]).sum().backward()
     unreached = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]

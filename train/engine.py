@@ -15,9 +15,7 @@ from tqdm.auto import tqdm
 from otseg.losses import count_masks
 from train.build import EpochSampler, fixed_sinkhorn, set_epoch
 from train.checkpoint import TrainState
-from train.objective import OTSegObjective, ZegOTObjective
-
-Objective = OTSegObjective | ZegOTObjective
+from train.objective import Objective
 
 logger = get_logger("train")
 

@@ -128,9 +128,18 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     memo[id(model.prompts._lock)] = threading.Lock()
     teacher = copy.deepcopy(model, memo)
     teacher.prompts._cache, teacher.prompts._cache_key = {}, None
-    return teacher.eval().requires_grad_(False)
+    modes = [m.training for m in shared]
+    teacher.eval().requires_grad_(False)
+    for m, mode in zip(shared, modes, strict=True):
+        # The shared towers keep the model's mode: eval-mode attention takes another kernel,
+        # and a resumed run must compute exactly what the uninterrupted one did.
+        m.train(mode)
+    return teacher
 
 
-def build_objective(model: nn.Module, iterations: int):
+Objective = OTSegObjective | ZegOTObjective
+
+
+def build_objective(model: nn.Module, iterations: int) -> Objective:
     """The objective of the (unwrapped) model's type."""
     return ZegOTObjective(model, iterations) if is_zegot(model) else OTSegObjective(model)

@@ -18,13 +18,28 @@ WEIGHT_DECAY = 0.01
 
 
 def build_param_groups(
-    model: nn.Module, lr: float = BASE_LR, weight_decay: float = WEIGHT_DECAY
+    model: nn.Module,
+    lr: float = BASE_LR,
+    weight_decay: float = WEIGHT_DECAY,
+    *,
+    prompt_lr: float | None = None,
+    prompt_weight_decay: float = 0.0,
 ) -> list[dict]:
-    """One group with every parameter that requires grad (names sorted for a stable order)."""
-    params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
-    if not params:
+    """One group with every parameter that requires grad (names sorted for a stable order);
+    with ``prompt_lr``, the model's ``prompt_parameters()`` (ZegOT's learned context vectors)
+    form a second group with that learning rate and ``prompt_weight_decay``."""
+    prompts = model.prompt_parameters() if prompt_lr is not None else []
+    prompts = [p for p in prompts if p.requires_grad]
+    ids = {id(p) for p in prompts}
+    params = [
+        p for _, p in sorted(model.named_parameters()) if p.requires_grad and id(p) not in ids
+    ]
+    if not params and not prompts:
         raise ValueError("the model has no trainable parameters")
-    return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
+    groups = [{"params": params, "lr": lr, "weight_decay": weight_decay}] if params else []
+    if prompts:
+        groups.append({"params": prompts, "lr": prompt_lr, "weight_decay": prompt_weight_decay})
+    return groups
 
 
 def build_optimizer(
@@ -33,10 +48,12 @@ def build_optimizer(
     weight_decay: float = WEIGHT_DECAY,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    **prompt_group: float | None,
 ) -> torch.optim.AdamW:
-    """AdamW as the original configs (no grad clipping) over the trainable parameters."""
+    """AdamW as the original configs (no grad clipping) over the trainable parameters;
+    ``prompt_lr`` / ``prompt_weight_decay``: see :func:`build_param_groups`."""
     return torch.optim.AdamW(
-        build_param_groups(model, lr, weight_decay),
+        build_param_groups(model, lr, weight_decay, **prompt_group),
         lr=lr,
         betas=betas,
         eps=eps,
@@ -79,12 +96,10 @@ def build_scheduler(
     **kwargs: float,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-iteration schedule; call ``scheduler.step()`` after every optimizer step, so the
-    ``it``-th step (0-based) runs with ``poly_warmup_lr(it)``."""
-    base_lr = optimizer.param_groups[0]["lr"]
-    if any(g["lr"] != base_lr for g in optimizer.param_groups):
-        raise ValueError("all parameter groups must share one base lr")
+    ``it``-th step (0-based) runs with ``poly_warmup_lr(it)`` of each group's base lr."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, poly_warmup_lambda(base_lr, max_iters, **kwargs)
+        optimizer,
+        [poly_warmup_lambda(g["lr"], max_iters, **kwargs) for g in optimizer.param_groups],
     )
 
 

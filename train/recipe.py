@@ -68,7 +68,7 @@ class Recipe:
     sinkhorn_iters: int | None = None  # training forward only: exactly this many Sinkhorn
     # iterations, no early stop and so no host synchronisation per iteration (the original
     # rule stops after 4–9); None: the original rule. Evaluation and export keep the original.
-    model: str = "otseg"  # model type to train
+    model: str = "otseg"  # model type to train: otseg | zegot (must match the preset's)
     text_embeddings: str | None = None  # the original's (K, N, C) fp16 .npy prompt embeddings
     # (e.g. voc12_otseg.npy): train on them as stored instead of the CLIP text tower
     clip_weights: str | None = None  # a local open_clip weights file for the frozen CLIP
@@ -76,6 +76,8 @@ class Recipe:
     output_dir: str = "work_dirs"
     setting: str | None = None  # override the preset's setting: inductive | transductive | fully
     unseen_classes: tuple[str, ...] = ()  # custom datasets: class names never supervised
+    prompt_lr: float | None = None  # ZegOT: lr of the learned prompt vectors (None: one group)
+    prompt_weight_decay: float = 0.0  # ZegOT: weight decay of the prompt vectors
 
     def __post_init__(self) -> None:
         for key in ("iterations", "global_batch", "per_device_batch", "checkpoint_interval"):
@@ -109,8 +111,15 @@ class Recipe:
                 f"checkpoint{step}, e.g. --set init_from=work_dirs/<inductive>/checkpoint"
             )
         from otseg.config import get_preset
+        from otseg.hub import model_type
 
-        size = get_preset(self.preset).vision.image_size
+        preset = get_preset(self.preset)
+        if model_type(preset) != self.model:
+            raise ValueError(
+                f"recipe {self.name!r}: preset {self.preset!r} is a {model_type(preset)} model, "
+                f"but model = {self.model!r}; set model = {model_type(preset)!r}"
+            )
+        size = preset.vision.image_size
         if self.crop_size != size:
             raise ValueError(f"crop_size {self.crop_size} must equal the model size {size}")
         for key in ("text_embeddings", "clip_weights"):

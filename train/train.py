@@ -33,6 +33,7 @@ from accelerate.utils import (
 import otseg  # noqa: F401 - patches torchvision before open_clip/timm are imported
 from otseg.config import OTSegConfig
 from otseg.metrics import format_table
+from otseg.zegot import ZegOTConfig
 from train.build import (
     build_config,
     build_eval_loader,
@@ -223,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     accelerator, per_device = build_accelerator(recipe, args, run_dir)
     setup_logging(accelerator, run_dir)
     config = build_config(recipe)
-    if config.setting == "transductive" and not recipe.init_from:
+    zegot = isinstance(config, ZegOTConfig)  # ZegOT's transductive schedule is one run
+    if config.setting == "transductive" and not recipe.init_from and not zegot:
         raise ValueError("transductive training starts from an inductive model: pass --init-from")
     check_custom_labels(recipe, config)
     if args.push_to_hub and accelerator.is_main_process:
@@ -235,13 +237,20 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                 f"{push_later_hint(run_dir / 'model', args.push_to_hub)}"
             )
     model = build_training_model(recipe, config)
-    model.image_encoder.grad_checkpointing = args.gradient_checkpointing
+    if zegot:
+        model.prompts.checkpointing = args.gradient_checkpointing or config.head.text_checkpointing
+    else:
+        model.image_encoder.grad_checkpointing = args.gradient_checkpointing
     unreached = freeze_unreached(model)
     loader = build_train_loader(
         recipe, config, per_device, pin_memory=accelerator.device.type == "cuda"
     )
     sampler = loader.sampler
-    optimizer = build_optimizer(model, recipe.lr, recipe.weight_decay, recipe.betas, recipe.eps)
+    optimizer = build_optimizer(
+        model, recipe.lr, recipe.weight_decay, recipe.betas, recipe.eps,
+        **({"prompt_lr": recipe.prompt_lr, "prompt_weight_decay": recipe.prompt_weight_decay}
+           if zegot and recipe.prompt_lr is not None else {}),
+    )  # fmt: skip
     scheduler = build_scheduler(
         optimizer, recipe.iterations, power=recipe.power, min_lr=recipe.min_lr,
         warmup_iters=recipe.warmup_iters, warmup_ratio=recipe.warmup_ratio,
@@ -265,6 +274,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         per_device_batch=per_device,
         accumulation_steps=accelerator.gradient_accumulation_steps,
     )
+    objective = build_objective(accelerator.unwrap_model(model), recipe.iterations)
+    if zegot:
+        accelerator.register_for_checkpointing(objective)  # its frozen teacher, when taken
     state = resume(checkpoints, args.resume_from, fresh)
     evaluate_at = make_evaluator(accelerator, recipe, config, run_dir)
 
@@ -287,7 +299,6 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         if state.step % recipe.checkpoint_interval == 0 or last or state.step in recipe.keep_steps:
             logger.info("step %d: saved %s", state.step, checkpoints.save(state))
 
-    objective = build_objective(accelerator.unwrap_model(model), recipe.iterations)
     state = train_loop(
         accelerator, model, optimizer, scheduler, loader, sampler, objective, state,
         iterations=recipe.iterations, after_step=after_step,

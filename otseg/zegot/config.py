@@ -144,6 +144,7 @@ def zegot_tiny_config(**changes) -> ZegOTConfig:
         test_stride=48,
         clip_model=None,
         clip_pretrained=None,
+        frozen_teacher_until=0.5,  # transductive: exercise the frozen-teacher window too
     )  # fmt: skip
     return base.replace(**changes)
 

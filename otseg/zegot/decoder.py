@@ -14,10 +14,10 @@ from .config import ZegOTHeadConfig
 
 
 def _conv(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
-    # GroupNorm, not BatchNorm: statistics per (image, class), never across classes.
+    # No normalisation layer: a per-sample norm would erase the absolute score level (whether
+    # the class is present at all), and BatchNorm would mix statistics across classes.
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation),
-        nn.GroupNorm(min(8, cout), cout),
         nn.ReLU(inplace=True),
     )
 
@@ -36,7 +36,7 @@ class ScoreMapDecoder(nn.Module):
         self.aspp = nn.ModuleList(
             _conv(aspp_in, c, 1 if d == 1 else 3, d) for d in cfg.aspp_dilations
         )
-        self.pool = nn.Sequential(nn.Conv2d(aspp_in, c, 1), nn.ReLU(inplace=True))  # image pooling
+        self.pool = _conv(aspp_in, c, 1)  # image-pooling branch
         self.fuse = _conv((len(cfg.aspp_dilations) + 1) * c, c, 1)
         self.logit = nn.Conv2d(c, 1, 1)
 
