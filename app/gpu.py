@@ -14,6 +14,7 @@ key, the config and that user's text embeddings, so a whole predictor pickles in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -59,17 +60,23 @@ def _autocast(model: nn.Module, precision: str):
     return contextlib.nullcontext()
 
 
+def _embedding_type(model: nn.Module) -> type:
+    """The dataclass ``model.encode_image`` returns (ZegOT's carries every block's pixels)."""
+    return getattr(model, "embedding_type", ImageEmbedding)
+
+
 def _cpu(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.detach().cpu()
 
 
 @_on_gpu
-def encode_image(key: str, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image tower. windows: (B, 3, c, c) normalised crops → pixels (B, C, h, w), cls (B, C)."""
+def encode_image(key: str, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Image tower. windows: (B, 3, c, c) normalised crops → the embedding's tensors by field
+    name: pixels (B, C, h, w), cls (B, C) (ZegOT also every block's pixels)."""
     model, precision = _lookup(key)
     with torch.inference_mode(), _autocast(model, precision):
         emb = model.encode_image(windows.to(model.device))
-    return _cpu(emb.pixels), _cpu(emb.cls)
+    return {f.name: _cpu(getattr(emb, f.name)) for f in dataclasses.fields(emb)}
 
 
 @_on_gpu
@@ -83,18 +90,17 @@ def embed_text(key: str, names: list[str]) -> torch.Tensor:
 @_on_gpu
 def decode(
     key: str,
-    pixels: torch.Tensor,
-    cls: torch.Tensor,
+    embedding: dict[str, torch.Tensor],
     text: torch.Tensor,
     attention: str,
     use_mps: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The head on one window's embedding: pixels (1, C, h, w), cls (1, C), text (K, N, C) →
+    """The head on one window's embedding (``encode_image``'s tensors), text (K, N, C) →
     decoder map (1, K, h, w), MPS map (1, K, h, w) and per-prompt maps (1, K, N, h, w); the
     last two are None without MPS."""
     model, precision = _lookup(key)
     device = model.device
-    emb = ImageEmbedding(pixels=pixels.to(device), cls=cls.to(device))
+    emb = _embedding_type(model)(**{k: v.to(device) for k, v in embedding.items()})
     with torch.inference_mode(), _autocast(model, precision):
         maps = model.decode(emb, text.to(device), attention=attention, use_mps=bool(use_mps))
     return _cpu(maps.decoder), _cpu(maps.score), _cpu(maps.prompt_maps)
@@ -109,6 +115,7 @@ class RemoteModel(PostProcessing):
         self.key = key
         self.config = model.config
         self.attentions = model.attentions
+        self._embedding = _embedding_type(model)
         self._text: dict[str, torch.Tensor] = {}  # class name → (N, C) float32, CPU
 
     device = torch.device("cpu")  # where the predictor keeps its caches
@@ -117,8 +124,7 @@ class RemoteModel(PostProcessing):
         return self
 
     def encode_image(self, images: torch.Tensor) -> ImageEmbedding:
-        pixels, cls = encode_image(self.key, images.cpu())
-        return ImageEmbedding(pixels=pixels, cls=cls)
+        return self._embedding(**encode_image(self.key, images.cpu()))
 
     def embed_text(self, names: Sequence[str]) -> torch.Tensor:
         """K names → (K, N, C); only names this session has not seen yet cross the boundary."""
@@ -141,9 +147,8 @@ class RemoteModel(PostProcessing):
     ) -> HeadMaps:
         if mask_combine is not None:
             raise ValueError("the demo always uses the attention's default mask_combine")
-        decoder, score, prompt_maps = decode(
-            self.key, emb.pixels, emb.cls, text, attention, use_mps
-        )
+        fields = {f.name: getattr(emb, f.name) for f in dataclasses.fields(emb)}
+        decoder, score, prompt_maps = decode(self.key, fields, text, attention, use_mps)
         return HeadMaps(
             decoder=decoder,
             score=score,

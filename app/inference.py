@@ -25,6 +25,11 @@ from otseg.predictor import OTSegPredictor
 from otseg.preprocess import ImageError, load_image
 
 ATTENTION_LABELS = {"sinkhorn": "Sinkhorn (OTSeg: MPS + MPSA)", "softmax": "Softmax (baseline)"}
+ZEGOT_ATTENTION_LABELS = {  # ZegOT's transport between its learned prompts and the pixels
+    "sinkhorn": "MPOT (optimal transport)",
+    "softmax": "softmax",
+    "none": "no transport",
+}
 HOW_TO_TRAINED = (
     "To see real OTSeg, start the app with `python app.py --model original:coco-transductive` "
     "(the authors' weights, downloaded once) or `--model HUB_ID_OR_DIR`, or set `OTSEG_MODEL`."
@@ -40,7 +45,7 @@ class UserError(ValueError):
 class LoadedModel:
     """The process-wide model and how the UI should describe it."""
 
-    model: nn.Module | None  # OTSeg or TrainingFreeOTSeg; None when nothing could be loaded
+    model: nn.Module | None  # OTSeg, ZegOT or TrainingFreeOTSeg; None when nothing was loaded
     mode: str  # "trained" | "training-free" | "none"
     status: str  # Markdown shown at the top of the page
     precision: str = "fp32"
@@ -55,6 +60,20 @@ class LoadedModel:
     def message(self) -> str:
         """``status`` as plain text, for API clients and the server log."""
         return re.sub(r"[*`]|⚠️ ?", "", self.status).replace("\n\n", " ").strip()
+
+    @property
+    def is_zegot(self) -> bool:
+        return getattr(self.model, "model_type", "otseg") == "zegot"
+
+    @property
+    def attention_labels(self) -> dict[str, str]:
+        """Attention value → radio label, for the loaded model."""
+        return ZEGOT_ATTENTION_LABELS if self.is_zegot else ATTENTION_LABELS
+
+    @property
+    def default_lam(self) -> float:
+        """The model's ensemble λ (ZegOT 0.8, OTSeg 0.5)."""
+        return float(getattr(getattr(self.model, "config", None), "ensemble_lambda", 0.5))
 
     def mark_seen(self, names: list[str]) -> list[bool] | None:
         """Seen flags for a trained model; None (no badges) when there is no training split."""
@@ -72,21 +91,22 @@ def load_model(
     precision: str = "fp32",
     device: str = "cpu",
 ) -> LoadedModel:
-    """A trained OTSeg from ``model`` (Hub id or directory); else training-free CLIP; else none.
+    """A trained OTSeg or ZegOT from ``model`` (Hub id or directory, as its config.json says);
+    else training-free CLIP; else none.
 
     Never raises for missing or wrong weights: the reason goes into ``status``. ``device`` must
     already be usable (see ``app.main.check_device``).
     """
-    from otseg.hub import CheckpointError, WeightsNotFoundError
-    from otseg.model import OTSeg
+    from otseg.hub import CheckpointError, WeightsNotFoundError, from_pretrained, model_type
     from otseg.training_free import build_training_free
 
     problem = ""
     if model:
         try:
-            net = OTSeg.from_pretrained(model)
+            net = from_pretrained(model)
             cfg = net.config
-            title = net.card.get("title") or "Trained OTSeg"  # e.g. "OTSeg (authors' weights, …)"
+            name = "ZegOT" if model_type(net) == "zegot" else "OTSeg"
+            title = net.card.get("title") or f"Trained {name}"  # e.g. "OTSeg (authors' weights, …)"
             status = (
                 f"**{title}** `{model}` — trained on *{cfg.dataset}* "
                 f"({len(cfg.seen)} seen of {len(cfg.class_names)} classes). Names of its seen "
@@ -137,12 +157,11 @@ def _fraction(label: str, value) -> float:
     return number
 
 
-def check_knobs(attention, lam, use_mps) -> dict:
-    """The prediction settings, validated: ``{"attention", "lam", "use_mps"}``."""
-    if attention not in ATTENTION_LABELS:
-        raise UserError(
-            f"Attention must be one of {', '.join(ATTENTION_LABELS)}; got {_shown(attention)}."
-        )
+def check_knobs(attention, lam, use_mps, labels: dict[str, str] = ATTENTION_LABELS) -> dict:
+    """The prediction settings, validated: ``{"attention", "lam", "use_mps"}``; ``labels``: the
+    loaded model's attention choices."""
+    if attention not in labels:
+        raise UserError(f"Attention must be one of {', '.join(labels)}; got {_shown(attention)}.")
     if not isinstance(use_mps, bool):
         raise UserError(f"use_mps must be true or false; got {_shown(use_mps)}.")
     return {"attention": attention, "lam": _fraction("λ", lam), "use_mps": use_mps}
@@ -235,7 +254,7 @@ class Handlers:
     ) -> Session:
         """Encode the image (if new) and the vocabulary (if new), then predict with ``knobs``."""
         step = progress or (lambda *a, **k: None)
-        knobs = check_knobs(knobs["attention"], knobs["lam"], knobs["use_mps"])
+        knobs = self._check_knobs(knobs)
         upload = image if isinstance(image, Upload) else Upload.from_value(image)
         if upload is None:
             raise UserError("Upload an image (or pick an example) first.")
@@ -271,6 +290,13 @@ class Handlers:
             session.version += 1
         return session
 
+    def check_knobs(self, attention, lam, use_mps) -> dict:
+        """:func:`check_knobs` against the loaded model's attention choices."""
+        return check_knobs(attention, lam, use_mps, self.loaded.attention_labels)
+
+    def _check_knobs(self, knobs: dict) -> dict:
+        return self.check_knobs(knobs["attention"], knobs["lam"], knobs["use_mps"])
+
     def _predict(self, session: Session, knobs: dict) -> None:
         result = session.predictor.predict(**knobs)
         session.labels = result.labels
@@ -297,7 +323,7 @@ class Handlers:
     # -- cheap steps -------------------------------------------------------------------------
     def rerender(self, session: Session | None, knobs: dict) -> Session:
         """New λ / attention / MPS switch on the cached embeddings (no encoder runs)."""
-        knobs = check_knobs(knobs["attention"], knobs["lam"], knobs["use_mps"])
+        knobs = self._check_knobs(knobs)
         session = _require_result(session)
         with session.lock:
             self._predict(session, knobs)

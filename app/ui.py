@@ -26,11 +26,9 @@ import gradio as gr
 
 from app import vocab
 from app.inference import (
-    ATTENTION_LABELS,
     Handlers,
     Session,
     UserError,
-    check_knobs,
     check_opacity,
 )
 
@@ -71,7 +69,9 @@ def user_errors(fn):
     return wrapper
 
 
-def _inputs_column(mode: str) -> SimpleNamespace:
+def _inputs_column(loaded) -> SimpleNamespace:
+    """The inputs; the attention choices and the default λ are the loaded model's."""
+    mode = loaded.mode
     c = SimpleNamespace()
     c.image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"],
                        elem_id="image", height=320)  # fmt: skip
@@ -84,9 +84,9 @@ def _inputs_column(mode: str) -> SimpleNamespace:
         c.load_preset = gr.Button("Load preset", scale=1, size="sm")
     with gr.Accordion("No background class? Read this", open=False):
         gr.Markdown(vocab.BACKGROUND_NOTE)
-    c.attention = gr.Radio([(v, k) for k, v in ATTENTION_LABELS.items()], value="sinkhorn",
+    c.attention = gr.Radio([(v, k) for k, v in loaded.attention_labels.items()], value="sinkhorn",
                            label="Attention", elem_id="attention")  # fmt: skip
-    c.lam = gr.Slider(0, 1, value=0.5, step=0.05, elem_id="lam",
+    c.lam = gr.Slider(0, 1, value=loaded.default_lam, step=0.05, elem_id="lam",
                       label="Ensemble λ (0: decoder only, 1: MPS score map only)")  # fmt: skip
     c.use_mps = gr.Checkbox(value=True, label="Use the MPS score map", elem_id="use_mps")
     c.opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity", elem_id="opacity")
@@ -143,7 +143,7 @@ def build(handlers: Handlers) -> gr.Blocks:
         session = gr.State(None, time_to_live=3600)
         with gr.Row():
             with gr.Column(scale=2):
-                ins = _inputs_column(handlers.loaded.mode)
+                ins = _inputs_column(handlers.loaded)
             with gr.Column(scale=3):
                 with gr.Tab("Overlay"):
                     ov = _overlay_tab()
@@ -184,7 +184,7 @@ def _wire(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
 
     @user_errors
     def on_segment(image, text, attention, lam, use_mps, opacity, sess, progress=PROGRESS):
-        knobs, opacity = check_knobs(attention, lam, use_mps), check_opacity(opacity)
+        knobs, opacity = handlers.check_knobs(attention, lam, use_mps), check_opacity(opacity)
         sess = handlers.segment(sess, image, text, knobs, progress)
         return page_values(sess, opacity, segmented=True)
 
@@ -195,7 +195,7 @@ def _wire(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
             return [gr.skip()] * len(page_out)
         if not handlers.is_current(sess, image, text):
             return on_segment(image, text, attention, lam, use_mps, opacity, sess, progress)
-        knobs = check_knobs(attention, lam, use_mps)
+        knobs = handlers.check_knobs(attention, lam, use_mps)
         if knobs != sess.knobs:
             sess = handlers.rerender(sess, knobs)
         return page_values(sess, opacity, segmented=False)
@@ -205,13 +205,13 @@ def _wire(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
 
     @user_errors
     def api_segment(image, text, attention, lam, use_mps, opacity, sess):
-        knobs, opacity = check_knobs(attention, lam, use_mps), check_opacity(opacity)
+        knobs, opacity = handlers.check_knobs(attention, lam, use_mps), check_opacity(opacity)
         sess = handlers.segment(sess, image, text, knobs)
         return [*overlay_values(sess, opacity), sess]
 
     @user_errors
     def api_rerender(attention, lam, use_mps, opacity, sess):
-        sess = handlers.rerender(sess, check_knobs(attention, lam, use_mps))
+        sess = handlers.rerender(sess, handlers.check_knobs(attention, lam, use_mps))
         return [*overlay_values(sess, opacity), sess]
 
     @user_errors

@@ -57,6 +57,7 @@ class ZegOT(PostProcessing, nn.Module):
     """The ZegOT segmentor. Build with :func:`build_zegot` or ``otseg.hub.from_pretrained``."""
 
     model_type = "zegot"
+    embedding_type = LayeredEmbedding  # what encode_image returns
     attentions = TRANSPORTS
 
     def __init__(
