@@ -13,17 +13,24 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a plain checkout
 
-import otseg  # noqa: F401 - torchvision patch before open_clip
-from otseg.config import get_preset
-from otseg.model import build_model
-from otseg.predictor import OTSegPredictor
-from otseg.sinkhorn import sinkhorn
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import otseg  # noqa: E402, F401 - torchvision patch before open_clip
+from otseg.config import get_preset  # noqa: E402
+from otseg.model import build_model  # noqa: E402
+from otseg.predictor import OTSegPredictor  # noqa: E402
+from otseg.sinkhorn import sinkhorn  # noqa: E402
 
 
 def timed(fn, repeats: int, warmup: int = 1) -> float:
@@ -81,7 +88,7 @@ def bench_sinkhorn(repeats: int) -> None:
         torch.testing.assert_close(sinkhorn(cost), original_sinkhorn(cost), atol=1e-7, rtol=1e-4)
         t_orig = timed(lambda: original_sinkhorn(cost), repeats)
         t_ours = timed(lambda: sinkhorn(cost), repeats)
-        t_fixed = timed(lambda: sinkhorn(cost, max_iter=10, tol=None), repeats)
+        t_fixed = timed(lambda: sinkhorn(cost, max_iter=10, tol=None, cost_range=2.0), repeats)
         t_soft = timed(lambda: torch.softmax((1 - cost) / 0.05, dim=1), repeats)
         print(
             f"{name:<22}{t_orig:>10.2f}{t_ours:>10.2f}{t_fixed:>15.2f}{t_soft:>10.2f}{t_orig / t_ours:>10.2f}x{iters:>7}"
@@ -150,6 +157,14 @@ def bench_text(model, repeats: int) -> None:
     )
 
 
+def uptime() -> str:
+    """The load line of ``uptime`` (quote it with every number)."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return f"load average {os.getloadavg()}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -157,11 +172,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, {args.repeats} repeats")
+    print(f"uptime: {uptime()}")
     bench_sinkhorn(args.repeats)
     model = vit_b16_model()
     with torch.inference_mode():
         bench_predictor(model, args.repeats)
         bench_text(model, args.repeats)
+    print(f"uptime: {uptime()}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,247 @@
+"""Image tower, slide vs whole inference and ONNX Runtime, measured in one run on this CPU.
+
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_speed.py [--threads 2] [--repeats 5] [--onnx]
+
+ViT-B/16 dimensions (VOC preset, randomly initialised open_clip ``ViT-B-16-quickgelu``, no
+download), fp32 unless stated. Variants are alternated within each repeat, so machine load
+hits them alike; the ratios are what to compare. ``uptime`` is printed before and after.
+
+(a) image tower per 512 window: open_clip's own ``VisionTransformer.forward`` (1025 tokens),
+    our prompted tower run through open_clip's block modules (1035 tokens, the previous
+    implementation) and our tower (same 1035 tokens, our block forward); max |Δ| of ours vs
+    the open_clip-block tower;
+(b) slide inference of a 375×500 photo (two 512 windows) through the predictor, fp32 and bf16
+    autocast: ours vs the same predictor with open_clip's block modules;
+(c) whole-image inference vs slide: time, and label agreement on the example photos (random
+    weights, so agreement measures the protocol difference only, not quality);
+(d) with --onnx: the exported image tower and fixed-iteration head in ONNX Runtime vs torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runs from a plain checkout
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from bench_core import uptime, vit_b16_model  # noqa: E402
+
+import otseg.clip_image as clip_image  # noqa: E402
+from otseg.predictor import OTSegPredictor  # noqa: E402
+from otseg.preprocess import load_image, to_model_input  # noqa: E402
+from otseg.slide import slide_inference  # noqa: E402
+from otseg.whole import whole_inference  # noqa: E402
+
+
+def alternate(variants: dict, repeats: int) -> dict[str, float]:
+    """Median ms of each zero-argument callable, run in turn ``repeats`` times after a warm-up."""
+    times = {name: [] for name in variants}
+    for i in range(repeats + 1):
+        for name, fn in variants.items():
+            t = time.perf_counter()
+            fn()
+            if i:
+                times[name].append((time.perf_counter() - t) * 1000)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+@contextmanager
+def open_clip_blocks():
+    """Run our tower through open_clip's own block modules (the previous implementation)."""
+    ours = clip_image.block_forward
+    clip_image.block_forward = lambda block, x: block(x)
+    try:
+        yield
+    finally:
+        clip_image.block_forward = ours
+
+
+def bench_tower(model, repeats: int) -> None:
+    from open_clip.model import VisionTransformer
+
+    enc = model.image_encoder
+    cfg = model.config.vision
+    visual = VisionTransformer(  # open_clip's tower at 512² sharing our weights
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        width=cfg.width,
+        layers=cfg.layers,
+        heads=cfg.heads,
+        mlp_ratio=cfg.mlp_ratio,
+        output_dim=cfg.embed_dim,
+        act_layer=type(enc.transformer.resblocks[0].mlp.gelu),
+    ).eval()
+    for name in ("conv1", "ln_pre", "transformer", "ln_post"):
+        setattr(visual, name, getattr(enc, name))
+    visual.class_embedding, visual.proj = enc.class_embedding, enc.proj
+    visual.positional_embedding = enc.positional_embedding
+    x = torch.randn(1, 3, cfg.image_size, cfg.image_size)
+
+    def previous():
+        with open_clip_blocks():
+            return enc(x)
+
+    ours, ref = enc(x), previous()
+    delta = max((ours.pixels - ref.pixels).abs().max(), (ours.cls - ref.cls).abs().max())
+    t = alternate(
+        {"open_clip": lambda: visual(x), "previous": previous, "ours": lambda: enc(x)}, repeats
+    )
+    print(f"\n(a) image tower, one {cfg.image_size}² window, fp32, median ms")
+    print(f"{'open_clip VisionTransformer (1025 tokens)':<48}{t['open_clip']:>9.0f}")
+    print(f"{'ours via open_clip blocks (1035 tokens)':<48}{t['previous']:>9.0f}")
+    print(f"{'ours (1035 tokens)':<48}{t['ours']:>9.0f}")
+    print(
+        f"speed-up vs open_clip {t['open_clip'] / t['ours']:.2f}x, vs open_clip blocks "
+        f"{t['previous'] / t['ours']:.2f}x; max |ours - open_clip blocks| = {delta:.1e}"
+    )
+
+
+def photo_375x500() -> np.ndarray:
+    """The chelsea example photo, 300×451, resized to 375×500 (two 512 windows at test scale)."""
+    from PIL import Image
+
+    return np.asarray(Image.open(REPO / "assets" / "chelsea.jpg").convert("RGB").resize((500, 375)))
+
+
+def bench_slide(model, repeats: int) -> None:
+    photo = photo_375x500()
+    names = list(model.config.class_names)
+    print("\n(b) 375×500 photo, set_image + predict (2 slide windows), median ms")
+    for precision in ("fp32", "bf16"):
+        p = OTSegPredictor(model, precision=precision)
+        p.set_vocabulary(names)
+
+        def run(p=p):
+            p.set_image(photo)
+            return p.predict()
+
+        def previous():
+            with open_clip_blocks():
+                return run()
+
+        assert (run().labels == previous().labels).mean() > 0.999
+        t = alternate({"previous": previous, "ours": run}, repeats)
+        print(
+            f"{precision:<6} open_clip blocks {t['previous']:>7.0f}   ours {t['ours']:>7.0f}"
+            f"   ({t['previous'] / t['ours']:.2f}x)"
+        )
+
+
+def bench_whole(model, repeats: int) -> None:
+    cfg = model.config
+    text = model.embed_text(list(cfg.class_names))
+
+    def run(x):
+        return model(x, text).scores
+
+    def prepare(rgb):
+        return to_model_input(rgb, cfg.resize_short, cfg.pixel_mean, cfg.pixel_std)
+
+    def slide(x, size):
+        return slide_inference(run, x, crop=cfg.test_crop, stride=cfg.test_stride, out_size=size)
+
+    def whole(x, size):
+        return whole_inference(run, x, patch=cfg.vision.patch_size, out_size=size)
+
+    photo = photo_375x500()
+    x = prepare(photo)
+    t = alternate(
+        {"slide": lambda: slide(x, photo.shape[:2]), "whole": lambda: whole(x, photo.shape[:2])},
+        repeats,
+    )
+    print("\n(c) whole-image vs slide inference (model forward, fp32), 375×500 photo, median ms")
+    print(
+        f"slide {t['slide']:.0f}   whole {t['whole']:.0f}   ({t['slide'] / t['whole']:.2f}x); "
+        "label agreement with slide (random weights):"
+    )
+    for path in sorted((REPO / "assets").glob("*.jpg")):
+        rgb = load_image(path)
+        x = prepare(rgb)
+        a = slide(x, rgb.shape[:2]).argmax(1)
+        b = whole(x, rgb.shape[:2]).argmax(1)
+        print(f"  {path.name:<14}{rgb.shape[0]}×{rgb.shape[1]:<6}{(a == b).float().mean():.3f}")
+
+
+def bench_onnx(model, repeats: int) -> None:
+    import tempfile
+
+    import onnxruntime as ort
+
+    from otseg.export_onnx import export_head, export_tower, fixed_head_inputs
+
+    cfg = model.config
+    x = torch.randn(1, 3, cfg.test_crop, cfg.test_crop)
+    text = model.embed_text(list(cfg.class_names))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        tower_path, head_path = Path(tmp) / "tower.onnx", Path(tmp) / "head.onnx"
+        export_tower(model, tower_path, size=cfg.test_crop)
+        iterations = export_head(model, head_path, num_classes=len(cfg.class_names))
+        tower = ort.InferenceSession(str(tower_path), opts, providers=["CPUExecutionProvider"])
+        head = ort.InferenceSession(str(head_path), opts, providers=["CPUExecutionProvider"])
+    emb = model.encode_image(x)
+    feeds = fixed_head_inputs(emb, text)
+    pix, cls = tower.run(None, {"images": x.numpy()})
+    torch_head = model.decode(emb, text)  # the original stopping rule
+    onnx_head = head.run(None, {k: v.numpy() for k, v in feeds.items()})
+    print(f"\n(d) ONNX Runtime {ort.__version__} vs torch, fp32, median ms")
+    print(
+        f"max |Δ| tower pixels {np.abs(pix - emb.pixels.numpy()).max():.1e}, "
+        f"cls {np.abs(cls - emb.cls.numpy()).max():.1e}; head ({iterations} fixed iterations vs "
+        f"the original rule) decoder map {np.abs(onnx_head[0] - torch_head.decoder.numpy()).max():.1e}"
+    )
+    t = alternate(
+        {
+            "torch tower": lambda: model.encode_image(x),
+            "onnx tower": lambda: tower.run(None, {"images": x.numpy()}),
+            "torch head": lambda: model.decode(emb, text),
+            "onnx head": lambda: head.run(None, {k: v.numpy() for k, v in feeds.items()}),
+        },
+        repeats,
+    )
+    print(
+        f"tower: torch {t['torch tower']:.0f}  onnxruntime {t['onnx tower']:.0f}  "
+        f"(torch/ort {t['torch tower'] / t['onnx tower']:.2f}x)"
+    )
+    print(
+        f"head:  torch {t['torch head']:.1f}  onnxruntime {t['onnx head']:.1f}  "
+        f"(torch/ort {t['torch head'] / t['onnx head']:.2f}x)"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--onnx", action="store_true", help="also compare ONNX Runtime")
+    ap.add_argument("--only", choices=["tower", "slide", "whole", "onnx"], default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.repeats} repeats")
+    print(f"uptime: {uptime()}")
+    model = vit_b16_model()
+    with torch.inference_mode():
+        if args.only in (None, "tower"):
+            bench_tower(model, args.repeats)
+        if args.only in (None, "slide"):
+            bench_slide(model, args.repeats)
+        if args.only in (None, "whole"):
+            bench_whole(model, args.repeats)
+    if args.onnx or args.only == "onnx":
+        with torch.inference_mode():
+            bench_onnx(model, args.repeats)
+    print(f"uptime: {uptime()}")
+
+
+if __name__ == "__main__":
+    main()
