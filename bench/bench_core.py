@@ -48,8 +48,8 @@ def timed(fn, repeats: int, warmup: int = 1) -> float:
 def original_sinkhorn(cost: torch.Tensor, eps: float = 0.05) -> torch.Tensor:
     """The original ``Sinkhorn_log_exp_sum`` (plain loop, host sync every iteration), for timing."""
     bk, m, n = cost.shape
-    mu = torch.full((bk, m), 1.0 / m)
-    nu = torch.full((bk, n), 1.0 / n)
+    mu = torch.full((bk, m), 1.0 / m, device=cost.device)
+    nu = torch.full((bk, n), 1.0 / n, device=cost.device)
     u, v = torch.zeros_like(mu), torch.zeros_like(nu)
 
     def kernel(u, v):

@@ -25,8 +25,13 @@ from .ensemble import TokenMaps, WindowScores, resize
 from .preprocess import ImageLike, load_image, to_model_input
 from .slide import Box, crops, merge_windows, slide_windows, window_probabilities
 from .vocabulary import mark_seen
+from .whole import whole_input
 
 MAX_CLASSES = 1000
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype
+# "slide": overlapping test_crop windows, as the original (the default and the parity path);
+# "whole": one pass over the whole test-scale image (otseg.whole), faster, not the original's.
+MODES = ("slide", "whole")
 PROMPT_MAP_STRIDE = 8  # per-prompt maps are returned at 1/8 of the test-scale image
 
 
@@ -89,7 +94,12 @@ class Prediction:
 
 class OTSegPredictor:
     """Caches the image embedding of every slide window and the vocabulary's text embeddings;
-    also caches the head's maps per (attention, MPS on/off), so a new λ only re-fuses."""
+    also caches the head's maps per (attention, MPS on/off), so a new λ only re-fuses.
+
+    precision: ``"fp32"``, or autocast to ``"bf16"`` / ``"fp16"`` (fp16 for GPUs).
+    mode: ``"slide"`` (overlapping windows, as the original) or ``"whole"`` (one pass over the
+    whole image, see :mod:`otseg.whole`: ~1.5× less work on a 4:3 photo; labels differ).
+    """
 
     def __init__(
         self,
@@ -97,13 +107,17 @@ class OTSegPredictor:
         *,
         device: str | torch.device | None = None,
         precision: str = "fp32",
+        mode: str = "slide",
     ) -> None:
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model = model.eval()
         if device is not None:
             self.model.to(device)
         self.precision = precision
+        self.mode = mode
         self.reset_image()
         self._names: list[str] | None = None
         self._text: torch.Tensor | None = None
@@ -115,7 +129,9 @@ class OTSegPredictor:
 
         device = kwargs.pop("device", None)
         precision = kwargs.pop("precision", "fp32")
-        return cls(from_pretrained(repo_or_dir, **kwargs), device=device, precision=precision)
+        mode = kwargs.pop("mode", "slide")
+        model = from_pretrained(repo_or_dir, **kwargs)
+        return cls(model, device=device, precision=precision, mode=mode)
 
     # -- state ------------------------------------------------------------------------------
     def reset_image(self) -> None:
@@ -130,8 +146,9 @@ class OTSegPredictor:
         return self.original_size is not None
 
     def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.model.device.type, dtype=torch.bfloat16)
+        dtype = PRECISIONS[self.precision]
+        if dtype is not None:
+            return torch.autocast(self.model.device.type, dtype=dtype)
         return contextlib.nullcontext()
 
     @torch.inference_mode()
@@ -143,7 +160,11 @@ class OTSegPredictor:
         x = to_model_input(rgb, cfg.resize_short, cfg.pixel_mean, cfg.pixel_std).to(
             self.model.device
         )
-        boxes = slide_windows(x.shape[-2], x.shape[-1], cfg.test_crop, cfg.test_stride)
+        if self.mode == "whole":
+            x = whole_input(x, cfg.vision.patch_size)
+            boxes = [(0, 0, x.shape[-2], x.shape[-1])]
+        else:
+            boxes = slide_windows(x.shape[-2], x.shape[-1], cfg.test_crop, cfg.test_stride)
         self.reset_image()
         with self._autocast():
             # One window at a time: as fast as a batch in fp32, while bf16 autocast on CPU
@@ -211,10 +232,13 @@ class OTSegPredictor:
         cfg = self.model.config
         lam = cfg.ensemble_lambda if lam is None else float(lam)
         seen = self._seen if calibrate_seen else None
-        crop = (cfg.test_crop, cfg.test_crop)
         window_scores = [
-            self.model.postprocess(m, lam=lam, seen=seen, size=crop, inplace=True).scores
-            for m in self._head_maps(attention, use_mps)
+            self.model.postprocess(
+                m, lam=lam, seen=seen, size=(y2 - y1, x2 - x1), inplace=True
+            ).scores
+            for m, (y1, x1, y2, x2) in zip(
+                self._head_maps(attention, use_mps), self._boxes, strict=True
+            )
         ]
         probs = window_probabilities(
             window_scores, self._boxes, self._scaled_size, self.original_size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from factories import tiny_model
@@ -39,3 +40,40 @@ def test_whole_equals_slide_for_one_window_and_runs_any_aspect():
         probs = whole_inference(run, wide, patch=cfg.vision.patch_size, out_size=(30, 70))
     assert probs.shape == (1, len(cfg.class_names), 30, 70)
     torch.testing.assert_close(probs.sum(1), torch.ones(1, 30, 70))
+
+
+def test_predictor_whole_mode_is_one_pass_and_equals_whole_inference():
+    import pytest
+
+    from factories import random_photo
+    from otseg.predictor import OTSegPredictor
+    from otseg.preprocess import to_model_input
+
+    model = tiny_model().eval()
+    cfg = model.config
+    photo = random_photo(seed=4)  # 80×112: 64×96 at the test scale, slide takes 2 windows
+    names = list(cfg.class_names)
+    calls = []
+    encode = model.encode_image
+    model.encode_image = lambda x: calls.append(x.shape) or encode(x)
+    p = OTSegPredictor(model, mode="whole")
+    p.set_image(photo)
+    p.set_vocabulary(names)
+    pred = p.predict()
+    model.encode_image = encode
+    assert len(calls) == 1 and calls[0][-2] % 16 == 0 and calls[0][-1] % 16 == 0
+    assert pred.labels.shape == photo.shape[:2]
+    assert pred.prompt_maps.shape[:2] == (len(names), cfg.num_prompts)
+    with torch.inference_mode():
+        text = model.embed_text(names)
+        seen = torch.tensor([i in cfg.seen for i in range(len(names))])
+        x = to_model_input(photo, cfg.resize_short, cfg.pixel_mean, cfg.pixel_std)
+        ref = whole_inference(
+            lambda w: model(w, text, seen=seen).scores,
+            x,
+            patch=cfg.vision.patch_size,
+            out_size=photo.shape[:2],
+        )
+    np.testing.assert_allclose(pred.probs, ref[0].numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="mode"):
+        OTSegPredictor(model, mode="tiles")

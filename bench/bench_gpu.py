@@ -1,0 +1,397 @@
+"""Every GPU number in one run (ratios measured side by side on one device).
+
+    python bench/bench_gpu.py                      # CUDA, ViT-B/16 dimensions, random weights
+    python bench/bench_gpu.py --device cpu --quick # smoke test of every section, tiny model
+
+(a) Sinkhorn at the VOC (K=20, M=1024, N=6) and COCO (K=171, M=1024, N=8) shapes: the
+    original algorithm (verbatim, host sync per iteration), ours under the original stopping
+    rule, and ours with the same iteration count fixed (no host read; checked with CUDA's sync
+    debug mode);
+(b) the head (decode of two 512 windows, VOC vocabulary): original rule per window, fixed
+    iterations eager, the fixed-iteration head captured whole in a CUDA graph, and
+    ``torch.compile(mode="reduce-overhead")`` (with --compile);
+(c) predictor throughput at 512² (set_image + predict, one image at a time) fp32/bf16/fp16,
+    and batched forward throughput with the fixed-iteration head;
+(d) end to end on a 375×500 photo (two windows): an original-style loop (open_clip attention
+    blocks, the verbatim original Sinkhorn, one window per call) vs our predictor, and our
+    serving path (windows batched, fixed iterations, tower and head in one CUDA graph);
+    label agreement with the original-style loop;
+(e) training steps/s of the VOC ViT-B/16 preset on synthetic 512² batches of 4, bf16
+    autocast, fixed Sinkhorn iterations, through ``train.engine.train_step``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runs from a plain checkout
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from bench_core import clip_like_cost, original_sinkhorn, uptime  # noqa: E402
+
+import otseg.clip_image as clip_image  # noqa: E402
+import otseg.mps as mps  # noqa: E402
+from otseg.clip_image import ImageEmbedding  # noqa: E402
+from otseg.config import get_preset  # noqa: E402
+from otseg.model import build_model  # noqa: E402
+from otseg.predictor import OTSegPredictor  # noqa: E402
+from otseg.preprocess import to_model_input  # noqa: E402
+from otseg.sinkhorn import sinkhorn  # noqa: E402
+from otseg.slide import crops, slide_windows, window_probabilities  # noqa: E402
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Mean ms per call of ``fn()`` over ``repeats`` calls queued back to back."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) * 1000 / repeats
+
+
+def host_syncs(fn, device: torch.device) -> int | str:
+    """Number of synchronising CUDA calls in ``fn()`` (CUDA's sync debug mode)."""
+    if device.type != "cuda":
+        return "n/a"
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@contextmanager
+def original_style():
+    """open_clip's attention blocks and the verbatim original Sinkhorn (the original's loop)."""
+    block_forward, sink = clip_image.block_forward, mps.sinkhorn
+
+    def original(cost, *, eps, max_iter, tol, cost_range=None):
+        batch = cost.shape[:-2]
+        plan = original_sinkhorn(cost.float().reshape(-1, *cost.shape[-2:]), eps)
+        return plan.reshape(*batch, *cost.shape[-2:])
+
+    clip_image.block_forward = lambda block, x: block(x)
+    mps.sinkhorn = original
+    try:
+        yield
+    finally:
+        clip_image.block_forward, mps.sinkhorn = block_forward, sink
+
+
+@contextmanager
+def fixed_iterations(model, iterations: int):
+    from train.build import fixed_sinkhorn  # the training switch: one way to fix the count
+
+    with fixed_sinkhorn(model, iterations):
+        yield
+
+
+def build(quick: bool, device: torch.device):
+    import open_clip
+
+    import otseg  # noqa: F401 - torchvision patch before open_clip
+
+    torch.manual_seed(0)
+    if quick:
+        sys.path.insert(0, str(REPO / "tests"))
+        from factories import tiny_model
+
+        return tiny_model().to(device).eval()
+    clip = open_clip.create_model("ViT-B-16-quickgelu")  # random weights, no download
+    tokenizer = open_clip.get_tokenizer("ViT-B-16-quickgelu")
+    model = build_model(get_preset("voc-inductive"), clip=clip, tokenizer=tokenizer)
+    return model.to(device).eval()
+
+
+def capture(fn, static_input: torch.Tensor, device: torch.device, dtype):
+    """``fn`` (tensor → tensor) as a replayable CUDA graph: returns (replay, static output)."""
+    amp = torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else _null()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream), amp:
+        for _ in range(3):
+            fn(static_input)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), amp:
+        out = fn(static_input)
+    return graph.replay, out
+
+
+@contextmanager
+def _null():
+    yield
+
+
+def section_sinkhorn(device, repeats, quick) -> None:
+    print("\n(a) Sinkhorn, one problem per call, mean ms; max |Δ| vs the original")
+    print(
+        f"{'shape':<24}{'original':>10}{'ours rule':>11}{'ours fixed':>12}{'iters':>7}"
+        f"{'orig/rule':>11}{'orig/fixed':>12}{'syncs fixed':>13}{'max |Δ|':>10}"
+    )
+    shapes = {"VOC K=20 M=1024 N=6": (20, 1024, 6), "COCO K=171 M=1024 N=8": (171, 1024, 8)}
+    if quick:
+        shapes = {"quick K=5 M=64 N=6": (5, 64, 6)}
+    for name, (k, m, n) in shapes.items():
+        cost = clip_like_cost(k, m, n).to(device)
+        _, iters = sinkhorn(cost, return_iterations=True)
+        ref = original_sinkhorn(cost)
+        fixed = sinkhorn(cost, max_iter=iters, tol=None, cost_range=2.0)
+        delta = max((sinkhorn(cost) - ref).abs().max().item(), (fixed - ref).abs().max().item())
+        t_orig = timed(lambda: original_sinkhorn(cost), device, repeats)
+        t_rule = timed(lambda: sinkhorn(cost), device, repeats)
+        t_fixed = timed(
+            lambda: sinkhorn(cost, max_iter=iters, tol=None, cost_range=2.0), device, repeats
+        )
+        syncs = host_syncs(lambda: sinkhorn(cost, max_iter=iters, tol=None, cost_range=2.0), device)
+        print(
+            f"{name:<24}{t_orig:>10.3f}{t_rule:>11.3f}{t_fixed:>12.3f}{iters:>7}"
+            f"{t_orig / t_rule:>10.2f}x{t_orig / t_fixed:>11.2f}x{syncs!s:>13}{delta:>10.1e}"
+        )
+
+
+def section_head(model, device, repeats, iterations, compile_head) -> None:
+    cfg = model.config
+    s = cfg.test_crop
+    text = model.embed_text(list(cfg.class_names))
+    x = torch.randn(2, 3, s, s, device=device)
+    emb = model.encode_image(x)
+    one = [ImageEmbedding(emb.pixels[i : i + 1], emb.cls[i : i + 1]) for i in range(2)]
+    print(f"\n(b) head on 2 windows ({len(cfg.class_names)} classes), mean ms")
+    t_rule = timed(lambda: [model.decode(e, text) for e in one], device, repeats)
+    ref = torch.cat([model.decode(e, text).decoder for e in one])
+    with fixed_iterations(model, iterations):
+        t_fixed = timed(lambda: model.decode(emb, text), device, repeats)
+        fixed = model.decode(emb, text).decoder
+        syncs = host_syncs(lambda: model.decode(emb, text), device)
+        row = (
+            f"original rule per window {t_rule:.2f}   fixed {iterations} its batched {t_fixed:.2f}"
+        )
+        if device.type == "cuda":
+            pixels = emb.pixels.clone()
+
+            def head(p):
+                return model.decode(ImageEmbedding(p, emb.cls), text).decoder
+
+            replay, out = capture(head, pixels, device, None)
+            t_graph = timed(replay, device, repeats)
+            row += f"   CUDA graph {t_graph:.2f} ({t_rule / t_graph:.1f}x vs rule)"
+        if compile_head:
+            t0 = time.perf_counter()
+            compiled = torch.compile(
+                lambda p: model.decode(ImageEmbedding(p, emb.cls), text).decoder,
+                mode="reduce-overhead",
+            )
+            for _ in range(3):
+                compiled(emb.pixels)
+            row += f"   torch.compile {timed(lambda: compiled(emb.pixels), device, repeats):.2f}"
+            row += f" (compile {time.perf_counter() - t0:.0f} s)"
+    print(row)
+    print(
+        f"host syncs in the fixed head: {syncs}; max |Δ| decoder map fixed vs rule "
+        f"{(fixed - ref).abs().max().item():.1e}"
+    )
+
+
+def section_throughput(model, device, repeats, iterations, batch) -> None:
+    cfg = model.config
+    s = cfg.test_crop
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, size=(s, s, 3), dtype=np.uint8)
+    names = list(cfg.class_names)
+    print(f"\n(c) throughput at {s}², images/s")
+    x = torch.randn(batch, 3, s, s, device=device)
+    text = model.embed_text(names)
+    for precision, dtype in DTYPES.items():
+        p = OTSegPredictor(model, precision=precision)
+        p.set_vocabulary(names)
+
+        def one(p=p):
+            p.set_image(photo)
+            return p.predict()
+
+        t_pred = timed(one, device, repeats)
+        amp = torch.autocast(device.type, dtype=dtype) if dtype else _null()
+        with fixed_iterations(model, iterations), amp:
+            t_batch = timed(lambda: model(x, text).output, device, max(1, repeats // 2))
+        print(
+            f"{precision:<6} predictor (1 image, rule) {1000 / t_pred:>8.1f}   "
+            f"forward batch {batch} (fixed {iterations} its) {1000 * batch / t_batch:>8.1f}"
+        )
+
+
+def section_end_to_end(model, device, repeats, iterations) -> None:
+    from PIL import Image
+
+    cfg = model.config
+    photo = np.asarray(
+        Image.open(REPO / "assets" / "chelsea.jpg").convert("RGB").resize((500, 375))
+    )
+    names = list(cfg.class_names)
+    print("\n(d) end to end, 375×500 photo (2 windows), mean ms; label agreement")
+    p = OTSegPredictor(model, precision="fp32")
+    p.set_vocabulary(names)
+
+    def predict(p=p):
+        p.set_image(photo)
+        return p.predict()
+
+    with original_style():
+        ref = predict().labels
+        t_orig = timed(predict, device, repeats)
+    t_ours = timed(predict, device, repeats)
+    agree = (predict().labels == ref).mean()
+    print(
+        f"original-style loop {t_orig:.1f}   our predictor fp32 {t_ours:.1f} "
+        f"({t_orig / t_ours:.2f}x, labels {agree:.4f})"
+    )
+    pb = OTSegPredictor(model, precision="bf16")
+    pb.set_vocabulary(names)
+
+    def predict_bf16():
+        pb.set_image(photo)
+        return pb.predict()
+
+    t_bf16 = timed(predict_bf16, device, repeats)
+    print(
+        f"our predictor bf16 {t_bf16:.1f} ({t_orig / t_bf16:.2f}x, labels "
+        f"{(predict_bf16().labels == ref).mean():.4f})"
+    )
+    if device.type != "cuda":
+        return
+    text = model.embed_text(names)
+    seen = torch.tensor([True] * len(names), device=device)
+    seen[list(cfg.unseen)] = False
+    x = to_model_input(photo, cfg.resize_short, cfg.pixel_mean, cfg.pixel_std).to(device)
+    boxes = slide_windows(x.shape[-2], x.shape[-1], cfg.test_crop, cfg.test_stride)
+    windows = crops(x, boxes)
+    for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        with fixed_iterations(model, iterations):
+            replay, out = capture(
+                lambda w: model(w, text, seen=seen).scores, windows.clone(), device, dtype
+            )
+
+        def serve():
+            replay()
+            probs = window_probabilities(
+                list(out.float().split(1)), boxes, tuple(x.shape[-2:]), photo.shape[:2]
+            )
+            return probs[0].argmax(0)
+
+        t_serve = timed(serve, device, repeats)
+        agree = (serve().cpu().numpy() == ref).mean()
+        print(
+            f"serving path {precision} (batched, {iterations} its, CUDA graph) {t_serve:.1f} "
+            f"({t_orig / t_serve:.2f}x vs original-style, labels {agree:.4f})"
+        )
+
+
+def section_train(model, device, steps, iterations, batch, quick) -> None:
+    from accelerate import Accelerator
+
+    from otseg.losses import IGNORE
+    from train.engine import StepWindow, train_step
+    from train.objective import build_objective
+    from train.optim import build_optimizer, build_scheduler
+
+    cfg = model.config
+    s = cfg.vision.image_size
+    results = []
+    for precision in ("bf16",):  # Accelerate wraps the forward once per process: one setting
+        accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+        model.train()
+        optimizer = build_optimizer(model)
+        scheduler = build_scheduler(optimizer, 1000)
+        net, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        objective = build_objective(accelerator.unwrap_model(net), 1000)
+        g = torch.Generator().manual_seed(0)
+        images = torch.randn(batch, 3, s, s, generator=g).to(device)
+        labels = torch.full((batch, s, s), IGNORE, dtype=torch.long)
+        labels[:, : s // 2] = cfg.seen[0]
+        labels[:, s // 2 :, : s // 2] = cfg.seen[1]
+        data = {"image": images, "label": labels.to(device)}
+        window = StepWindow()
+
+        def step(i):
+            with fixed_iterations(model, iterations):
+                train_step(accelerator, net, optimizer, scheduler, data, objective, i, window)
+
+        for i in range(2):
+            step(i)
+        sync(device)
+        t = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        sync(device)
+        results.append((precision, steps / (time.perf_counter() - t)))
+        model.eval()
+    row = "   ".join(
+        f"{'fp32' if p == 'no' else p} {r:.2f} steps/s ({r * batch:.1f} img/s)" for p, r in results
+    )
+    print(f"\n(e) training, batch {batch} of {s}², fixed {iterations} Sinkhorn iterations: {row}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true", help="tiny model, few repeats (smoke test)")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--iterations", type=int, default=10, help="fixed Sinkhorn iterations")
+    ap.add_argument("--batch", type=int, default=16, help="batched-forward throughput batch")
+    ap.add_argument("--train-steps", type=int, default=10)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile on the head")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip (a..e)")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if args.quick:
+        args.repeats, args.batch, args.train_steps = 2, 2, 2
+    skip = set(args.skip.split(","))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    print(f"torch {torch.__version__}, device {device} ({name}), uptime: {uptime()}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here
+        torch.backends.cudnn.allow_tf32 = False
+    model = build(args.quick, device)
+    with torch.inference_mode():
+        if "a" not in skip:
+            section_sinkhorn(device, args.repeats, args.quick)
+        if "b" not in skip:
+            section_head(model, device, args.repeats, args.iterations, args.compile)
+        if "c" not in skip:
+            section_throughput(model, device, args.repeats, args.iterations, args.batch)
+        if "d" not in skip:
+            section_end_to_end(model, device, args.repeats, args.iterations)
+    if "e" not in skip:
+        section_train(
+            model, device, args.train_steps, args.iterations, 4 if not args.quick else 2, args.quick
+        )
+    if device.type == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    print(f"uptime: {uptime()}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    main()
