@@ -168,6 +168,14 @@ def test_transform_hook_gets_per_sample_generator(tmp_path: Path):
     assert other_seed[0]["draw"] != first[0]
 
 
+def test_synthetic_command_line(tmp_path: Path, capsys: pytest.CaptureFixture):
+    from otseg.data.synthetic import main
+
+    main([str(tmp_path / "s"), "--layout", "custom", "--num-train", "2", "--num-val", "1"])
+    assert "wrote 2 + 1 custom images" in capsys.readouterr().out
+    assert len(build_dataset("custom", tmp_path / "s", "train")) == 2
+
+
 def test_synthetic_is_deterministic(tmp_path: Path):
     a = write_synthetic(tmp_path / "a", "custom", num_train=3, num_val=1, seed=11)
     b = write_synthetic(tmp_path / "b", "custom", num_train=3, num_val=1, seed=11)

@@ -150,3 +150,12 @@ def test_local_clip_weights_file_and_offline_error(tmp_path: Path, monkeypatch):
     monkeypatch.setattr("otseg.hub.load_clip", offline)
     with pytest.raises(WeightsNotFoundError, match=r"(?s)HF_HUB_OFFLINE.*--set clip_weights="):
         load_frozen_clip(build_config(load_recipe("voc-inductive")))
+
+
+def test_step_timer_runs_the_training_step():
+    from train.step_timer import synthetic_batch, time_training_step
+
+    batch = synthetic_batch(2, 64, 5)
+    assert batch["image"].shape == (2, 3, 64, 64)
+    assert 3 <= len(batch["label"][0].unique()) <= 5  # 4 classes (+ ignore)
+    assert time_training_step("tiny", batch=2, cpu=True, steps=2, warmup=1, sinkhorn_iters=5) > 0

@@ -180,3 +180,28 @@ def _write_pair(
     else:
         _save_image(root / "images" / split / f"{stem}.jpg", image)
         _save_label(root / "labels" / split / f"{stem}.png", label, palette=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m otseg.data.synthetic ROOT [--layout voc] [--num-train 16] [--num-val 4]``."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        description="Write the synthetic shapes dataset for the tiny presets"
+    )
+    p.add_argument("root", help="output folder (pass it as --data-root)")
+    p.add_argument("--layout", default="voc", choices=LAYOUTS)
+    p.add_argument("--num-train", type=int, default=16)
+    p.add_argument("--num-val", type=int, default=4)
+    p.add_argument("--num-classes", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    root = write_synthetic(
+        args.root, args.layout, num_train=args.num_train, num_val=args.num_val,
+        num_classes=args.num_classes, seed=args.seed,
+    )  # fmt: skip
+    print(f"wrote {args.num_train} + {args.num_val} {args.layout} images to {root}")
+
+
+if __name__ == "__main__":
+    main()
