@@ -216,6 +216,57 @@ def headline(summary: dict) -> float | None:
     return summary.get("hiou") if summary.get("hiou") is not None else summary.get("miou")
 
 
+def warn_if_push_fails(repo_id: str, export_dir: Path) -> None:
+    """Check the token and the Hub before training; a problem is a warning, not an error."""
+    problem = push_problem(repo_id)
+    if problem:
+        logger.warning(
+            f"--push-to-hub {repo_id} will fail: {problem}. Training goes on and exports to "
+            f"{export_dir}; {push_later_hint(export_dir, repo_id)}"
+        )
+
+
+class StepHooks:
+    """Run after every optimizer step (on every process): the periodic evaluation, which
+    exports the best model so far to ``<run>/best``, then the checkpoint when one is due."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: torch.nn.Module,
+        recipe: Recipe,
+        run_dir: Path,
+        evaluate_at: Callable[[torch.nn.Module, int], dict],
+        checkpoints: CheckpointManager,
+    ) -> None:
+        self.accelerator, self.model, self.recipe, self.run_dir = (
+            accelerator,
+            model,
+            recipe,
+            run_dir,
+        )
+        self.evaluate_at, self.checkpoints = evaluate_at, checkpoints
+
+    def card(self, state: TrainState, summary: dict | None) -> dict:
+        """Model-card facts: the metrics and the recipe with the steps trained."""
+        return {"metrics": summary or {}, "training": self.recipe.to_dict() | {"steps": state.step}}
+
+    def keep_if_best(self, state: TrainState, summary: dict) -> None:
+        score = headline(summary)
+        if score is not None and (state.best_score is None or score > state.best_score):
+            state.best_score, state.best_step = score, state.step
+            best = self.run_dir / "best"
+            export_model(self.accelerator, self.model, best, card=self.card(state, summary))
+            logger.info(f"step {state.step}: best so far ({score:.2f}), exported {best}")
+
+    def __call__(self, state: TrainState) -> None:
+        recipe, last = self.recipe, state.step == self.recipe.iterations
+        if recipe.eval_every and state.step % recipe.eval_every == 0 and not last:
+            self.keep_if_best(state, self.evaluate_at(self.model, state.step))
+        if state.step % recipe.checkpoint_interval == 0 or last or state.step in recipe.keep_steps:
+            logger.info("step %d: saved %s", state.step, self.checkpoints.save(state))
+
+
 def main(argv: Sequence[str] | None = None) -> dict | None:
     """Train, evaluate and export; returns the evaluation summary (percent) or None."""
     args = parse_args(argv)
@@ -229,13 +280,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         raise ValueError("transductive training starts from an inductive model: pass --init-from")
     check_custom_labels(recipe, config)
     if args.push_to_hub and accelerator.is_main_process:
-        problem = push_problem(args.push_to_hub)
-        if problem:
-            logger.warning(
-                f"--push-to-hub {args.push_to_hub} will fail: {problem}. Training goes on and "
-                f"exports to {run_dir / 'model'}; "
-                f"{push_later_hint(run_dir / 'model', args.push_to_hub)}"
-            )
+        warn_if_push_fails(args.push_to_hub, run_dir / "model")
     model = build_training_model(recipe, config)
     if zegot:
         model.prompts.checkpointing = args.gradient_checkpointing or config.head.text_checkpointing
@@ -279,36 +324,17 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         accelerator.register_for_checkpointing(objective)  # its frozen teacher, when taken
     state = resume(checkpoints, args.resume_from, fresh)
     evaluate_at = make_evaluator(accelerator, recipe, config, run_dir)
-
-    def card(state: TrainState, summary: dict | None) -> dict:
-        return {"metrics": summary or {}, "training": recipe.to_dict() | {"steps": state.step}}
-
-    def keep_if_best(state: TrainState, summary: dict) -> None:
-        score = headline(summary)
-        if score is not None and (state.best_score is None or score > state.best_score):
-            state.best_score, state.best_step = score, state.step
-            export_model(accelerator, model, run_dir / "best", card=card(state, summary))
-            logger.info(
-                f"step {state.step}: best so far ({score:.2f}), exported {run_dir / 'best'}"
-            )
-
-    def after_step(state: TrainState) -> None:
-        last = state.step == recipe.iterations
-        if recipe.eval_every and state.step % recipe.eval_every == 0 and not last:
-            keep_if_best(state, evaluate_at(model, state.step))
-        if state.step % recipe.checkpoint_interval == 0 or last or state.step in recipe.keep_steps:
-            logger.info("step %d: saved %s", state.step, checkpoints.save(state))
-
+    hooks = StepHooks(accelerator, model, recipe, run_dir, evaluate_at, checkpoints)
     state = train_loop(
         accelerator, model, optimizer, scheduler, loader, sampler, objective, state,
-        iterations=recipe.iterations, after_step=after_step,
+        iterations=recipe.iterations, after_step=hooks,
         min_masks=max(1.0, recipe.global_batch / 4), sinkhorn_iters=recipe.sinkhorn_iters,
     )  # fmt: skip
     summary = None if args.no_eval else evaluate_at(model, state.step)
     if summary is not None and recipe.eval_every:
-        keep_if_best(state, summary)
+        hooks.keep_if_best(state, summary)
     export_model(
-        accelerator, model, run_dir / "model", card=card(state, summary),
+        accelerator, model, run_dir / "model", card=hooks.card(state, summary),
         push_to_hub=args.push_to_hub,
     )  # fmt: skip
     logger.info(f"exported {run_dir / 'model'}")
