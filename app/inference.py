@@ -329,16 +329,21 @@ class Handlers:
             self._predict(session, knobs)
         return session
 
-    def outputs(self, session: Session, opacity: float) -> dict:
-        """What the overlay tab shows for the session's last prediction (drawing only)."""
+    def draw(self, session: Session | None, opacity: float) -> np.ndarray:
+        """The overlay of the session's last prediction: (H, W, 3) uint8."""
         opacity = check_opacity(opacity)
         session = _require_result(session)
+        return overlay.overlay(session.image, session.labels, session.colors, opacity)
+
+    def outputs(self, session: Session, opacity: float) -> dict:
+        """What the overlay tab shows for the session's last prediction (drawing only)."""
+        drawn = self.draw(session, opacity)
         colors = session.colors
         facts = {"mode": self.loaded.mode, **session.knobs, "note": session.note}
         info = render.summary(session.names, session.labels, colors, session.seen, **facts)
         stem = f"{session.image_name}-otseg-{len(session.names)}-classes"
         return {
-            "overlay": overlay.overlay(session.image, session.labels, colors, opacity),
+            "overlay": drawn,
             "legend": overlay.legend_html(
                 overlay.legend_rows(session.names, colors, session.labels, session.seen)
             ),

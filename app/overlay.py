@@ -104,10 +104,14 @@ def overlay(
     if not 0.0 <= opacity <= 1.0:
         raise ValueError(f"opacity must be in [0, 1], got {opacity}")
     _check_labels(labels, len(colors))
-    valid = labels >= 0
-    painted = np.asarray(colors, dtype=np.float64)[np.where(valid, labels, 0)]
-    blended = np.rint((1.0 - opacity) * image + opacity * painted)
-    return np.where(valid[..., None], blended, image).astype(np.uint8)
+    # The formula for every (class, channel, image value) is a (K + 1, 3, 256) table (last row:
+    # "no label", the identity); a table look-up per pixel is ~3× faster than blending in float.
+    x = np.arange(256, dtype=np.float64)
+    table = np.empty((len(colors) + 1, 3, 256), dtype=np.uint8)
+    table[:-1] = np.rint((1.0 - opacity) * x + opacity * np.asarray(colors, np.float64)[..., None])
+    table[-1] = x
+    rows = np.where(labels >= 0, labels, len(colors)).astype(np.intp)
+    return table.reshape(-1)[(rows[..., None] * 3 + np.arange(3)) * 256 + image]
 
 
 def class_shares(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -186,7 +190,7 @@ def label_image(labels: np.ndarray, colors: np.ndarray) -> Image.Image:
 def label_png_bytes(labels: np.ndarray, colors: np.ndarray) -> bytes:
     """``label_image`` encoded as PNG; ``np.array(Image.open(...))`` gives back the ids."""
     buffer = io.BytesIO()
-    label_image(labels, colors).save(buffer, format="PNG", optimize=True)
+    label_image(labels, colors).save(buffer, format="PNG")  # optimize=True: 10-30× slower
     return buffer.getvalue()
 
 

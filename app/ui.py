@@ -3,7 +3,7 @@
 API (``gradio_client``; state is kept per client session):
     /segment      image, vocabulary, attention, lam, use_mps, opacity → overlay outputs
     /rerender     attention, lam, use_mps, opacity → overlay outputs (cached embeddings)
-    /redraw       opacity → overlay outputs (drawing only)
+    /redraw       opacity → overlay image (drawing only)
     /compare      lam, use_mps, opacity → (sinkhorn, softmax) slider, Markdown
     /prompt_maps  class name → sinkhorn grid, softmax grid, Markdown
     /preset       preset name → vocabulary text
@@ -165,11 +165,13 @@ def _wire(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
                 cmp.slider, cmp.note, session]  # fmt: skip
     settings = [ins.attention, ins.lam, ins.use_mps, ins.opacity]
 
-    def overlay_values(sess: Session, opacity) -> list:
+    def overlay_values(sess: Session, opacity, redraw: bool = False) -> list:
+        if redraw:  # same labels: legend, downloads and summary stay as they are
+            return [handlers.draw(sess, opacity), gr.skip(), gr.skip(), gr.skip()]
         out = handlers.outputs(sess, opacity)
         return [out["overlay"], out["legend"], out["files"], out["summary"]]
 
-    def page_values(sess: Session, opacity, segmented: bool) -> list:
+    def page_values(sess: Session, opacity, segmented: bool, redraw: bool = False) -> list:
         """Overlay outputs plus what the other views show after this result."""
         views = [gr.skip()] * 4
         if segmented:  # views of the previous result are cleared, the class list refreshed
@@ -180,7 +182,7 @@ def _wire(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
             compare = [gr.skip(), gr.skip()]
         else:
             compare = [None if segmented else gr.skip(), COMPARE_STALE]
-        return [*overlay_values(sess, opacity), "", *views, *compare, sess]
+        return [*overlay_values(sess, opacity, redraw), "", *views, *compare, sess]
 
     @user_errors
     def on_segment(image, text, attention, lam, use_mps, opacity, sess, progress=PROGRESS):
@@ -195,10 +197,10 @@ def _wire(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
             return [gr.skip()] * len(page_out)
         if not handlers.is_current(sess, image, text):
             return on_segment(image, text, attention, lam, use_mps, opacity, sess, progress)
-        knobs = handlers.check_knobs(attention, lam, use_mps)
-        if knobs != sess.knobs:
-            sess = handlers.rerender(sess, knobs)
-        return page_values(sess, opacity, segmented=False)
+        knobs, opacity = handlers.check_knobs(attention, lam, use_mps), check_opacity(opacity)
+        if knobs == sess.knobs:
+            return page_values(sess, opacity, segmented=False, redraw=True)
+        return page_values(handlers.rerender(sess, knobs), opacity, segmented=False)
 
     def on_inputs_changed(image, text, sess):
         return "" if sess is None or handlers.is_current(sess, image, text) else STALE
@@ -216,7 +218,7 @@ def _wire(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
 
     @user_errors
     def api_redraw(opacity, sess):
-        return overlay_values(sess, opacity)
+        return handlers.draw(sess, opacity)
 
     @user_errors
     def on_compare(lam, use_mps, opacity, sess):
@@ -270,5 +272,5 @@ def _wire(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
                  preprocess=False)  # fmt: skip
     hidden.click(api_rerender, [*settings, session], [*overlay_out, session],
                  api_name="rerender", preprocess=False)  # fmt: skip
-    hidden.click(api_redraw, [ins.opacity, session], overlay_out, api_name="redraw",
+    hidden.click(api_redraw, [ins.opacity, session], ov.overlay, api_name="redraw",
                  concurrency_limit=8, preprocess=False)  # fmt: skip

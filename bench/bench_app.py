@@ -1,16 +1,23 @@
-"""Demo latency on CPU with ViT-B/16 dimensions (random weights; no network).
+"""Demo latency end to end through HTTP (``gradio_client``), with the handler time beside it.
 
-Measures, through the demo's own handlers (``app.inference.Handlers``):
-- time to first overlay: new image + new vocabulary → segment → overlay outputs drawn;
-- re-render after a λ change (cached image and text embeddings and head maps);
-- re-render after an attention switch (head re-run, no encoder);
-- redraw after an opacity change (drawing only);
-for fp32 and bf16 autocast. Run: ``OMP_WAIT_POLICY=PASSIVE python bench/bench_app.py``.
+A ViT-B/16-sized OTSeg (VOC preset, randomly initialised open_clip ``ViT-B-16-quickgelu``, no
+download) is served on localhost; for each example photo with its suggested vocabulary:
+- first overlay: /segment (upload, image and text towers, head, drawing, encoding, download);
+- λ change: /rerender with a new λ (cached head maps: re-fuse only);
+- attention switch: /rerender alternating sinkhorn/softmax (first switch runs the head once,
+  the rest are cached; both are reported);
+- opacity change: /redraw (drawing only).
+"handler" is the same work called in-process on the demo's ``Handlers`` (no HTTP, no image
+encoding by gradio). The overlay encoding is compared with the encoding the demo used before,
+a ``gr.AnnotatedImage`` with one PNG mask per class, on the same result.
+
+Run: ``OMP_WAIT_POLICY=PASSIVE python bench/bench_app.py [--precision fp32 bf16]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -19,19 +26,27 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 import otseg  # noqa: E402, F401 - torchvision patch before open_clip
 from app.inference import Handlers, LoadedModel  # noqa: E402
+from app.main import build_demo  # noqa: E402
 from otseg.config import get_preset  # noqa: E402
 from otseg.model import build_model  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-VOCAB = "cat, eye, nose, ear, whiskers, background"
+STEPS = ("first", "lambda", "attention_first", "attention", "opacity")
+LABELS = {
+    "first": "first overlay (new image and names)",
+    "lambda": "re-render after λ change",
+    "attention_first": "first switch to softmax (head runs)",
+    "attention": "re-render after attention switch (cached)",
+    "opacity": "redraw after opacity change",
+}
 
 
 def build(precision: str) -> LoadedModel:
@@ -39,23 +54,14 @@ def build(precision: str) -> LoadedModel:
 
     torch.manual_seed(0)
     clip = open_clip.create_model("ViT-B-16-quickgelu")  # random weights, no download
-    model = build_model(
-        get_preset("voc-inductive"),
-        clip=clip,
-        tokenizer=open_clip.get_tokenizer("ViT-B-16-quickgelu"),
-    )
+    model = build_model(get_preset("voc-inductive"), clip=clip,
+                        tokenizer=open_clip.get_tokenizer("ViT-B-16-quickgelu"))  # fmt: skip
     return LoadedModel(model.eval(), "trained", "bench", precision=precision)
 
 
-def photo_512(directory: Path, seed: int) -> str:
-    """chelsea.jpg resized to 512 px on the long side, tinted per seed so every image is new."""
-    img = Image.open(ASSETS / "chelsea.jpg").convert("RGB")
-    img = img.resize((512, round(512 * img.height / img.width)))
-    arr = np.asarray(img).astype(np.int16)
-    arr = np.clip(arr + seed, 0, 255).astype(np.uint8)
-    path = directory / f"photo{seed}.png"
-    Image.fromarray(arr).save(path)
-    return str(path)
+def examples() -> list[tuple[Path, str]]:
+    data = json.loads((ASSETS / "examples.json").read_text())
+    return [(ASSETS / e["file"], e["vocabulary"]) for e in data["examples"]]
 
 
 def timed(fn) -> float:
@@ -64,67 +70,108 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def run(precision: str, repeats: int, directory: Path) -> dict[str, list[float]]:
-    handlers = Handlers(build(precision), directory / "downloads")
+def through_http(url: str, photo: Path, names: str, rounds: int) -> dict[str, list[float]]:
+    from gradio_client import Client, handle_file
+
+    c = Client(url, verbose=False)
+    t: dict[str, list[float]] = {k: [] for k in STEPS}
+    t["first"].append(timed(lambda: c.predict(handle_file(str(photo)), names, "sinkhorn", 0.5,
+                                              True, 0.5, api_name="/segment")))  # fmt: skip
+    t["attention_first"].append(
+        timed(lambda: c.predict("softmax", 0.5, True, 0.5, api_name="/rerender"))
+    )
+    for r in range(rounds):  # alternate the three cheap steps
+        lam = 0.3 + 0.1 * (r % 4)
+        t["lambda"].append(
+            timed(lambda: c.predict("softmax", lam, True, 0.5, api_name="/rerender"))
+        )
+        att = ("sinkhorn", "softmax")[r % 2]
+        t["attention"].append(timed(lambda: c.predict(att, lam, True, 0.5, api_name="/rerender")))
+        t["opacity"].append(timed(lambda: c.predict(0.3 + 0.1 * (r % 5), api_name="/redraw")))
+    return t
+
+
+def in_process(handlers: Handlers, photo: Path, names: str, rounds: int) -> dict[str, list[float]]:
     knobs = {"attention": "sinkhorn", "lam": 0.5, "use_mps": True}
-    times: dict[str, list[float]] = {
-        k: [] for k in ("first", "first_cached_text", "lambda", "attention", "opacity")
-    }
-    for r in range(repeats + 1):  # round 0 warms up (and fills the text cache)
-        names = f"{VOCAB}, thing{r}"  # one new name per round: text tower runs for 8 prompts
-        path = photo_512(directory, r)
+    t: dict[str, list[float]] = {k: [] for k in STEPS}
+    box = {}
 
-        def first(path=path, names=names):
-            session = handlers.segment(None, path, names, knobs)
-            handlers.outputs(session, 0.5)
-            return session
+    def first():
+        box["s"] = handlers.segment(None, str(photo), names, knobs)
+        handlers.outputs(box["s"], 0.5)
 
-        start = time.perf_counter()
-        session = first()
-        t_first = time.perf_counter() - start
-        t_cached = timed(
-            lambda path=path: handlers.outputs(handlers.segment(None, path, VOCAB, knobs), 0.5)
-        )
-        t_lam = timed(
-            lambda s=session: handlers.outputs(handlers.rerender(s, {**knobs, "lam": 0.8}), 0.5)
-        )
-        t_att = timed(
-            lambda s=session: handlers.outputs(
-                handlers.rerender(s, {**knobs, "attention": "softmax", "lam": 0.8}), 0.5
-            )
-        )
-        t_opa = timed(lambda s=session: handlers.outputs(s, 0.8))
-        if r:
-            for key, value in zip(times, (t_first, t_cached, t_lam, t_att, t_opa), strict=True):
-                times[key].append(value)
-    return times
+    t["first"].append(timed(first))
+    s = box["s"]
+    soft = {**knobs, "attention": "softmax"}
+    t["attention_first"].append(timed(lambda: handlers.outputs(handlers.rerender(s, soft), 0.5)))
+    for r in range(rounds):
+        lam = 0.3 + 0.1 * (r % 4)
+        k = {**soft, "lam": lam}
+        t["lambda"].append(timed(lambda: handlers.outputs(handlers.rerender(s, k), 0.5)))
+        k2 = {**k, "attention": ("sinkhorn", "softmax")[r % 2]}
+        t["attention"].append(timed(lambda: handlers.outputs(handlers.rerender(s, k2), 0.5)))
+        t["opacity"].append(timed(lambda: handlers.draw(s, 0.3 + 0.1 * (r % 5))))
+    box["session"] = s
+    return t
+
+
+def encoding_ratio(handlers: Handlers, session) -> tuple[float, float]:
+    """Median seconds to encode one result for the browser: old AnnotatedImage (PNG per class
+    mask) vs the one JPEG overlay now used."""
+    import gradio as gr
+
+    from app import overlay
+
+    image, labels, names = session.image, session.labels, session.names
+    masks = [((labels == k).astype(np.float32) * 0.5, names[k]) for k in np.unique(labels)]
+    colors = {name: overlay.to_hex(session.colors[i]) for i, name in enumerate(names)}
+    old = gr.AnnotatedImage(color_map=colors)
+    new = gr.Image(format="jpeg")
+    drawn = overlay.overlay(image, labels, session.colors, 0.5)
+    t_old = [timed(lambda: old.postprocess((image, masks))) for _ in range(5)]
+    t_new = [timed(lambda: new.postprocess(drawn)) for _ in range(5)]
+    return statistics.median(t_old), statistics.median(t_new)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--rounds", type=int, default=6, help="cheap steps per photo")
+    p.add_argument("--precision", nargs="+", default=["fp32"])
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for precision in args.precision:
-            times = run(precision, args.repeats, Path(tmp))
-            rows.append((precision, {k: statistics.median(v) for k, v in times.items()}))
-    print(f"\nViT-B/16, 512×341 photo, {len(VOCAB.split(','))}+1 classes × 6 prompts, "
-          f"{args.threads} threads, median of {args.repeats} (seconds)\n")  # fmt: skip
-    print("| step | " + " | ".join(p for p, _ in rows) + " |")
-    print("|---|" + "---|" * len(rows))
-    labels = {
-        "first": "first overlay (new image, 1 new class name)",
-        "first_cached_text": "first overlay, all names cached",
-        "lambda": "re-render after λ change",
-        "attention": "re-render after attention switch",
-        "opacity": "redraw after opacity change",
-    }
-    for key, label in labels.items():
-        print(f"| {label} | " + " | ".join(f"{t[key]:.2f}" for _, t in rows) + " |")
+    print(f"load before: {os.getloadavg()[0]:.2f} (1-min average), {os.cpu_count()} CPUs")
+    for precision in args.precision:
+        loaded = build(precision)
+        with tempfile.TemporaryDirectory() as tmp:
+            handlers = Handlers(loaded, Path(tmp))
+            demo = build_demo(loaded)
+            demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+            http = {k: [] for k in STEPS}
+            local = {k: [] for k in STEPS}
+            try:
+                for photo, names in examples():  # alternate HTTP and in-process per photo
+                    for k, v in through_http(demo.local_url, photo, names, args.rounds).items():
+                        http[k] += v
+                    for k, v in in_process(handlers, photo, names, args.rounds).items():
+                        local[k] += v
+            finally:
+                demo.close()
+            session = handlers.segment(None, str(ASSETS / "chelsea.jpg"), examples()[1][1],
+                                       {"attention": "sinkhorn", "lam": 0.5, "use_mps": True})  # fmt: skip
+            old, new = encoding_ratio(handlers, session)
+        print(f"\n{precision}, ViT-B/16, the 5 example photos with their vocabularies (5–6 "
+              f"classes), {args.threads} threads; median (max) in ms\n")  # fmt: skip
+        print("| step | HTTP (gradio_client) | handler |")
+        print("|---|---|---|")
+        for key, label in LABELS.items():
+            h, loc = http[key], local[key]
+            print(f"| {label} | {1e3 * statistics.median(h):.0f} ({1e3 * max(h):.0f}) | "
+                  f"{1e3 * statistics.median(loc):.0f} ({1e3 * max(loc):.0f}) |")  # fmt: skip
+        print(f"\nencoding one result (chelsea.jpg, 6 classes): AnnotatedImage with a PNG per "
+              f"mask {1e3 * old:.0f} ms, one JPEG overlay {1e3 * new:.1f} ms "
+              f"({old / new:.0f}× less)")  # fmt: skip
+    print(f"load after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
