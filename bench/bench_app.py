@@ -133,6 +133,25 @@ def encoding_ratio(handlers: Handlers, session) -> tuple[float, float]:
     return statistics.median(t_old), statistics.median(t_new)
 
 
+def noop_round_trip(rounds: int) -> float:
+    """Median seconds of a gradio_client call to an endpoint that does nothing: the floor that
+    HTTP, the queue and the client add to every step on this machine, at this load."""
+    import gradio as gr
+    from gradio_client import Client
+
+    with gr.Blocks() as demo:
+        number = gr.Number()
+        number.change(lambda x: x, number, number, api_name="noop")
+    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        c = Client(demo.local_url, verbose=False)
+        return statistics.median(
+            timed(lambda: c.predict(1, api_name="/noop")) for _ in range(rounds)
+        )
+    finally:
+        demo.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
@@ -141,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"load before: {os.getloadavg()[0]:.2f} (1-min average), {os.cpu_count()} CPUs")
+    if os.getloadavg()[0] > 1.0:
+        print("the machine is busy: HTTP times include waiting for a CPU")
     for precision in args.precision:
         loaded = build(precision)
         with tempfile.TemporaryDirectory() as tmp:
@@ -149,12 +170,14 @@ def main(argv: list[str] | None = None) -> None:
             demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
             http = {k: [] for k in STEPS}
             local = {k: [] for k in STEPS}
+            floor = []
             try:
                 for photo, names in examples():  # alternate HTTP and in-process per photo
                     for k, v in through_http(demo.local_url, photo, names, args.rounds).items():
                         http[k] += v
                     for k, v in in_process(handlers, photo, names, args.rounds).items():
                         local[k] += v
+                    floor.append(noop_round_trip(args.rounds))
             finally:
                 demo.close()
             session = handlers.segment(None, str(ASSETS / "chelsea.jpg"), examples()[1][1],
@@ -168,7 +191,9 @@ def main(argv: list[str] | None = None) -> None:
             h, loc = http[key], local[key]
             print(f"| {label} | {1e3 * statistics.median(h):.0f} ({1e3 * max(h):.0f}) | "
                   f"{1e3 * statistics.median(loc):.0f} ({1e3 * max(loc):.0f}) |")  # fmt: skip
-        print(f"\nencoding one result (chelsea.jpg, 6 classes): AnnotatedImage with a PNG per "
+        print(f"\ngradio_client round trip of a no-op endpoint (the floor): "
+              f"{1e3 * statistics.median(floor):.0f} ms")  # fmt: skip
+        print(f"encoding one result (chelsea.jpg, 6 classes): AnnotatedImage with a PNG per "
               f"mask {1e3 * old:.0f} ms, one JPEG overlay {1e3 * new:.1f} ms "
               f"({old / new:.0f}× less)")  # fmt: skip
     print(f"load after: {os.getloadavg()[0]:.2f}")

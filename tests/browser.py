@@ -8,8 +8,10 @@ Usage in a test marked ``@pytest.mark.browser``::
 
 The app is launched on a free localhost port, the browser gets a fresh profile, screenshots go
 to ``tests/artifacts/`` (gitignored; one is always taken at exit, ``-failed`` if the block
-raised), and everything is closed afterwards. A missing Chromium fails the test: CI installs
-it, so a skip would hide a broken setup.
+raised), and everything is closed afterwards. The browser is ``$OTSEG_CHROMIUM`` if set, else
+Debian's ``/usr/bin/chromium`` if installed, else Playwright's own build (``python -m
+playwright install chromium``). A missing browser fails the test: CI installs one, so a skip
+would hide a broken setup.
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ if TYPE_CHECKING:
     import gradio as gr
     from playwright.sync_api import Page
 
-CHROMIUM = Path(os.environ.get("OTSEG_CHROMIUM", "/usr/bin/chromium"))
+DEBIAN_CHROMIUM = Path("/usr/bin/chromium")
+INSTALL_HINT = (
+    "Install one with `sudo apt-get install -y chromium` (Debian/Ubuntu; .ci/run does) or "
+    "`python -m playwright install chromium`, or point OTSEG_CHROMIUM at a Chromium/Chrome binary."
+)
 CHROMIUM_ARGS = (
     "--headless",
     "--no-sandbox",  # runs as root in containers
@@ -58,15 +64,15 @@ class BrowserSession:
         return path
 
 
-def require_chromium() -> Path:
-    """The Chromium binary; fails the calling test with install instructions if it is missing."""
-    if not CHROMIUM.is_file():
-        pytest.fail(
-            f"Chromium not found at {CHROMIUM}. Install it with `apt-get install -y chromium` "
-            "(.ci/run does) or point OTSEG_CHROMIUM at a Chromium binary.",
-            pytrace=False,
-        )
-    return CHROMIUM
+def require_chromium() -> Path | None:
+    """The Chromium binary to use (None: Playwright's own); fails the calling test with install
+    instructions if ``OTSEG_CHROMIUM`` names a missing file."""
+    if os.environ.get("OTSEG_CHROMIUM"):
+        path = Path(os.environ["OTSEG_CHROMIUM"])
+        if not path.is_file():
+            pytest.fail(f"OTSEG_CHROMIUM={path} does not exist. {INSTALL_HINT}", pytrace=False)
+        return path
+    return DEBIAN_CHROMIUM if DEBIAN_CHROMIUM.is_file() else None
 
 
 def free_port() -> int:
@@ -101,6 +107,7 @@ def browser_session(
     The page has loaded the Gradio frontend (``gradio-app`` is in the DOM) when it is yielded.
     """
     executable = require_chromium()
+    from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
     with (
@@ -108,13 +115,18 @@ def browser_session(
         sync_playwright() as playwright,
         tempfile.TemporaryDirectory(prefix="otseg-chromium-") as profile,
     ):
-        context = playwright.chromium.launch_persistent_context(
-            profile,  # a fresh --user-data-dir; Playwright refuses it inside args
-            executable_path=str(executable),
-            headless=True,
-            args=list(CHROMIUM_ARGS),
-            viewport={"width": 1280, "height": 900},
-        )
+        try:
+            context = playwright.chromium.launch_persistent_context(
+                profile,  # a fresh --user-data-dir; Playwright refuses it inside args
+                executable_path=str(executable) if executable else None,
+                headless=True,
+                args=list(CHROMIUM_ARGS),
+                viewport={"width": 1280, "height": 900},
+            )
+        except PlaywrightError as e:
+            if executable is None and "Executable doesn't exist" in str(e):
+                pytest.fail(f"No Chromium found. {INSTALL_HINT}", pytrace=False)
+            raise
         try:
             context.set_default_timeout(timeout_ms)
             page = context.new_page()
