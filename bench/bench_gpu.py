@@ -127,15 +127,18 @@ def build(quick: bool, device: torch.device):
 
 def capture(fn, static_input: torch.Tensor, device: torch.device, dtype):
     """``fn`` (tensor → tensor) as a replayable CUDA graph: returns (replay, static output)."""
-    amp = torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else _null()
+
+    def amp():
+        return torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else _null()
+
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream), amp:
+    with torch.cuda.stream(stream), amp():
         for _ in range(3):
             fn(static_input)
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), amp:
+    with torch.cuda.graph(graph), amp():
         out = fn(static_input)
     return graph.replay, out
 
