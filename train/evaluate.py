@@ -204,4 +204,6 @@ def main(argv: Sequence[str] | None = None) -> SegMetrics:
 
 
 if __name__ == "__main__":
-    main()
+    from otseg.cli import run
+
+    run(main)

@@ -343,4 +343,6 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    from otseg.cli import run
+
+    run(main)

@@ -1,0 +1,89 @@
+"""Command-line entry points fail on bad input the same way: one line, exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from otseg.cli import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def exit_of(main, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(main)
+    return e.value.code, capsys.readouterr().err
+
+
+def raiser(exc):
+    def main():
+        raise exc
+
+    return main
+
+
+def test_run_exit_codes_and_messages(capsys, monkeypatch):
+    monkeypatch.delenv("OTSEG_TRACEBACK", raising=False)
+    assert exit_of(lambda: None, capsys) == (0, "")
+    assert exit_of(lambda: {"miou": 1.0}, capsys) == (0, "")
+    assert exit_of(lambda: 3, capsys) == (3, "")
+    assert exit_of(raiser(ValueError("bad λ\nmore")), capsys) == (2, "error: bad λ\n")
+    assert exit_of(raiser(FileNotFoundError("no such file x")), capsys) == (
+        2,
+        "error: no such file x\n",
+    )
+    assert exit_of(raiser(SystemExit("error: recipe not found")), capsys) == (
+        2,
+        "error: recipe not found\n",
+    )
+    assert exit_of(raiser(SystemExit(0)), capsys) == (0, "")  # e.g. --help
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        run(raiser(ZeroDivisionError()))
+    monkeypatch.setenv("OTSEG_TRACEBACK", "1")
+    with pytest.raises(ValueError):
+        run(raiser(ValueError("shown with traceback")))
+
+
+COMMANDS = {
+    "convert": [
+        "-m", "otseg.convert", "/nonexistent.pth", "--text-embeddings", "/nonexistent.npy",
+        "--preset", "voc-inductive", "--output", "OUT",
+    ],
+    "train": ["-m", "train.train", "--config", "/nonexistent.toml"],
+    "evaluate": ["-m", "train.evaluate", "--model", "OUT", "--dataset", "voc", "--data-root", "OUT"],
+    "app": ["app.py", "--device", "cuda:7"],
+}  # fmt: skip
+
+
+def test_entry_points_fail_in_one_line(tmp_path):
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("OTSEG_TRACEBACK", None)
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, *[str(tmp_path) if a == "OUT" else a for a in args]],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, args in COMMANDS.items()
+    }
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert proc.returncode == 2, (name, err)
+        assert "Traceback" not in err, (name, err)
+        assert lines[-1].startswith("error: "), (name, err)
+        assert len([line for line in lines if line.startswith("error")]) == 1, (name, err)
