@@ -1,6 +1,7 @@
-"""Two synced CPU processes (torchrun + gloo): parameters identical across ranks after a few
-steps, the evaluation gathered across processes equals a one-process evaluation, and the
-unsynced launch (the Accelerate trap) stops with a clear error."""
+"""Synced CPU processes (torchrun + gloo): parameters identical across ranks after a few
+steps, 4 processes × 1 image train as 1 process accumulating 4 (the same objective), the
+evaluation gathered across processes equals a one-process evaluation, and the unsynced launch
+(the Accelerate trap) stops with a clear error."""
 
 from __future__ import annotations
 
@@ -14,9 +15,24 @@ import torch
 from train_helpers import REPO, env, run, tiny_args
 
 from otseg.data.synthetic import write_synthetic
+from train.build import build_config, build_training_model
+from train.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+# Runs train.train without dropout: processes draw their dropout masks from their own RNG
+# streams, so only without it can 4 processes and 1 accumulating process give the same weights.
+NO_DROPOUT = """
+import sys
+import train.train as tt
+
+build_config = tt.build_config
+tt.build_config = lambda recipe: build_config(recipe).replace(
+    vision={"prompt_dropout": 0.0}, head={"dropout": 0.0, "attn_dropout": 0.0}
+)
+tt.main(sys.argv[1:])
+"""
 
 # Runs train.train and, before the export, writes a digest of every rank's full state dict.
 WRAPPER = """
@@ -76,3 +92,25 @@ def test_unsynced_launch_is_refused(tmp_path: Path, data: Path):
     assert result.returncode != 0
     assert "gradients would not be synchronised" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_four_processes_train_as_one_accumulating_four(tmp_path: Path, data: Path):
+    from safetensors.torch import load_file
+
+    script = tmp_path / "no_dropout.py"
+    script.write_text(NO_DROPOUT)
+    args = ["--max-iters", "2", "--no-eval", "--set", "per_device_batch=1", "--set",
+            "warmup_iters=0"]  # fmt: skip
+    one = run([sys.executable, str(script), *tiny_args(data, tmp_path / "one", *args)])
+    assert "1 per device × 1 process × 4 gradient-accumulation steps" in one.stderr
+    four = TORCHRUN[:-1] + ["4", str(script), *tiny_args(data, tmp_path / "four", *args)]
+    result = run(four, timeout=240, ACCELERATE_USE_CPU="1")
+    assert "1 per device × 4 processes × 1 gradient-accumulation step" in result.stderr
+    a = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "four" / "model" / "model.safetensors"))
+    recipe = load_recipe("tiny")
+    init = build_training_model(recipe, build_config(recipe)).trained_state_dict()
+    assert a.keys() == b.keys() == init.keys()
+    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3  # two real Adam steps
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
