@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -20,17 +22,31 @@ def remap_labels(labels: torch.Tensor, config: OTSegConfig) -> torch.Tensor:
     transductive: seen id kept, unseen → −1 (to be pseudo-labelled);
     fully supervised: unchanged. 255 stays 255.
     """
-    k = len(config.class_names)
     labels = labels.long()
     if config.setting == "fully" or not config.unseen:
         return labels
-    lut = torch.full((256,), IGNORE, dtype=torch.long, device=labels.device)
-    lut[:k] = -1
-    seen = torch.tensor(config.seen, dtype=torch.long, device=labels.device)
-    lut[seen] = (
-        torch.arange(len(seen), device=labels.device) if config.setting == "inductive" else seen
-    )
+    lut = _label_table(len(config.class_names), config.seen, config.setting, labels.device)
     return lut[labels.clamp(0, 255)]
+
+
+# Built once per split and device: a table made from a Python list on every step would be a
+# host-to-device copy, which waits for the GPU.
+@functools.lru_cache(maxsize=32)
+def _label_table(k: int, seen: tuple[int, ...], setting: str, device: torch.device) -> torch.Tensor:
+    """(256,) int64: dataset id → training target (see :func:`remap_labels`)."""
+    lut = torch.full((256,), IGNORE, dtype=torch.long)
+    lut[:k] = -1
+    ids = torch.tensor(seen, dtype=torch.long)
+    lut[ids] = torch.arange(len(seen)) if setting == "inductive" else ids
+    return lut.to(device)
+
+
+@functools.lru_cache(maxsize=32)
+def _seen_mask(k: int, seen: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(1, K, 1, 1) bool, True on the seen classes."""
+    mask = torch.zeros(1, k, 1, 1, dtype=torch.bool)
+    mask[0, list(seen)] = True
+    return mask.to(device)
 
 
 @torch.no_grad()
@@ -42,9 +58,8 @@ def pseudo_label(targets: torch.Tensor, output: OTSegOutput, config: OTSegConfig
     """
     if config.setting == "transductive":
         probs = torch.sigmoid(fuse(output.decoder_map, output.score_map, config.ensemble_lambda))
-        probs = probs.float()
-        probs[:, list(config.seen)] = -1.0
-        guess = probs.argmax(1)
+        seen = _seen_mask(probs.shape[1], config.seen, probs.device)
+        guess = probs.float().masked_fill(seen, -1.0).argmax(1)
         targets = torch.where(targets == -1, guess, targets)
     return torch.where(targets == -1, torch.full_like(targets, IGNORE), targets)
 

@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import (
+    DataLoaderConfiguration,
     GradientAccumulationPlugin,
     ProjectConfiguration,
     parse_flag_from_env,
@@ -131,6 +132,10 @@ def build_accelerator(
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=recipe.mixed_precision,
+        # with pinned batches, the copy to the GPU does not wait for the GPU to finish
+        dataloader_config=DataLoaderConfiguration(
+            non_blocking=not cpu and torch.cuda.is_available()
+        ),
         # accumulation windows may span epochs: the global batch never shrinks at an epoch end
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=steps, sync_with_dataloader=False
