@@ -90,10 +90,6 @@ class PromptedViT(nn.Module):
                     x = torch.cat([x[:, :1], prompts, x[:, 1 + p :]], dim=1)
                 else:  # x is this forward's own intermediate: overwrite the prompt rows
                     x[:, 1 : 1 + p] = prompts
-            elif i > deep and x.shape[1] > 1 + h * w:
-                x = torch.cat(
-                    [x[:, :1], x[:, -h * w :]], dim=1
-                )  # prompts dropped after the last set
             if self.grad_checkpointing and self.training and grad:
                 x = checkpoint(block_forward, block, x, use_reentrant=False)
             else:
@@ -101,9 +97,6 @@ class PromptedViT(nn.Module):
         x = self.ln_post(self.prompt_norm(x)) @ self.proj  # both norms, as the original
         pixels = x[:, -h * w :].transpose(1, 2).reshape(b, -1, h, w)
         return ImageEmbedding(pixels=F.normalize(pixels, dim=1), cls=F.normalize(x[:, 0], dim=-1))
-
-    def trainable_state_keys(self) -> list[str]:
-        return [k for k in self.state_dict() if "prompt" in k]
 
 
 def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

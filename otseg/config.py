@@ -34,6 +34,13 @@ class VisionConfig:
     deep_prompt_layers: int = 11  # prompt sets replaced before blocks 1..deep_prompt_layers
     prompt_dropout: float = 0.1  # train only
 
+    def __post_init__(self) -> None:
+        if self.deep_prompt_layers not in (0, self.layers - 1):
+            raise ValueError(
+                f"deep_prompt_layers must be 0 or layers − 1 = {self.layers - 1} (a prompt set "
+                f"before every block), got {self.deep_prompt_layers}"
+            )
+
 
 @dataclass(frozen=True)
 class HeadConfig:

@@ -35,7 +35,7 @@ def render_model_card(config: OTSegConfig, card: dict[str, Any], has_text_bank: 
         "",
         *([card["description"], ""] if card.get("description") else []),
         about,
-        "in the [otseg](https://github.com/) format. Frozen CLIP towers: "
+        "in the otseg format. Frozen CLIP towers: "
         + (
             f"`{config.clip_model}` / `{config.clip_pretrained}`."
             if config.clip_model

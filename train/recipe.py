@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import tomllib
 import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the API-identical backport
-    import tomli as tomllib
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
