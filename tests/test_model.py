@@ -95,3 +95,12 @@ def test_bf16_autocast_runs(model, batch):
     ref = run(model, batch)
     assert out.transports[0].plan.dtype == torch.float32
     assert (out.scores.float().argmax(1) == ref.scores.argmax(1)).float().mean() > 0.8
+
+
+def test_prompt_sets_before_every_block_or_none():
+    from otseg.config import VisionConfig
+
+    assert VisionConfig(layers=4, deep_prompt_layers=3).deep_prompt_layers == 3
+    assert VisionConfig(layers=4, num_prompt_tokens=0, deep_prompt_layers=0).layers == 4
+    with pytest.raises(ValueError, match="deep_prompt_layers"):
+        VisionConfig(layers=12, deep_prompt_layers=5)
