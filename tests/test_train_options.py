@@ -159,3 +159,18 @@ def test_step_timer_runs_the_training_step():
     assert batch["image"].shape == (2, 3, 64, 64)
     assert 3 <= len(batch["label"][0].unique()) <= 5  # 4 classes (+ ignore)
     assert time_training_step("tiny", batch=2, cpu=True, steps=2, warmup=1, sinkhorn_iters=5) > 0
+
+
+def test_tf32_only_on_cuda():
+    from train.build import use_tf32
+
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        use_tf32(torch.device("cpu"))
+        use_tf32(torch.device("cuda"), enabled=False)
+        assert not torch.backends.cuda.matmul.allow_tf32
+        use_tf32(torch.device("cuda"))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags

@@ -296,6 +296,14 @@ def set_epoch(loader: DataLoader, sampler: EpochSampler, epoch: int) -> None:
     sampler.set_epoch(epoch)
 
 
+def use_tf32(device: torch.device, enabled: bool = True) -> None:
+    """TF32 matmuls and convolutions on CUDA, as the original's torch 1.10 did by default on
+    Ampere and newer GPUs; a no-op elsewhere."""
+    if device.type == "cuda" and enabled:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def describe_model(model: OTSeg) -> str:
     """Parameter counts: trainable (in the optimizer) vs frozen."""
     trainable = sum(p.numel() for p in model.trainable_parameters())

@@ -153,12 +153,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", help="metrics JSON path (default: print only)")
     p.add_argument("--mixed-precision", default="no", choices=("no", "bf16"))
     p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--no-tf32", action="store_true", help="CUDA: full fp32 matmuls (default: TF32)")
     p.add_argument("--cpu", action="store_true", help="run on CPU (multi-process via gloo)")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> SegMetrics:
-    from train.build import build_eval_loader
+    from train.build import build_eval_loader, use_tf32
     from train.train import check_distributed
 
     args = parse_args(argv)
@@ -170,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> SegMetrics:
         raise SystemExit(f"error: --protocol {args.protocol} evaluates on {protocol.target}")
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     check_distributed(accelerator.num_processes)
+    use_tf32(accelerator.device, not args.no_tf32)
     model = OTSeg.from_pretrained(args.model).to(accelerator.device)
     config = protocol.apply(model.config) if protocol else model.config
     if protocol and model.config.dataset != protocol.source:

@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 
 from otseg.config import get_preset
-from train.build import fixed_sinkhorn, freeze_unreached, random_text_bank
+from train.build import fixed_sinkhorn, freeze_unreached, random_text_bank, use_tf32
 from train.engine import StepWindow, train_step
 from train.objective import build_objective
 from train.optim import build_optimizer, build_scheduler
@@ -56,9 +56,7 @@ def time_training_step(
     model = build_model(config, text_bank=random_text_bank(config, 0))
     freeze_unreached(model)
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
-    if accelerator.device.type == "cuda" and tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    use_tf32(accelerator.device, tf32)
     optimizer = build_optimizer(model)
     scheduler = build_scheduler(optimizer, 80000)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

@@ -44,6 +44,7 @@ from train.build import (
     describe_model,
     dump_json,
     freeze_unreached,
+    use_tf32,
 )
 from train.checkpoint import CheckpointManager, TrainState
 from train.engine import train_loop
@@ -146,9 +147,7 @@ def build_accelerator(
         ),
         step_scheduler_with_optimizer=False,  # one schedule step per iteration
     )
-    if accelerator.device.type == "cuda" and recipe.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True  # torch 1.10's default on Ampere
-        torch.backends.cudnn.allow_tf32 = True
+    use_tf32(accelerator.device, recipe.tf32)
     return accelerator, per_device
 
 
