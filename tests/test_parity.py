@@ -24,6 +24,7 @@ FIXTURES = (
 SLIDE_FIXTURES = [  # fixtures of cross-dataset configs carry no slide output ("slide": null)
     d for d in FIXTURES if json.loads((d / "fixture.json").read_text()).get("slide")
 ]
+TRAIN_FIXTURES = [d for d in FIXTURES if (d / "train_outputs.pt").is_file()]
 
 if not FIXTURES:
     if os.environ.get("CI"):
@@ -45,6 +46,11 @@ def case(request):
 
 @pytest.fixture(scope="module", params=SLIDE_FIXTURES, ids=lambda p: p.name)
 def slide_case(request):
+    return load_case(request.param)
+
+
+@pytest.fixture(scope="module", params=TRAIN_FIXTURES, ids=lambda p: p.name)
+def train_case(request):
     return load_case(request.param)
 
 
@@ -131,8 +137,8 @@ def test_slide_inference_matches(slide_case):
     labels_agree("slide.pred", probs.argmax(1), ref["slide.pred"], ref["slide.probs"])
 
 
-def test_training_losses_match(case):
-    d, cfg, model, _ = case
+def test_training_losses_match(train_case):
+    d, cfg, model, _ = train_case
     train = torch.load(d / "train_outputs.pt", weights_only=True)
     model.train()
     try:
