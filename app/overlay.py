@@ -303,7 +303,7 @@ def prompt_score_grid(
         raise ValueError(f"class_id {class_id} out of range for {scores.shape[0]} classes")
     maps = scores[class_id].astype(np.float32)
     lo, hi = float(np.nanmin(maps)), float(np.nanmax(maps))
-    font = caption_font(max(12, tile // 13))
+    font = caption_font(max(12, tile // 11))
     name = class_name if can_draw(font, class_name) else "(class)"
     pad, caption_h = 4, font.size + 10
     tile_h = max(1, round(tile * maps.shape[1] / maps.shape[2]))  # keep the map's aspect

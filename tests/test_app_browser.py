@@ -75,6 +75,7 @@ def test_live_settings_fresh_views_and_escaped_messages(tmp_path, monkeypatch):
         page.get_by_role("tab", name="Per-prompt maps").click()
         page.locator("#show_maps").click()
         page.locator("#grid_sinkhorn img").wait_for()
+        session.screenshot("prompt-maps")
 
         # ... new names: the overlay says it is out of date until the next result
         vocab.fill("cat, sofa")
