@@ -35,6 +35,10 @@ HOW_TO_TRAINED = (
     "(the authors' weights, downloaded once) or `--model HUB_ID_OR_DIR`, or set `OTSEG_MODEL`."
 )
 NEED_RESULT = "Upload an image and press Segment first."
+INFERENCE_LABELS = {  # the predictor's modes
+    "slide": "Accurate: overlapping windows, as in the paper",
+    "whole": "Fast: one pass over the whole image",
+}
 
 
 class UserError(ValueError):
@@ -171,6 +175,14 @@ def check_opacity(opacity) -> float:
     return _fraction("Opacity", opacity)
 
 
+def check_inference(mode) -> str:
+    if mode not in INFERENCE_LABELS:
+        raise UserError(
+            f"Inference must be one of {', '.join(INFERENCE_LABELS)}; got {_shown(mode)}."
+        )
+    return mode
+
+
 @dataclass(frozen=True)
 class Upload:
     """An uploaded image file: where the server keeps it and the name the user gave it."""
@@ -236,12 +248,10 @@ class Handlers:
         self.loaded = loaded
         self.download_dir = download_dir or Path(tempfile.gettempdir()) / "otseg-demo"
 
-    def new_session(self) -> Session:
+    def new_session(self, mode: str = "slide") -> Session:
         if self.loaded.model is None:
             raise UserError(self.loaded.message)
-        # Hook for an inference-mode setting (e.g. a whole-image "fast" mode of the predictor):
-        # pass it to OTSegPredictor here.
-        return Session(OTSegPredictor(gpu.RemoteModel(self.loaded.key)))
+        return Session(OTSegPredictor(gpu.RemoteModel(self.loaded.key), mode=mode))
 
     # -- the expensive step: image and vocabulary --------------------------------------------
     def segment(
@@ -251,18 +261,25 @@ class Handlers:
         text: str,
         knobs: dict,
         progress=None,
+        mode: str = "slide",
     ) -> Session:
-        """Encode the image (if new) and the vocabulary (if new), then predict with ``knobs``."""
+        """Encode the image (if new) and the vocabulary (if new), then predict with ``knobs``.
+
+        mode: the predictor's inference mode (``INFERENCE_LABELS``); a change re-encodes.
+        """
         step = progress or (lambda *a, **k: None)
-        knobs = self._check_knobs(knobs)
+        knobs, mode = self._check_knobs(knobs), check_inference(mode)
         upload = image if isinstance(image, Upload) else Upload.from_value(image)
         if upload is None:
             raise UserError("Upload an image (or pick an example) first.")
         names = parse_names(text)
-        session = session or self.new_session()
+        session = session or self.new_session(mode)
         data = _read(upload.path)
         key = hashlib.sha1(data).hexdigest()
         with session.lock:
+            if session.predictor.mode != mode:  # same model and text cache, new image encoding
+                session.predictor = OTSegPredictor(session.predictor.model, mode=mode)
+                session.image_key, session.names = None, []
             pred = session.predictor
             if key != session.image_key:
                 step(0.05, desc="Reading the image")
@@ -302,9 +319,10 @@ class Handlers:
         session.labels = result.labels
         session.knobs = dict(knobs)
 
-    def is_current(self, session: Session | None, image, text: str) -> bool:
-        """Whether ``session``'s result was computed for this image and these class names."""
-        if session is None or session.labels is None:
+    def is_current(self, session: Session | None, image, text: str, mode: str = "slide") -> bool:
+        """Whether ``session``'s result was computed for this image, these class names and this
+        inference mode."""
+        if session is None or session.labels is None or session.predictor.mode != mode:
             return False
         upload = Upload.from_value(image)
         if upload is None:
@@ -339,7 +357,8 @@ class Handlers:
         """What the overlay tab shows for the session's last prediction (drawing only)."""
         drawn = self.draw(session, opacity)
         colors = session.colors
-        facts = {"mode": self.loaded.mode, **session.knobs, "note": session.note}
+        facts = {"mode": self.loaded.mode, **session.knobs, "inference": session.predictor.mode,
+                 "note": session.note}  # fmt: skip
         info = render.summary(session.names, session.labels, colors, session.seen, **facts)
         stem = f"{session.image_name}-otseg-{len(session.names)}-classes"
         return {

@@ -1,7 +1,8 @@
 """Layout and wiring of the demo: components, events and their API names; no model logic.
 
 API (``gradio_client``; state is kept per client session):
-    /segment      image, vocabulary, attention, lam, use_mps, opacity → overlay outputs
+    /segment      image, vocabulary, attention, lam, use_mps, opacity[, inference] → overlay
+                  outputs; inference "slide" (default, the paper's) or "whole" (fast)
     /rerender     attention, lam, use_mps, opacity → overlay outputs (cached embeddings)
     /redraw       opacity → overlay image (drawing only)
     /compare      lam, use_mps, opacity → (sinkhorn, softmax) slider, Markdown
@@ -26,9 +27,11 @@ import gradio as gr
 
 from app import vocab
 from app.inference import (
+    INFERENCE_LABELS,
     Handlers,
     Session,
     UserError,
+    check_inference,
     check_opacity,
 )
 
@@ -89,6 +92,8 @@ def _inputs_column(loaded) -> SimpleNamespace:
     c.lam = gr.Slider(0, 1, value=loaded.default_lam, step=0.05, elem_id="lam",
                       label="Ensemble λ (0: decoder only, 1: MPS score map only)")  # fmt: skip
     c.use_mps = gr.Checkbox(value=True, label="Use the MPS score map", elem_id="use_mps")
+    c.speed = gr.Radio([(v, k) for k, v in INFERENCE_LABELS.items()], value="slide",
+                       label="Inference", elem_id="speed")  # fmt: skip
     c.opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity", elem_id="opacity")
     c.run = gr.Button("Segment", variant="primary", elem_id="segment", interactive=mode != "none")
     gr.Examples(examples(), inputs=[c.image, c.text], cache_examples=False,
@@ -185,18 +190,18 @@ def _wire(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
         return [*overlay_values(sess, opacity, redraw), "", *views, *compare, sess]
 
     @user_errors
-    def on_segment(image, text, attention, lam, use_mps, opacity, sess, progress=PROGRESS):
+    def on_segment(image, text, attention, lam, use_mps, opacity, speed, sess, progress=PROGRESS):
         knobs, opacity = handlers.check_knobs(attention, lam, use_mps), check_opacity(opacity)
-        sess = handlers.segment(sess, image, text, knobs, progress)
+        sess = handlers.segment(sess, image, text, knobs, progress, check_inference(speed))
         return page_values(sess, opacity, segmented=True)
 
     @user_errors
-    def on_settings(image, text, attention, lam, use_mps, opacity, sess, progress=PROGRESS):
-        """λ / attention / MPS / opacity released: redraw, re-fuse or re-segment as needed."""
+    def on_settings(image, text, attention, lam, use_mps, opacity, speed, sess, progress=PROGRESS):
+        """A setting released: redraw, re-fuse or re-segment as needed."""
         if not image:
             return [gr.skip()] * len(page_out)
-        if not handlers.is_current(sess, image, text):
-            return on_segment(image, text, attention, lam, use_mps, opacity, sess, progress)
+        if not handlers.is_current(sess, image, text, speed):
+            return on_segment(image, text, attention, lam, use_mps, opacity, speed, sess, progress)
         knobs, opacity = handlers.check_knobs(attention, lam, use_mps), check_opacity(opacity)
         if knobs == sess.knobs:
             return page_values(sess, opacity, segmented=False, redraw=True)
@@ -206,9 +211,9 @@ def _wire(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
         return "" if sess is None or handlers.is_current(sess, image, text) else STALE
 
     @user_errors
-    def api_segment(image, text, attention, lam, use_mps, opacity, sess):
+    def api_segment(image, text, attention, lam, use_mps, opacity, speed, sess):
         knobs, opacity = handlers.check_knobs(attention, lam, use_mps), check_opacity(opacity)
-        sess = handlers.segment(sess, image, text, knobs)
+        sess = handlers.segment(sess, image, text, knobs, mode=check_inference(speed))
         return [*overlay_values(sess, opacity), sess]
 
     @user_errors
@@ -240,7 +245,7 @@ def _wire(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
             raise UserError("Choose a preset first.")
         return vocab.preset_text(preset)
 
-    page_in = [ins.image, ins.text, *settings, session]
+    page_in = [ins.image, ins.text, *settings, ins.speed, session]
     seg = {"fn": on_segment, "inputs": page_in, "outputs": page_out, "preprocess": False}
     ins.run.click(**seg, api_name=False)
     ins.text.submit(**seg, api_name=False)
@@ -250,6 +255,7 @@ def _wire(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
     ins.use_mps.input(**live)
     ins.lam.release(**live)
     ins.opacity.release(**live)
+    ins.speed.input(**live)
     changed = {"fn": on_inputs_changed, "inputs": [ins.image, ins.text, session],
                "outputs": ov.stale, "preprocess": False, "api_name": False,
                "concurrency_limit": None, "show_progress": "hidden",

@@ -241,3 +241,20 @@ def test_no_model_starts_and_explains(tmp_path):
         with pytest.raises(AppError, match=r"^No model loaded\. Could not load nobody") as error:
             segment(client(url), CAT, "cat")
         assert not any(mark in str(error.value) for mark in ("**", "`", "⚠"))
+
+
+def test_fast_inference_is_one_pass_and_switches_back(trained_url):
+    c = client(trained_url)
+    *_, files, info = segment(c, CAT, "cat, dog")
+    assert info["inference"] == "slide"
+    slide = label_map(files)
+    *_, files, info = c.predict(handle_file(str(CAT)), "cat, dog", "sinkhorn", 0.5, True, 0.5,
+                                "whole", api_name="/segment")  # fmt: skip
+    assert info["inference"] == "whole" and label_map(files).shape == slide.shape
+    *_, info = c.predict("softmax", 0.3, True, 0.5, api_name="/rerender")
+    assert info["inference"] == "whole" and info["attention"] == "softmax"
+    *_, files, info = segment(c, CAT, "cat, dog")
+    assert info["inference"] == "slide" and np.array_equal(label_map(files), slide)
+    with pytest.raises(AppError, match="^Inference must be one of slide, whole; got “fast”.$"):
+        c.predict(handle_file(str(CAT)), "cat", "sinkhorn", 0.5, True, 0.5, "fast",
+                  api_name="/segment")  # fmt: skip

@@ -106,6 +106,12 @@ def test_knob_changes_do_not_rerun_the_image_encoder(handlers, tmp_path):
     assert handlers.calls["image"] == windows and session.names == ["cat", "dog", "sky"]
     handlers.segment(session, str(write_photo(tmp_path / "q.png", seed=1)), "cat", knobs)
     assert handlers.calls["image"] > windows
+    before = handlers.calls["image"]
+    handlers.segment(
+        session, str(write_photo(tmp_path / "q.png", seed=1)), "cat", knobs, mode="whole"
+    )
+    assert handlers.calls["image"] == before + 1  # fast mode: one pass over the whole image
+    assert session.predictor.mode == "whole" and session.names == ["cat"]
 
 
 def test_sessions_are_independent(handlers, tmp_path):
