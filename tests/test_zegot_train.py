@@ -3,6 +3,8 @@ transductive schedule, the frozen teacher, and the loss terms."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -250,6 +252,11 @@ def test_tiny_zegot_learns_far_above_chance(tmp_path):
     assert metrics["miou"] > 0.5, metrics  # chance: ≈ 0.04–0.1 for 5 classes
     predictor = OTSegPredictor.from_pretrained(str(out / "model"))
     assert predictor.model.model_type == "zegot"
+    again = tmp_path / "metrics.json"
+    run([sys.executable, "-m", "train.evaluate", "--model", str(out / "model"), "--dataset",
+         "voc", "--data-root", str(data), "--class-names", ",".join(f"class{i}" for i in range(5)),
+         "--num-workers", "0", "--output", str(again)])  # fmt: skip
+    assert json.loads(again.read_text()) == metrics  # the export evaluates to the same numbers
 
 
 def test_every_zegot_preset_has_a_recipe():
