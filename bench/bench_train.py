@@ -5,6 +5,11 @@ process accumulates 2 micro-batches of 2, 2 processes take 2 each). Steps/s come
 lengths (the difference removes start-up, evaluation and export); peak memory is the largest
 resident set (VmHWM) of any training process. Run:
 ``OMP_WAIT_POLICY=PASSIVE python bench/bench_train.py``.
+
+``--bf16-plan voc12_otseg.npy`` instead measures how far a Sinkhorn plan computed from bf16 activations (as
+under ``--mixed-precision bf16``) lies from the fp32 plan, with the similarity in bf16 (as
+before) and in fp32 (as now): VOC's 20×6 original prompt embeddings against a 32×32 token
+grid of noisy class mixtures (cosines 0.3–0.7).
 """
 
 from __future__ import annotations
@@ -50,15 +55,54 @@ def timed(cmd: list[str], threads: str) -> tuple[float, float]:
     return time.perf_counter() - start, float(out.stdout.strip().splitlines()[-1])
 
 
+def bf16_plan(npy: Path) -> None:
+    """Print the relative L1 and max differences of bf16-activation plans to the fp32 plan."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from otseg.mps import cosine_similarity, transport_plan
+
+    text = torch.from_numpy(np.load(npy)).float()  # (20, 6, 512), stored as fp16
+    g = torch.Generator().manual_seed(0)
+    k, n, c = text.shape
+    classes = torch.randint(0, k, (32 * 32,), generator=g)
+    pixels = (text[classes].mean(1) + 0.06 * torch.randn(32 * 32, c, generator=g))[None]
+    queries = text[None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eye = torch.eye(c)
+        p16, q16 = pixels @ eye, queries @ eye  # bf16 activations, as autocast makes them
+        before = torch.einsum("bmc,bknc->bkmn", F.normalize(p16, dim=-1), F.normalize(q16, dim=-1))
+        now = cosine_similarity(p16, q16)
+    exact = transport_plan(cosine_similarity(pixels, queries))
+    print("| similarity | plan vs fp32: relative L1 | relative max |")
+    print("|---|---|---|")
+    for name, sim in (("bf16 (before)", before), ("fp32 of bf16 activations (now)", now)):
+        diff = transport_plan(sim.float()) - exact
+        l1 = (diff.abs().sum() / exact.abs().sum()).item()
+        print(
+            f"| {name} | {100 * l1:.2f} % | {100 * diff.abs().max().item() / exact.max().item():.2f} % |"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--short", type=int, default=20, help="iterations of the short run")
     p.add_argument("--long", type=int, default=120, help="iterations of the long run")
+    p.add_argument(
+        "--bf16-plan",
+        type=Path,
+        metavar="VOC12_OTSEG_NPY",
+        help="bf16 vs fp32 Sinkhorn plans on the original's voc12_otseg.npy "
+        "(configs/_base_/datasets/text_embedding/ of the original repository)",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("cmd", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args.cmd)
+    if args.bf16_plan:
+        return bf16_plan(args.bf16_plan)
     from otseg.data.synthetic import write_synthetic
 
     with tempfile.TemporaryDirectory() as tmp:
