@@ -258,3 +258,21 @@ def test_fast_inference_is_one_pass_and_switches_back(trained_url):
     with pytest.raises(AppError, match="^Inference must be one of slide, whole; got “fast”.$"):
         c.predict(handle_file(str(CAT)), "cat", "sinkhorn", 0.5, True, 0.5, "fast",
                   api_name="/segment")  # fmt: skip
+
+
+def test_internal_errors_keep_their_traceback(dirs, capfd):
+    """Only bad input becomes a message for the user; a bug is logged with its traceback."""
+    from otseg.model import OTSeg
+
+    loaded = load_model(str(dirs[1]))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal bug, not the user's fault")
+
+    loaded.model.decode = broken
+    assert isinstance(loaded.model, OTSeg)
+    with served(loaded) as url, pytest.raises(AppError) as error:
+        segment(client(url), CAT, "cat")
+    assert "internal bug" not in str(error.value)  # no internals shown as a toast
+    log = capfd.readouterr().err
+    assert "Traceback" in log and "RuntimeError: an internal bug" in log
