@@ -293,3 +293,34 @@ def test_prompt_vectors_get_their_own_learning_rate():
         sched.step()
     lrs = [g["lr"] for g in opt.param_groups]
     assert lrs[1] / lrs[0] == pytest.approx(10, rel=0.01)  # the same poly shape per group
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_accumulating_two(tmp_path):
+    """The learned prompts are encoded inside the forward, so DDP syncs their gradients: two
+    synced processes end with identical weights, equal to one process accumulating two."""
+    from safetensors.torch import load_file
+    from test_train_distributed import TORCHRUN, WRAPPER
+    from train_helpers import TRAIN, run
+
+    from otseg.data.synthetic import write_synthetic
+
+    data = write_synthetic(tmp_path / "data", "voc", num_train=12, num_val=2)
+    script = tmp_path / "wrapper.py"
+    script.write_text(WRAPPER)
+    args = ["--set", "setting=transductive", "--max-iters", "3", "--no-eval",
+            "--set", "per_device_batch=2", "--set", "warmup_iters=0"]  # fmt: skip
+    two = tmp_path / "two"
+    result = run(TORCHRUN + [str(script), *_zegot_args(data, two, *args)], timeout=240,
+                 ACCELERATE_USE_CPU="1")  # fmt: skip
+    assert "2 per device × 2 processes × 1 gradient-accumulation step" in result.stderr
+    assert (two / "params_rank0.txt").read_text() == (two / "params_rank1.txt").read_text()
+    one = run(TRAIN + _zegot_args(data, tmp_path / "one", *args))
+    assert "2 per device × 1 process × 2 gradient-accumulation steps" in one.stderr
+    a = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    b = load_file(str(two / "model" / "model.safetensors"))
+    torch.manual_seed(0)  # the recipe's seed: the start of both runs
+    init = build_zegot(zegot_tiny_config())
+    assert (a["prompts.ctx"] - init.prompts.ctx).abs().max() > 1e-3  # the prompts trained
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
