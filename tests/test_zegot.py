@@ -197,3 +197,30 @@ def test_decoder_size_at_vit_b16_dims():
     cfg = get_preset("zegot-voc-inductive")
     n = sum(p.numel() for p in ScoreMapDecoder(12, cfg.head).parameters())
     assert 0.5e6 < n < 0.7e6  # FPN 4×64 + ASPP (1, 3, 6, 9) + pooling over 257 channels
+
+
+def test_push_to_hub_uploads_a_zegot_directory(model, monkeypatch):
+    """No network: the Hub client is replaced by a recorder."""
+    import huggingface_hub
+
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kw):
+            calls["create"] = repo_id
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            from pathlib import Path
+
+            calls["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+            calls["config"] = json.loads((Path(folder_path) / "config.json").read_text())
+            calls["card"] = (Path(folder_path) / "README.md").read_text()
+            return f"https://huggingface.co/{repo_id}/commit/abc"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert model.push_to_hub("me/zegot-tiny").endswith("/commit/abc")
+    assert calls["files"] == ["README.md", "config.json", "model.safetensors"]
+    assert calls["config"]["model"] == "zegot" and "# ZegOT" in calls["card"]
