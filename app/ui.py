@@ -158,23 +158,28 @@ def build(handlers: Handlers) -> gr.Blocks:
                     pm = _prompt_maps_tab()
                 with gr.Accordion("Use it from Python (gradio_client)", open=False):
                     gr.Markdown(API_SNIPPET)
-        _wire(handlers, session, ins, ov, cmp, pm)
+        _wire_page(handlers, session, ins, ov, cmp, pm)
+        _wire_compare(handlers, session, ins, cmp)
+        _wire_prompt_maps(handlers, session, pm)
+        _wire_api(handlers, session, ins, ov)
     return demo
 
 
-def _wire(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
-    """Events. The page's events refresh every view; the API endpoints (on hidden buttons)
-    return only the overlay outputs."""
+def _overlay_values(handlers: Handlers, sess: Session, opacity, redraw: bool = False) -> list:
+    """Values of the overlay tab's outputs (overlay, legend, files, summary)."""
+    if redraw:  # same labels: legend, downloads and summary stay as they are
+        return [handlers.draw(sess, opacity), gr.skip(), gr.skip(), gr.skip()]
+    out = handlers.outputs(sess, opacity)
+    return [out["overlay"], out["legend"], out["files"], out["summary"]]
+
+
+def _wire_page(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
+    """Segment, the live settings and the out-of-date banner: each result refreshes every view
+    (the overlay), clears those of an older result or marks them out of date."""
     overlay_out = [ov.overlay, ov.legend, ov.files, ov.info]
     page_out = [*overlay_out, ov.stale, pm.choice, pm.sinkhorn, pm.softmax, pm.note,
                 cmp.slider, cmp.note, session]  # fmt: skip
     settings = [ins.attention, ins.lam, ins.use_mps, ins.opacity]
-
-    def overlay_values(sess: Session, opacity, redraw: bool = False) -> list:
-        if redraw:  # same labels: legend, downloads and summary stay as they are
-            return [handlers.draw(sess, opacity), gr.skip(), gr.skip(), gr.skip()]
-        out = handlers.outputs(sess, opacity)
-        return [out["overlay"], out["legend"], out["files"], out["summary"]]
 
     def page_values(sess: Session, opacity, segmented: bool, redraw: bool = False) -> list:
         """Overlay outputs plus what the other views show after this result."""
@@ -187,7 +192,7 @@ def _wire(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
             compare = [gr.skip(), gr.skip()]
         else:
             compare = [None if segmented else gr.skip(), COMPARE_STALE]
-        return [*overlay_values(sess, opacity, redraw), "", *views, *compare, sess]
+        return [*_overlay_values(handlers, sess, opacity, redraw), "", *views, *compare, sess]
 
     @user_errors
     def on_segment(image, text, attention, lam, use_mps, opacity, speed, sess, progress=PROGRESS):
@@ -209,35 +214,6 @@ def _wire(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
 
     def on_inputs_changed(image, text, sess):
         return "" if sess is None or handlers.is_current(sess, image, text) else STALE
-
-    @user_errors
-    def api_segment(image, text, attention, lam, use_mps, opacity, speed, sess):
-        knobs, opacity = handlers.check_knobs(attention, lam, use_mps), check_opacity(opacity)
-        sess = handlers.segment(sess, image, text, knobs, mode=check_inference(speed))
-        return [*overlay_values(sess, opacity), sess]
-
-    @user_errors
-    def api_rerender(attention, lam, use_mps, opacity, sess):
-        sess = handlers.rerender(sess, handlers.check_knobs(attention, lam, use_mps))
-        return [*overlay_values(sess, opacity), sess]
-
-    @user_errors
-    def api_redraw(opacity, sess):
-        return handlers.draw(sess, opacity)
-
-    @user_errors
-    def on_compare(lam, use_mps, opacity, sess):
-        out = handlers.compare(sess, {"lam": lam, "use_mps": use_mps}, opacity)
-        note = f"Labels differ on **{out['changed']:.1f}%** of the pixels (λ = {float(lam):.2f})."
-        return out["images"], note, sess
-
-    @user_errors
-    def on_prompt_maps(class_name, sess):
-        out = handlers.prompt_maps(sess, class_name)
-        o = out["overlap"]
-        note = (f"Mean pairwise overlap of the prompt maps (cosine, 1 = identical): "
-                f"Sinkhorn **{o['sinkhorn']:.2f}**, softmax **{o['softmax']:.2f}**.")  # fmt: skip
-        return out["grids"]["sinkhorn"], out["grids"]["softmax"], note
 
     @user_errors
     def on_preset(preset):
@@ -262,20 +238,60 @@ def _wire(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
                "trigger_mode": "always_last"}  # fmt: skip
     ins.image.change(**changed)
     ins.text.change(**changed)
-    cmp.button.click(on_compare, [ins.lam, ins.use_mps, ins.opacity, session],
-                     [cmp.slider, cmp.note, session], api_name="compare",
-                     preprocess=False)  # fmt: skip
-    pm_event = {"fn": on_prompt_maps, "inputs": [pm.choice, session],
-                "outputs": [pm.sinkhorn, pm.softmax, pm.note], "preprocess": False}  # fmt: skip
-    pm.button.click(**pm_event, api_name="prompt_maps")
-    pm.choice.input(**pm_event, api_name=False)
     ins.load_preset.click(on_preset, ins.preset, ins.text, api_name="preset",
                           concurrency_limit=None, preprocess=False)  # fmt: skip
 
-    # API endpoints with overlay-only outputs, on buttons the page never shows
+
+def _wire_compare(handlers: Handlers, session, ins, cmp) -> None:
+    @user_errors
+    def on_compare(lam, use_mps, opacity, sess):
+        out = handlers.compare(sess, {"lam": lam, "use_mps": use_mps}, opacity)
+        note = f"Labels differ on **{out['changed']:.1f}%** of the pixels (λ = {float(lam):.2f})."
+        return out["images"], note, sess
+
+    cmp.button.click(on_compare, [ins.lam, ins.use_mps, ins.opacity, session],
+                     [cmp.slider, cmp.note, session], api_name="compare",
+                     preprocess=False)  # fmt: skip
+
+
+def _wire_prompt_maps(handlers: Handlers, session, pm) -> None:
+    @user_errors
+    def on_prompt_maps(class_name, sess):
+        out = handlers.prompt_maps(sess, class_name)
+        o = out["overlap"]
+        note = (f"Mean pairwise overlap of the prompt maps (cosine, 1 = identical): "
+                f"Sinkhorn **{o['sinkhorn']:.2f}**, softmax **{o['softmax']:.2f}**.")  # fmt: skip
+        return out["grids"]["sinkhorn"], out["grids"]["softmax"], note
+
+    event = {"fn": on_prompt_maps, "inputs": [pm.choice, session],
+             "outputs": [pm.sinkhorn, pm.softmax, pm.note], "preprocess": False}  # fmt: skip
+    pm.button.click(**event, api_name="prompt_maps")
+    pm.choice.input(**event, api_name=False)  # picking a class shows its maps
+
+
+def _wire_api(handlers: Handlers, session, ins, ov) -> None:
+    """/segment, /rerender, /redraw: overlay outputs only, on a button the page never shows."""
+    overlay_out = [ov.overlay, ov.legend, ov.files, ov.info]
+    settings = [ins.attention, ins.lam, ins.use_mps, ins.opacity]
+
+    @user_errors
+    def api_segment(image, text, attention, lam, use_mps, opacity, speed, sess):
+        knobs, opacity = handlers.check_knobs(attention, lam, use_mps), check_opacity(opacity)
+        sess = handlers.segment(sess, image, text, knobs, mode=check_inference(speed))
+        return [*_overlay_values(handlers, sess, opacity), sess]
+
+    @user_errors
+    def api_rerender(attention, lam, use_mps, opacity, sess):
+        sess = handlers.rerender(sess, handlers.check_knobs(attention, lam, use_mps))
+        return [*_overlay_values(handlers, sess, opacity), sess]
+
+    @user_errors
+    def api_redraw(opacity, sess):
+        return handlers.draw(sess, opacity)
+
     hidden = gr.Button(visible=False)
-    hidden.click(api_segment, page_in, [*overlay_out, session], api_name="segment",
-                 preprocess=False)  # fmt: skip
+    hidden.click(api_segment, [ins.image, ins.text, *settings, ins.speed, session],
+                 [*overlay_out, session], api_name="segment", preprocess=False)  # fmt: skip
     hidden.click(api_rerender, [*settings, session], [*overlay_out, session],
                  api_name="rerender", preprocess=False)  # fmt: skip
     hidden.click(api_redraw, [ins.opacity, session], ov.overlay, api_name="redraw",
