@@ -129,6 +129,11 @@ def test_learned_prompts_truncate_and_match_the_full_context(model):
     torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-4)
 
 
+def test_too_long_names_are_named_in_the_error(model):
+    with pytest.raises(ValueError, match=r"1 class name\(s\) too long .* 'word word"):
+        model.embed_text(["cat", "word " * 80])
+
+
 def test_text_checkpointing_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):

@@ -91,10 +91,27 @@ class LearnedPrompts(nn.Module):
         prefix = " ".join(["X"] * self.ctx.shape[1])
         return [f"{prefix} {name}." for name in names]
 
+    def _check_lengths(self, names: Sequence[str], prompts: Sequence[str]) -> None:
+        """A ``ValueError`` naming the class names (not the placeholder prompts) that do not fit."""
+        try:
+            self.tower.check_lengths(prompts)
+        except ValueError:
+            bad = []
+            for name, prompt in zip(names, prompts, strict=True):
+                try:
+                    self.tower.check_lengths([prompt])
+                except ValueError:
+                    bad.append(name)
+            raise ValueError(
+                f"{len(bad)} class name(s) too long for CLIP's text context after the "
+                f"{self.ctx.shape[1]} learned prompt vectors, e.g. {bad[0][:80]!r}; use shorter "
+                f"class names"
+            ) from None
+
     def encode(self, names: Sequence[str]) -> torch.Tensor:
         """K names → (K, N, C) unit-norm float32 embeddings; differentiable in ``ctx``."""
         prompts = self.prompts(names)
-        self.tower.check_lengths(prompts)
+        self._check_lengths(names, prompts)
         device = self.ctx.device
         tokens = self.tower.tokenizer(prompts).to(device)  # (K, context), start token first
         eot = tokens.argmax(dim=-1)  # the end-of-text token has the largest id
