@@ -229,3 +229,25 @@ def test_push_to_hub_uploads_a_zegot_directory(model, monkeypatch):
     assert model.push_to_hub("me/zegot-tiny").endswith("/commit/abc")
     assert calls["files"] == ["README.md", "config.json", "model.safetensors"]
     assert calls["config"]["model"] == "zegot" and "# ZegOT" in calls["card"]
+
+
+def test_hand_crafted_prompt_ablation(images, tmp_path):
+    from otseg.prompts import fill
+
+    torch.manual_seed(0)
+    cfg = zegot_tiny_config(head={"prompt_source": "templates"})
+    m = build_zegot(cfg).train()
+    assert cfg.templates == cfg.head.hand_crafted and len(cfg.templates) == 4
+    with torch.no_grad():
+        expected = m.prompts.tower(fill(cfg.head.hand_crafted, "sofa")).reshape(1, 4, -1)
+    torch.testing.assert_close(m.embed_text(["sofa"]), expected)
+    out = m(images, list(m.training_class_names))
+    (out.decoder_map.sum() + out.score_map.sum()).backward()
+    assert m.prompts.ctx.grad is None and m.prompt_parameters() == []
+    assert m.q_proj.weight.grad is not None
+    m.save_pretrained(tmp_path)
+    assert from_pretrained(tmp_path).config.head.prompt_source == "templates"
+    with pytest.raises(ValueError, match="prompt_source"):
+        zegot_tiny_config(head={"prompt_source": "handmade"})
+    with pytest.raises(ValueError, match="templates"):
+        zegot_tiny_config(head={"prompt_source": "templates", "num_prompts": 3})

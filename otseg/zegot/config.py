@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 
 from ..config import IMAGENET_MEAN, IMAGENET_STD, SplitConfigMixin, VisionConfig
 from ..data.classes import CLASS_NAMES, UNSEEN
+from ..prompts import TEMPLATES_6
 
 MPOT_LAST = ("identity", "sigmoid")
+PROMPT_SOURCES = ("learned", "templates")
 # The image tower of ZegOT is CLIP's own: no visual prompts.
 FROZEN_VIT = VisionConfig(num_prompt_tokens=0, deep_prompt_layers=0, prompt_dropout=0.0)
 
@@ -35,6 +37,10 @@ class ZegOTHeadConfig:
     """Learned prompts, MPOT and decoder."""
 
     num_prompts: int = 4  # N learned prompts, shared by all classes
+    # "learned" (ZegOT) or "templates": the hand-crafted prompts below instead (the ablation of
+    # the paper's Table 8a; the context vectors then stay fixed and unused)
+    prompt_source: str = "learned"
+    hand_crafted: tuple[str, ...] = TEMPLATES_6[:4]  # N templates with "{}" for the name
     context_length: int = 8  # l context vectors per prompt, in front of the class name
     prompt_init_std: float = 0.02  # N(0, std²) initialisation (CoOp)
     text_checkpointing: bool = False  # gradient checkpointing of the text blocks in training
@@ -80,6 +86,17 @@ class ZegOTConfig(SplitConfigMixin):
     def __post_init__(self) -> None:
         self.check_split()
         h = self.head
+        if h.prompt_source not in PROMPT_SOURCES:
+            raise ValueError(
+                f"prompt_source must be one of {PROMPT_SOURCES}, got {h.prompt_source!r}"
+            )
+        if h.prompt_source == "templates" and (
+            len(h.hand_crafted) != h.num_prompts or any("{}" not in t for t in h.hand_crafted)
+        ):
+            raise ValueError(
+                f"prompt_source 'templates' needs num_prompts ({h.num_prompts}) templates "
+                f"containing '{{}}', got {h.hand_crafted}"
+            )
         if h.mpot_last not in MPOT_LAST:
             raise ValueError(f"mpot_last must be one of {MPOT_LAST}, got {h.mpot_last!r}")
         bad = [i for i in h.mpot_layers if not 1 <= i <= self.vision.layers]
@@ -103,7 +120,9 @@ class ZegOTConfig(SplitConfigMixin):
 
     @property
     def templates(self) -> tuple[str, ...]:
-        """Display names of the N learned prompts (what the predictor reports per prompt)."""
+        """Display names of the N prompts (what the predictor reports per prompt)."""
+        if self.head.prompt_source == "templates":
+            return self.head.hand_crafted
         return tuple(f"learned prompt {i + 1}" for i in range(self.head.num_prompts))
 
 

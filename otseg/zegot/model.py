@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..clip_text import TextTower
+from ..clip_text import PromptEmbedder, TextTower
 from ..decoder import relationship_queries
 from ..ensemble import PostProcessing
 from ..mps import Transport
@@ -69,6 +69,10 @@ class ZegOT(PostProcessing, nn.Module):
         self.prompts = prompts
         c = config.vision.embed_dim
         self.q_proj = nn.Linear(2 * c, c)  # the GA layer Q
+        self.hand_crafted = None
+        if config.head.prompt_source == "templates":  # the hand-crafted-prompt ablation
+            self.hand_crafted = PromptEmbedder(config.head.hand_crafted, tower=prompts.tower)
+            prompts.ctx.requires_grad_(False)
         self.decoder = ScoreMapDecoder(config.vision.layers, config.head)
 
     # -- the two encoders -------------------------------------------------------------------
@@ -79,6 +83,8 @@ class ZegOT(PostProcessing, nn.Module):
     def embed_text(self, names: Sequence[str]) -> torch.Tensor:
         """K class names → (K, N, C) float32 embeddings of the learned prompts (with gradients
         in grad mode, cached per name otherwise)."""
+        if self.hand_crafted is not None:
+            return self.hand_crafted(list(names)).to(self.device)
         return self.prompts(list(names))
 
     @property
@@ -188,7 +194,7 @@ class ZegOT(PostProcessing, nn.Module):
 
     def prompt_parameters(self) -> list[nn.Parameter]:
         """The learned context vectors (their own learning rate in training)."""
-        return [self.prompts.ctx]
+        return [self.prompts.ctx] if self.hand_crafted is None else []
 
     # -- hub I/O (see otseg.hub) ------------------------------------------------------------
     def save_pretrained(self, directory, *, card: dict | None = None):
