@@ -91,6 +91,9 @@ def test_custom_label_beyond_the_classes_stops_at_start(tmp_path: Path):
     with pytest.raises(ValueError, match=r"val_00000.png: label value 9 but only 4 classes"):
         main(args)
     assert not (tmp_path / "run" / "checkpoints").exists()
+    reset_accelerate()
+    main([*args, "--no-eval"])  # the validation split is not read without evaluation
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 
 def test_training_on_the_original_npy_embeddings(data: Path, tmp_path: Path):

@@ -243,10 +243,12 @@ class EpochSampler(Sampler[int]):
         return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist())
 
 
-def check_custom_labels(recipe: Recipe, config: OTSegConfig) -> None:
-    """A custom dataset's label files must hold class ids 0..K−1 or 255 (read once, at start)."""
+def check_custom_labels(recipe: Recipe, *, evaluate: bool = True) -> None:
+    """A custom dataset's label files (training split, and the validation split when it will be
+    evaluated) must hold class ids 0..K−1 or 255: each is read once, at start."""
     if recipe.dataset == "custom":
-        for split in (recipe.train_split, recipe.val_split):
+        splits = (recipe.train_split, recipe.val_split) if evaluate else (recipe.train_split,)
+        for split in splits:
             check_label_values(build_dataset("custom", recipe.data_root, split))
 
 

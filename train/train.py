@@ -282,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     zegot = isinstance(config, ZegOTConfig)  # ZegOT's transductive schedule is one run
     if config.setting == "transductive" and not recipe.init_from and not zegot:
         raise ValueError("transductive training starts from an inductive model: pass --init-from")
-    check_custom_labels(recipe, config)
+    check_custom_labels(recipe, evaluate=not args.no_eval or recipe.eval_every > 0)
     if args.push_to_hub and accelerator.is_main_process:
         warn_if_push_fails(args.push_to_hub, run_dir / "model")
     model = build_training_model(recipe, config)
