@@ -177,3 +177,28 @@ def test_tf32_only_on_cuda():
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def test_sinkhorn_iters_applies_to_the_training_forward_only(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import otseg.mps
+    from train.train import main
+
+    calls = []
+    sinkhorn = otseg.mps.sinkhorn
+
+    def recording(cost, **kwargs):
+        calls.append((kwargs["max_iter"], kwargs["tol"]))
+        return sinkhorn(cost, **kwargs)
+
+    monkeypatch.setattr(otseg.mps, "sinkhorn", recording)
+    out = tmp_path / "run"
+    main(tiny_args(data, out, "--max-iters", "2", "--set", "sinkhorn_iters=3"))
+    # one forward (MPS + 3 decoder layers) finds the unreached parameters, then 2 steps ×
+    # 2 micro-batches train, then the evaluation
+    assert set(calls[:4]) == {(100, 1e-6)}
+    assert set(calls[4 : 4 + 2 * 2 * 4]) == {(3, None)}
+    assert set(calls[4 + 2 * 2 * 4 :]) == {(100, 1e-6)}  # the evaluation keeps the original
+    head = json.loads((out / "model" / "config.json").read_text())["config"]["head"]
+    assert (head["sinkhorn_max_iter"], head["sinkhorn_thresh"]) == (100, 1e-6)
