@@ -202,3 +202,28 @@ def test_sinkhorn_iters_applies_to_the_training_forward_only(
     assert set(calls[4 + 2 * 2 * 4 :]) == {(100, 1e-6)}  # the evaluation keeps the original
     head = json.loads((out / "model" / "config.json").read_text())["config"]["head"]
     assert (head["sinkhorn_max_iter"], head["sinkhorn_thresh"]) == (100, 1e-6)
+
+
+def test_push_problem_names_each_cause(monkeypatch: pytest.MonkeyPatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    import otseg.hub
+    from train.export import push_problem
+
+    assert "HF_HUB_OFFLINE=1" in push_problem("me/x")  # the test environment is offline
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    assert "no Hugging Face token" in push_problem("me/x")
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_x")
+    monkeypatch.setattr(otseg.hub, "_hub_unreachable_reason", lambda: "cannot reach the Hub")
+    assert push_problem("me/x") == "cannot reach the Hub"
+    monkeypatch.setattr(otseg.hub, "_hub_unreachable_reason", lambda: None)
+
+    def rejected(self):
+        raise PermissionError("401 Unauthorized")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", rejected)
+    assert "rejected the token (PermissionError: 401 Unauthorized)" in push_problem("me/x")
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", lambda self: {"name": "me"})
+    assert push_problem("me/x") is None
