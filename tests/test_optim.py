@@ -105,7 +105,7 @@ def test_every_preset_has_a_recipe_matching_the_spec():
 def test_transductive_recipe_requires_init_from():
     r = load_recipe("voc-transductive")
     assert r.init_from_iter == 10000
-    with pytest.raises(ValueError, match="init_from"):
+    with pytest.raises(ValueError, match="--init-from runs/.*checkpoint of step 10000"):
         r.validate()
     load_recipe("voc-transductive", ["init_from=work_dirs/voc-inductive/ckpt"]).validate()
     load_recipe("voc-inductive").validate()

@@ -97,14 +97,12 @@ class Recipe:
     def validate(self) -> None:
         """Checks needing more than the recipe: the transductive start point, crop = S."""
         if self.requires_init_from and not self.init_from:
-            step = (
-                f" (the original used its step {self.init_from_iter})"
-                if self.init_from_iter
-                else ""
-            )
+            step = ""
+            if self.init_from_iter:
+                step = f", which picks its checkpoint of step {self.init_from_iter}"
             raise ValueError(
-                f"recipe {self.name!r} is transductive: set init_from to the inductive "
-                f"checkpoint{step}, e.g. --set init_from=work_dirs/<inductive>/checkpoint"
+                f"recipe {self.name!r} is transductive: it starts from an inductive model; pass "
+                f"the inductive run's folder, e.g. --init-from runs/<inductive run>{step}"
             )
         from otseg.config import get_preset
         from otseg.hub import model_type
