@@ -102,7 +102,7 @@ def original_style():
 
 @contextmanager
 def fixed_iterations(model, iterations: int):
-    from train.build import fixed_sinkhorn  # the training switch: one way to fix the count
+    from otseg.mpsa import fixed_sinkhorn
 
     with fixed_sinkhorn(model, iterations):
         yield

@@ -3,6 +3,10 @@ or the softmax attention of the ZegCLIP baseline, on one set of weights."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -60,3 +64,26 @@ class PromptPixelAttention(nn.Module):
         out = (weights @ v).transpose(1, 2).reshape(b, k, n, c)
         plan = weights.mean(1).reshape(b, k, n, -1).transpose(-2, -1) / n  # (B, K, M, N)
         return self.proj(out), mask, Transport(similarity=plan.new_zeros(()), plan=plan)
+
+
+@contextmanager
+def fixed_sinkhorn(model: nn.Module, iterations: int | None) -> Iterator[None]:
+    """Run ``model`` (with ``config.head`` and prompt–pixel attentions) with exactly
+    ``iterations`` Sinkhorn iterations and no early stop: nothing is read back from the device,
+    so the head can be batched, exported or captured in a CUDA graph. None changes nothing.
+    Restored on exit, so checkpoints, evaluation and the export keep the original rule."""
+    if iterations is None:
+        yield
+        return
+    config = model.config
+    head = dataclasses.replace(config.head, sinkhorn_max_iter=iterations, sinkhorn_thresh=None)
+    attentions = [m for m in model.modules() if isinstance(m, PromptPixelAttention)]
+    model.config = config.replace(head=head)
+    for attention in attentions:
+        attention.cfg = head
+    try:
+        yield
+    finally:
+        model.config = config
+        for attention in attentions:
+            attention.cfg = config.head

@@ -6,10 +6,8 @@ run (and a resumed run) builds the same model and iterates the same data order.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,7 @@ from otseg.hub import (
     read_config,
 )
 from otseg.model import OTSeg, build_model
-from otseg.mpsa import PromptPixelAttention
+from otseg.mpsa import fixed_sinkhorn  # noqa: F401 - part of train.build's interface
 from otseg.zegot import ZegOTConfig, build_zegot
 from train.objective import is_zegot
 from train.recipe import Recipe
@@ -178,28 +176,6 @@ def build_training_model(recipe: Recipe, config: OTSegConfig) -> OTSeg:
             raise ValueError(f"init_from {source}: image tower {src_config.vision} differs")
         load_weights(model, load_file(str(source / WEIGHTS_NAME)), str(source))
     return model
-
-
-@contextmanager
-def fixed_sinkhorn(model: OTSeg, iterations: int | None) -> Iterator[None]:
-    """Run ``model`` with exactly ``iterations`` Sinkhorn iterations and no early stop (no host
-    synchronisation per iteration); None changes nothing. Restored on exit, so checkpoints,
-    evaluation and the export keep the original rule."""
-    if iterations is None:
-        yield
-        return
-    config = model.config
-    head = dataclasses.replace(config.head, sinkhorn_max_iter=iterations, sinkhorn_thresh=None)
-    attentions = [m for m in model.modules() if isinstance(m, PromptPixelAttention)]
-    model.config = config.replace(head=head)
-    for attention in attentions:
-        attention.cfg = head
-    try:
-        yield
-    finally:
-        model.config = config
-        for attention in attentions:
-            attention.cfg = config.head
 
 
 def freeze_unreached(model: OTSeg) -> list[str]:
