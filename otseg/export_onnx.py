@@ -56,7 +56,7 @@ def export_tower(model: OTSeg, path: str | Path, *, size: int | None = None) -> 
     size = size or model.config.vision.image_size
     images = torch.zeros(2, 3, size, size)  # batch 2: a dynamic axis must not trace as 1
     dynamic = {"images": {0: "batch"}}
-    _export(_Tower(model.eval()), (images,), path, ["images"], ["pixels", "cls"], dynamic)
+    _export(_Tower(model).eval(), (images,), path, ["images"], ["pixels", "cls"], dynamic)
     return Path(path)
 
 
@@ -80,7 +80,7 @@ def export_head(
     )
     with fixed_sinkhorn(model.eval(), iterations):
         _export(
-            _Head(model, attention),
+            _Head(model, attention).eval(),
             args,
             path,
             ["pixels", "cls", "text"],
