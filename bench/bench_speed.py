@@ -202,9 +202,15 @@ def bench_onnx(model, repeats: int) -> None:
         f"cls {np.abs(cls - emb.cls.numpy()).max():.1e}; head ({iterations} fixed iterations) "
         f"decoder map {np.abs(onnx_head[0] - torch_head.decoder.numpy()).max():.1e}"
     )
+
+    def bf16_tower():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model.encode_image(x)
+
     t = alternate(
         {
             "torch tower": lambda: model.encode_image(x),
+            "torch bf16 tower": bf16_tower,
             "onnx tower": lambda: tower.run(None, {"images": x.numpy()}),
             "torch head": lambda: model.decode(emb, text),  # the original rule
             "onnx head": lambda: head.run(None, {k: v.numpy() for k, v in feeds.items()}),
@@ -213,7 +219,9 @@ def bench_onnx(model, repeats: int) -> None:
     )
     print(
         f"tower: torch {t['torch tower']:.0f}  onnxruntime {t['onnx tower']:.0f}  "
-        f"(torch/ort {t['torch tower'] / t['onnx tower']:.2f}x)"
+        f"(torch/ort {t['torch tower'] / t['onnx tower']:.2f}x); torch bf16 autocast "
+        f"{t['torch bf16 tower']:.0f} (ort fp32 / torch bf16 "
+        f"{t['onnx tower'] / t['torch bf16 tower']:.2f}x)"
     )
     print(
         f"head:  torch {t['torch head']:.1f}  onnxruntime {t['onnx head']:.1f}  "

@@ -99,6 +99,8 @@ class OTSegPredictor:
     precision: ``"fp32"``, or autocast to ``"bf16"`` / ``"fp16"`` (fp16 for GPUs).
     mode: ``"slide"`` (overlapping windows, as the original) or ``"whole"`` (one pass over the
     whole image, see :mod:`otseg.whole`: ~1.5× less work on a 4:3 photo; labels differ).
+    backend: ``"torch"``, or ``"onnxruntime"`` for the image tower (CPU, fp32, slide; see
+    :mod:`otseg.onnx_backend`).
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class OTSegPredictor:
         device: str | torch.device | None = None,
         precision: str = "fp32",
         mode: str = "slide",
+        backend: str = "torch",
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
@@ -118,6 +121,15 @@ class OTSegPredictor:
             self.model.to(device)
         self.precision = precision
         self.mode = mode
+        self._onnx_tower = None
+        if backend == "onnxruntime":
+            if precision != "fp32" or mode != "slide":
+                raise ValueError("backend='onnxruntime' runs fp32 slide windows only")
+            from .onnx_backend import onnx_tower
+
+            self._onnx_tower = onnx_tower(self.model)
+        elif backend != "torch":
+            raise ValueError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}")
         self.reset_image()
         self._names: list[str] | None = None
         self._text: torch.Tensor | None = None
@@ -129,9 +141,9 @@ class OTSegPredictor:
 
         device = kwargs.pop("device", None)
         precision = kwargs.pop("precision", "fp32")
-        mode = kwargs.pop("mode", "slide")
+        options = {k: kwargs.pop(k) for k in ("mode", "backend") if k in kwargs}
         model = from_pretrained(repo_or_dir, **kwargs)
-        return cls(model, device=device, precision=precision, mode=mode)
+        return cls(model, device=device, precision=precision, **options)
 
     # -- state ------------------------------------------------------------------------------
     def reset_image(self) -> None:
@@ -166,12 +178,11 @@ class OTSegPredictor:
         else:
             boxes = slide_windows(x.shape[-2], x.shape[-1], cfg.test_crop, cfg.test_stride)
         self.reset_image()
+        encode = self._onnx_tower or self.model.encode_image
         with self._autocast():
             # One window at a time: as fast as a batch in fp32, while bf16 autocast on CPU
             # is far slower at batch 2 (a copy under bmm in PyTorch 2.13).
-            self._embeddings = [
-                self.model.encode_image(window) for window in crops(x, boxes).split(1)
-            ]
+            self._embeddings = [encode(window) for window in crops(x, boxes).split(1)]
         self._boxes = boxes
         self._scaled_size = (x.shape[-2], x.shape[-1])
         self.original_size = rgb.shape[:2]

@@ -44,3 +44,27 @@ def test_command_line_writes_both_files(tmp_path, capsys):
     main([str(directory), str(tmp_path / "out.onnx"), "--iterations", "3"])
     assert (tmp_path / "out.onnx").is_file() and (tmp_path / "out.head.onnx").is_file()
     assert "3 fixed Sinkhorn iterations" in capsys.readouterr().out
+
+
+def test_predictor_onnxruntime_backend_equals_torch(tmp_path, monkeypatch):
+    from factories import random_photo
+    from otseg.predictor import OTSegPredictor
+
+    monkeypatch.setenv("OTSEG_CACHE", str(tmp_path))
+    model = tiny_model().eval()
+    names = list(model.config.class_names)
+    photo = random_photo(seed=2)
+    results = []
+    for backend in ("torch", "onnxruntime"):
+        p = OTSegPredictor(model, backend=backend)
+        p.set_image(photo)
+        p.set_vocabulary(names)
+        results.append(p.predict())
+    np.testing.assert_allclose(results[1].probs, results[0].probs, atol=1e-5)
+    assert len(list((tmp_path / "onnx").glob("tower-*.onnx"))) == 1  # exported once, cached
+    OTSegPredictor(model, backend="onnxruntime")  # from the cache
+    assert len(list((tmp_path / "onnx").iterdir())) == 1
+    import pytest
+
+    with pytest.raises(ValueError, match="fp32 slide"):
+        OTSegPredictor(model, backend="onnxruntime", mode="whole")
