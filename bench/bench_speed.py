@@ -42,16 +42,33 @@ from otseg.slide import slide_inference  # noqa: E402
 from otseg.whole import whole_inference  # noqa: E402
 
 
-def alternate(variants: dict, repeats: int) -> dict[str, float]:
-    """Median ms of each zero-argument callable, run in turn ``repeats`` times after a warm-up."""
-    times = {name: [] for name in variants}
+def alternate(variants: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall ms and median CPU ms (this process, all threads) of each zero-argument
+    callable, run in turn ``repeats`` times after a warm-up. On a shared machine the CPU-time
+    ratio is the steadier one: waiting for a core does not count."""
+    wall = {name: [] for name in variants}
+    cpu = {name: [] for name in variants}
     for i in range(repeats + 1):
         for name, fn in variants.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
             if i:
-                times[name].append((time.perf_counter() - t) * 1000)
-    return {name: statistics.median(v) for name, v in times.items()}
+                wall[name].append((time.perf_counter() - t) * 1000)
+                cpu[name].append((time.process_time() - c) * 1000)
+    med = statistics.median
+    return {k: med(v) for k, v in wall.items()}, {k: med(v) for k, v in cpu.items()}
+
+
+def table(t: dict, c: dict, labels: dict[str, str], ratios: list[tuple[str, str]]) -> None:
+    """Rows of wall and CPU milliseconds, then ``slow / fast`` ratios of both."""
+    print(f"{'':<46}{'wall ms':>9}{'CPU ms':>9}")
+    for name, label in labels.items():
+        print(f"{label:<46}{t[name]:>9.1f}{c[name]:>9.1f}")
+    for slow, fast in ratios:
+        print(
+            f"{labels[slow]} / {labels[fast]}: wall {t[slow] / t[fast]:.2f}x, "
+            f"CPU {c[slow] / c[fast]:.2f}x"
+        )
 
 
 @contextmanager
@@ -92,17 +109,17 @@ def bench_tower(model, repeats: int) -> None:
 
     ours, ref = enc(x), previous()
     delta = max((ours.pixels - ref.pixels).abs().max(), (ours.cls - ref.cls).abs().max())
-    t = alternate(
+    t, c = alternate(
         {"open_clip": lambda: visual(x), "previous": previous, "ours": lambda: enc(x)}, repeats
     )
-    print(f"\n(a) image tower, one {cfg.image_size}² window, fp32, median ms")
-    print(f"{'open_clip VisionTransformer (1025 tokens)':<48}{t['open_clip']:>9.0f}")
-    print(f"{'ours via open_clip blocks (1035 tokens)':<48}{t['previous']:>9.0f}")
-    print(f"{'ours (1035 tokens)':<48}{t['ours']:>9.0f}")
-    print(
-        f"speed-up vs open_clip {t['open_clip'] / t['ours']:.2f}x, vs open_clip blocks "
-        f"{t['previous'] / t['ours']:.2f}x; max |ours - open_clip blocks| = {delta:.1e}"
-    )
+    print(f"\n(a) image tower, one {cfg.image_size}² window, fp32, medians")
+    labels = {
+        "open_clip": "open_clip VisionTransformer (1025 tokens)",
+        "previous": "ours via open_clip blocks (1035 tokens)",
+        "ours": "ours (1035 tokens)",
+    }
+    table(t, c, labels, [("open_clip", "ours"), ("previous", "ours")])
+    print(f"max |ours - ours via open_clip blocks| = {delta:.1e}")
 
 
 def photo_375x500() -> np.ndarray:
@@ -115,7 +132,7 @@ def photo_375x500() -> np.ndarray:
 def bench_slide(model, repeats: int) -> None:
     photo = photo_375x500()
     names = list(model.config.class_names)
-    print("\n(b) 375×500 photo, set_image + predict (2 slide windows), median ms")
+    print("\n(b) 375×500 photo, set_image + predict (2 slide windows), medians")
     for precision in ("fp32", "bf16"):
         p = OTSegPredictor(model, precision=precision)
         p.set_vocabulary(names)
@@ -129,11 +146,9 @@ def bench_slide(model, repeats: int) -> None:
                 return run()
 
         assert (run().labels == previous().labels).mean() > 0.999
-        t = alternate({"previous": previous, "ours": run}, repeats)
-        print(
-            f"{precision:<6} open_clip blocks {t['previous']:>7.0f}   ours {t['ours']:>7.0f}"
-            f"   ({t['previous'] / t['ours']:.2f}x)"
-        )
+        t, c = alternate({"previous": previous, "ours": run}, repeats)
+        labels = {"previous": f"{precision} via open_clip blocks", "ours": f"{precision} ours"}
+        table(t, c, labels, [("previous", "ours")])
 
 
 def bench_whole(model, repeats: int) -> None:
@@ -154,15 +169,15 @@ def bench_whole(model, repeats: int) -> None:
 
     photo = photo_375x500()
     x = prepare(photo)
-    t = alternate(
+    t, c = alternate(
         {"slide": lambda: slide(x, photo.shape[:2]), "whole": lambda: whole(x, photo.shape[:2])},
         repeats,
     )
-    print("\n(c) whole-image vs slide inference (model forward, fp32), 375×500 photo, median ms")
-    print(
-        f"slide {t['slide']:.0f}   whole {t['whole']:.0f}   ({t['slide'] / t['whole']:.2f}x); "
-        "label agreement with slide (random weights):"
+    print("\n(c) whole-image vs slide inference (model forward, fp32), 375×500 photo, medians")
+    table(
+        t, c, {"slide": "slide (2 windows)", "whole": "whole (32×43 tokens)"}, [("slide", "whole")]
     )
+    print("label agreement of whole with slide (random weights):")
     for path in sorted((REPO / "assets").glob("*.jpg")):
         rgb = load_image(path)
         x = prepare(rgb)
@@ -184,6 +199,7 @@ def bench_onnx(model, repeats: int) -> None:
     text = model.embed_text(list(cfg.class_names))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # like PASSIVE
     with tempfile.TemporaryDirectory() as tmp:
         tower_path, head_path = Path(tmp) / "tower.onnx", Path(tmp) / "head.onnx"
         export_tower(model, tower_path, size=cfg.test_crop)
@@ -207,7 +223,7 @@ def bench_onnx(model, repeats: int) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return model.encode_image(x)
 
-    t = alternate(
+    t, c = alternate(
         {
             "torch tower": lambda: model.encode_image(x),
             "torch bf16 tower": bf16_tower,
@@ -217,16 +233,15 @@ def bench_onnx(model, repeats: int) -> None:
         },
         repeats,
     )
-    print(
-        f"tower: torch {t['torch tower']:.0f}  onnxruntime {t['onnx tower']:.0f}  "
-        f"(torch/ort {t['torch tower'] / t['onnx tower']:.2f}x); torch bf16 autocast "
-        f"{t['torch bf16 tower']:.0f} (ort fp32 / torch bf16 "
-        f"{t['onnx tower'] / t['torch bf16 tower']:.2f}x)"
-    )
-    print(
-        f"head:  torch {t['torch head']:.1f}  onnxruntime {t['onnx head']:.1f}  "
-        f"(torch/ort {t['torch head'] / t['onnx head']:.2f}x)"
-    )
+    labels = {
+        "torch tower": "tower, torch fp32",
+        "onnx tower": "tower, onnxruntime fp32",
+        "torch bf16 tower": "tower, torch bf16 autocast",
+        "torch head": "head, torch (original rule)",
+        "onnx head": f"head, onnxruntime ({iterations} iterations)",
+    }
+    pairs = [("torch tower", "onnx tower"), ("onnx tower", "torch bf16 tower")]
+    table(t, c, labels, pairs + [("torch head", "onnx head")])
 
 
 def main() -> None:

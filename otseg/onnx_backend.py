@@ -45,6 +45,7 @@ class OnnxTower:
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy wait
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.size = self.session.get_inputs()[0].shape[-1]
 
