@@ -103,7 +103,6 @@ def _inputs_column(loaded) -> SimpleNamespace:
 
 def _overlay_tab() -> SimpleNamespace:
     c = SimpleNamespace()
-    c.stale = gr.Markdown(elem_id="stale")
     c.overlay = gr.Image(label="Segmentation", format="jpeg", interactive=False,
                          elem_id="overlay", height=480)  # fmt: skip
     c.legend = gr.HTML(elem_id="legend", label="Legend")
@@ -150,8 +149,10 @@ def build(handlers: Handlers) -> gr.Blocks:
             with gr.Column(scale=2):
                 ins = _inputs_column(handlers.loaded)
             with gr.Column(scale=3):
+                stale = gr.Markdown(elem_id="stale")  # above the tabs: it concerns all of them
                 with gr.Tab("Overlay"):
                     ov = _overlay_tab()
+                ov.stale = stale
                 with gr.Tab("Sinkhorn vs softmax"):
                     cmp = _compare_tab()
                 with gr.Tab("Per-prompt maps"):
