@@ -24,7 +24,7 @@ from otseg.clip_image import ImageEmbedding
 from otseg.ensemble import PostProcessing
 from otseg.model import HeadMaps
 
-GPU_SECONDS = 60  # ZeroGPU time budget per call; the slowest call (20 windows) needs ~5 s
+GPU_SECONDS = 60  # ZeroGPU time limit per call; a call is one window or up to 16 class names
 TEXT_CACHE = 1024  # class names whose embeddings one session keeps
 GPU_FUNCTIONS = ("encode_image", "embed_text", "decode")
 
