@@ -11,7 +11,8 @@ hits them alike; the ratios are what to compare. ``uptime`` is printed before an
     implementation) and our tower (same 1035 tokens, our block forward); max |Δ| of ours vs
     the open_clip-block tower;
 (b) slide inference of a 375×500 photo (two 512 windows) through the predictor, fp32 and bf16
-    autocast: ours vs the same predictor with open_clip's block modules;
+    autocast: ours vs the same predictor with open_clip's block modules (and with --onnx, the
+    ONNX Runtime tower, exported once into $OTSEG_CACHE);
 (c) whole-image inference vs slide: time, and label agreement on the example photos (random
     weights, so agreement measures the protocol difference only, not quality);
 (d) with --onnx: the exported image tower and fixed-iteration head in ONNX Runtime vs torch.
@@ -20,6 +21,7 @@ hits them alike; the ratios are what to compare. ``uptime`` is printed before an
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -129,7 +131,7 @@ def photo_375x500() -> np.ndarray:
     return np.asarray(Image.open(REPO / "assets" / "chelsea.jpg").convert("RGB").resize((500, 375)))
 
 
-def bench_slide(model, repeats: int) -> None:
+def bench_slide(model, repeats: int, onnx: bool = False) -> None:
     photo = photo_375x500()
     names = list(model.config.class_names)
     print("\n(b) 375×500 photo, set_image + predict (2 slide windows), medians")
@@ -146,9 +148,20 @@ def bench_slide(model, repeats: int) -> None:
                 return run()
 
         assert (run().labels == previous().labels).mean() > 0.999
-        t, c = alternate({"previous": previous, "ours": run}, repeats)
+        variants = {"previous": previous, "ours": run}
         labels = {"previous": f"{precision} via open_clip blocks", "ours": f"{precision} ours"}
-        table(t, c, labels, [("previous", "ours")])
+        ratios = [("previous", "ours")]
+        if precision == "fp32" and onnx:
+            po = OTSegPredictor(model, precision=precision, backend="onnxruntime")
+            po.set_vocabulary(names)
+            variants["onnx"] = functools.partial(run, po)
+            labels["onnx"] = "fp32 ours, onnxruntime tower"
+            ratios += [("previous", "onnx"), ("ours", "onnx")]
+            agree = (run(po).labels == run().labels).mean()
+        t, c = alternate(variants, repeats)
+        table(t, c, labels, ratios)
+        if precision == "fp32" and onnx:
+            print(f"labels onnxruntime vs torch: {agree:.4f} equal")
 
 
 def bench_whole(model, repeats: int) -> None:
@@ -259,7 +272,7 @@ def main() -> None:
         if args.only in (None, "tower"):
             bench_tower(model, args.repeats)
         if args.only in (None, "slide"):
-            bench_slide(model, args.repeats)
+            bench_slide(model, args.repeats, args.onnx)
         if args.only in (None, "whole"):
             bench_whole(model, args.repeats)
     if args.onnx or args.only == "onnx":
