@@ -16,8 +16,9 @@
     blocks, the verbatim original Sinkhorn, one window per call) vs our predictor, and our
     serving path (windows batched, fixed iterations, tower and head in one CUDA graph);
     label agreement with the original-style loop;
-(e) training steps/s of the VOC ViT-B/16 preset on synthetic 512² batches of 4, bf16
-    autocast, fixed Sinkhorn iterations, through ``train.engine.train_step``.
+(e) training steps/s of the VOC inductive and COCO transductive ViT-B/16 presets on synthetic
+    512² batches of 4, bf16 and fp32, fixed Sinkhorn iterations (``train.step_timer``: the
+    step of a run).
 """
 
 from __future__ import annotations
@@ -329,49 +330,37 @@ def section_end_to_end(model, device, repeats, iterations) -> None:
         )
 
 
-def section_train(model, device, steps, iterations, batch, quick) -> None:
-    from accelerate import Accelerator
+def section_train(device, steps, iterations, quick) -> None:
+    """The training step of a run (``train.step_timer``) on synthetic crops."""
+    from accelerate.state import AcceleratorState, GradientState
 
-    from otseg.losses import IGNORE
-    from train.engine import StepWindow, train_step
-    from train.objective import build_objective
-    from train.optim import build_optimizer, build_scheduler
+    from train.step_timer import time_training_step
 
-    cfg = model.config
-    s = cfg.vision.image_size
-    results = []
-    for precision in ("bf16",):  # Accelerate wraps the forward once per process: one setting
-        accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
-        model.train()
-        optimizer = build_optimizer(model)
-        scheduler = build_scheduler(optimizer, 1000)
-        net, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        objective = build_objective(accelerator.unwrap_model(net), 1000)
-        g = torch.Generator().manual_seed(0)
-        images = torch.randn(batch, 3, s, s, generator=g).to(device)
-        labels = torch.full((batch, s, s), IGNORE, dtype=torch.long)
-        labels[:, : s // 2] = cfg.seen[0]
-        labels[:, s // 2 :, : s // 2] = cfg.seen[1]
-        data = {"image": images, "label": labels.to(device)}
-        window = StepWindow()
-
-        def step(i):
-            with fixed_iterations(model, iterations):
-                train_step(accelerator, net, optimizer, scheduler, data, objective, i, window)
-
-        for i in range(2):
-            step(i)
-        sync(device)
-        t = time.perf_counter()
-        for i in range(steps):
-            step(i)
-        sync(device)
-        results.append((precision, steps / (time.perf_counter() - t)))
-        model.eval()
-    row = "   ".join(
-        f"{'fp32' if p == 'no' else p} {r:.2f} steps/s ({r * batch:.1f} img/s)" for p, r in results
+    rows = []
+    presets = ["tiny"] if quick else ["voc-inductive", "coco-transductive"]
+    batch = 2 if quick else 4
+    for preset in presets:
+        for precision in ("bf16", "no"):
+            AcceleratorState._reset_state(reset_partial_state=True)  # one setting per Accelerator
+            GradientState._reset_state()
+            seconds = time_training_step(
+                preset,
+                batch=batch,
+                mixed_precision=precision,
+                steps=steps,
+                warmup=2,
+                sinkhorn_iters=iterations,
+                tf32=True,
+                cpu=device.type == "cpu",
+            )
+            name = "fp32 (TF32 matmuls)" if precision == "no" else precision
+            rows.append(f"{preset} {name} {1 / seconds:.2f} steps/s ({batch / seconds:.0f} img/s)")
+    print(
+        f"\n(e) training step (train.step_timer), batch {batch}, fixed {iterations} Sinkhorn "
+        "iterations, median step:"
     )
-    print(f"\n(e) training, batch {batch} of {s}², fixed {iterations} Sinkhorn iterations: {row}")
+    for row in rows:
+        print("  " + row)
 
 
 def main() -> None:
@@ -405,9 +394,7 @@ def main() -> None:
         if "d" not in skip:
             section_end_to_end(model, device, args.repeats, args.iterations)
     if "e" not in skip:
-        section_train(
-            model, device, args.train_steps, args.iterations, 4 if not args.quick else 2, args.quick
-        )
+        section_train(device, args.train_steps, args.iterations, args.quick)
     if args.compile:
         with torch.inference_mode():
             section_compile(model, device, args.repeats, args.iterations)
