@@ -11,6 +11,7 @@ renders names as HTML still escapes them (``overlay.legend_html``).
 
 from __future__ import annotations
 
+import functools
 import re
 
 from otseg.data.classes import CLASS_NAMES, DATASET_TITLES
@@ -18,6 +19,11 @@ from otseg.vocabulary import mark_seen, match_key  # noqa: F401 - the library's 
 
 MAX_CLASSES = 200  # each class costs N prompts of the text tower (~40 ms each on 2 CPU cores)
 MAX_NAME_LENGTH = 60  # characters, after trimming; CLIP's context is 77 tokens per prompt
+# CLIP BPE tokens per name: the 77-token context also holds the start/end tokens and the
+# template words (OTSeg, ≤ 5) or learned context vectors (ZegOT, 8). Checked here, before the
+# text tower runs, because on ZeroGPU an error inside the GPU worker reaches the user only as
+# its class name.
+MAX_NAME_TOKENS = 60
 
 #: Preset label shown in the UI → dataset key of ``otseg.data.classes``.
 PRESETS: dict[str, str] = {
@@ -54,8 +60,28 @@ def _check_name(name: str) -> None:
         )
     if not any(ch.isalnum() for ch in name):
         raise ValueError(f"Class name {name!r} has no letters or digits.")
+    tokens = clip_token_count(name)
+    if tokens > MAX_NAME_TOKENS:
+        raise ValueError(
+            f"Class name {name[:20]!r}… is {tokens} CLIP tokens long; the limit is "
+            f"{MAX_NAME_TOKENS} (non-Latin letters take 2–3 tokens each): use a shorter name."
+        )
     if any(not ch.isprintable() for ch in name):
         raise ValueError(f"Class name {name!r} contains control characters.")
+
+
+@functools.cache
+def _clip_tokenizer():
+    from open_clip.tokenizer import (
+        SimpleTokenizer,
+    )  # after otseg's torchvision fix (imported above)
+
+    return SimpleTokenizer()
+
+
+def clip_token_count(name: str) -> int:
+    """Number of CLIP BPE tokens of ``name`` (without start and end tokens)."""
+    return len(_clip_tokenizer().encode(name))
 
 
 def parse_vocabulary(text: str) -> list[str]:

@@ -130,7 +130,8 @@ def check_plain(value, where: str) -> None:
 
 def pickling_gpu(fn, calls: list[str]):
     """What ``spaces.GPU`` does to ``fn`` on ZeroGPU, minus the GPU: arguments and result are
-    pickled and unpickled (the worker is another process) and must be plain data."""
+    pickled and unpickled (the worker is another process) and must be plain data, and an
+    exception in the worker arrives as its class name only."""
     import functools
     import pickle
 
@@ -138,7 +139,10 @@ def pickling_gpu(fn, calls: list[str]):
     def worker_call(*args, **kwargs):
         check_plain((args, kwargs), f"arguments of {fn.__name__}")
         args, kwargs = pickle.loads(pickle.dumps((args, kwargs)))
-        result = fn(*args, **kwargs)
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:  # spaces re-raises only the class name of a worker's error
+            raise RuntimeError(f"ZeroGPU worker error: {type(e).__name__}") from None
         check_plain(result, f"result of {fn.__name__}")
         calls.append(fn.__name__)
         return pickle.loads(pickle.dumps(result))

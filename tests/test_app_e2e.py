@@ -201,7 +201,7 @@ def test_bad_vocabularies(trained_url):
         "cat, <b>dog</b>": "markup is not allowed",
         ", ".join(f"thing{i}" for i in range(300)): "limit is 200",
         "cat, " + "x" * 80: "limit is 60",
-        "cat, " + "ж" * 60: "token text context",  # 60 characters, ~120 BPE tokens
+        "cat, " + "ж" * 60: "is 120 CLIP tokens long; the limit is 60",  # 60 characters
     }
     for text, message in cases.items():
         with pytest.raises(AppError, match=message):

@@ -133,3 +133,14 @@ def test_example_vocabularies_parse_and_files_exist():
         names = parse_vocabulary(example["vocabulary"])
         flags = mark_seen(names, train, seen)
         assert any(flags) and not all(flags), example  # each mixes seen and novel names
+
+
+def test_names_too_long_for_clip_are_refused_before_encoding():
+    from app.vocab import MAX_NAME_TOKENS, clip_token_count
+
+    assert clip_token_count("dining table") == 2
+    assert parse_vocabulary("猫, " + "x" * 60) == ["猫", "x" * 60]  # 60 Latin letters: 15 tokens
+    with pytest.raises(
+        ValueError, match=f"is 120 CLIP tokens long; the limit is {MAX_NAME_TOKENS}"
+    ):
+        parse_vocabulary("cat, " + "ж" * 60)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gradio_client import handle_file
+from gradio_client.exceptions import AppError
 from PIL import Image
 from torch import nn
 
@@ -109,6 +110,10 @@ def test_demo_end_to_end_through_the_pickling_boundary(tmp_path, worker_calls, m
         assert Image.open(left).size == Image.open(right).size
         *_, note = c.predict("grass", api_name="/prompt_maps")
         assert "overlap" in note
+        # bad names are refused before the worker, where the message would be lost
+        with pytest.raises(AppError, match="CLIP tokens long"):
+            c.predict(handle_file(str(CAT)), "cat, " + "ж" * 60, "sinkhorn", 0.5, True, 0.5,
+                      api_name="/segment")  # fmt: skip
     assert {"encode_image", "embed_text", "decode"} <= set(worker_calls)
 
 
