@@ -395,6 +395,9 @@ def main() -> None:
             section_end_to_end(model, device, args.repeats, args.iterations)
     if "e" not in skip:
         section_train(device, args.train_steps, args.iterations, args.quick)
+        if device.type == "cuda":  # train.step_timer turns TF32 on; (f) compares fp32
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
     if args.compile:
         with torch.inference_mode():
             section_compile(model, device, args.repeats, args.iterations)
