@@ -5,8 +5,8 @@ weights load directly); the forward is ours, because OTSeg inserts and replaces 
 between blocks and interpolates positions to any token grid. Each block runs through
 :func:`block_forward` over the block's own weights: one fused QKV projection and
 ``scaled_dot_product_attention`` instead of ``nn.MultiheadAttention`` (whose inference path
-materialises the attention matrix), and in-place activations when no gradient is needed. It
-equals open_clip's block to ~1e-7 (see tests).
+materialises the attention matrix), oneDNN's GEMM for fp32 inference on CPU, and in-place
+activations when no gradient is needed. It equals open_clip's block to ~1e-6 (see tests).
 """
 
 from __future__ import annotations
@@ -117,16 +117,43 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return block(x)
     b, n, c = x.shape
     heads = attn.num_heads
-    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    linear = _onednn_linear if _use_onednn(x) else F.linear
+    qkv = linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
     q, k, v = qkv.view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
     y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
-    x = x + F.linear(y, attn.out_proj.weight, attn.out_proj.bias)
-    y = F.linear(block.ln_2(x), block.mlp.c_fc.weight, block.mlp.c_fc.bias)
+    x = x + linear(y, attn.out_proj.weight, attn.out_proj.bias)
+    y = linear(block.ln_2(x), block.mlp.c_fc.weight, block.mlp.c_fc.bias)
     if torch.is_grad_enabled():
         y = y * torch.sigmoid(1.702 * y)  # QuickGELU
     else:
         y.mul_(torch.sigmoid(1.702 * y))
-    return x + F.linear(y, block.mlp.c_proj.weight, block.mlp.c_proj.bias)
+    return x + linear(y, block.mlp.c_proj.weight, block.mlp.c_proj.bias)
+
+
+def _use_onednn(x: torch.Tensor) -> bool:
+    """oneDNN's fp32 GEMM (no autograd formula, so inference only): about twice as fast as
+    ``F.linear``'s default CPU GEMM on AVX-512 here (bench/bench_speed.py (a))."""
+    return (
+        _ONEDNN_LINEAR
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _has_onednn_linear() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._linear_pointwise)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN_LINEAR = _has_onednn_linear()
 
 
 def build_visual(cfg: VisionConfig) -> nn.Module:

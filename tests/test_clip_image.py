@@ -58,3 +58,18 @@ def test_tower_equals_open_clip_blocks(monkeypatch, mode):
         ref = encoder(images)
     torch.testing.assert_close(ours.pixels, ref.pixels.detach(), atol=1e-5, rtol=0)
     torch.testing.assert_close(ours.cls, ref.cls.detach(), atol=1e-5, rtol=0)
+
+
+def test_onednn_gemm_only_for_cpu_fp32_inference(block, monkeypatch):
+    calls = []
+    ours = clip_image._onednn_linear
+    monkeypatch.setattr(clip_image, "_onednn_linear", lambda *a: calls.append(1) or ours(*a))
+    x = torch.randn(1, 9, 96)
+    with torch.no_grad():
+        block_forward(block, x)
+    assert len(calls) == 4  # QKV, output projection, two MLP layers
+    calls.clear()
+    block_forward(block, x)  # autograd: F.linear
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        block_forward(block, x)  # autocast: F.linear in bf16
+    assert not calls
