@@ -139,7 +139,15 @@ def _use_onednn(x: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")
+        and not _tracing()
     )
+
+
+def _tracing() -> bool:
+    """Under torch.compile or torch.export (ONNX export): keep the portable ``F.linear``."""
+    compiler = torch.compiler
+    exporting = getattr(compiler, "is_exporting", lambda: False)
+    return compiler.is_compiling() or exporting()
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
