@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli import fail
 from .config import PRESETS, OTSegConfig, get_preset
 from .hub import CheckpointError, WeightsNotFoundError, load_weights
 from .model import OTSeg, build_model
@@ -157,10 +158,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     }
     if args.original and any(local.values()):
         given = ", ".join(k for k, v in local.items() if v)
-        p.error(f"--original brings its own checkpoint, embeddings and preset; drop {given}")
+        fail(f"--original brings its own checkpoint, embeddings and preset; drop {given}")
     missing = [k for k, v in local.items() if not v]
     if not args.original and missing:
-        p.error(f"give {', '.join(missing)}, or --original SETTING")
+        fail(f"give {', '.join(missing)}, or --original SETTING")
     return args
 
 

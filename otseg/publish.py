@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .cli import fail, run
 from .hub import CheckpointError
 from .original import ORIGINALS, available, build, get_original
 
@@ -34,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         names = [get_original(n).name for n in args.only] if args.only else available()
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        fail(str(e))
     for name, entry in ORIGINALS.items():
         if entry.refused and not args.only:
             print(f"skip {name}: {entry.refused}")
@@ -63,4 +63,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run(main)

@@ -54,6 +54,8 @@ COMMANDS = {
         "-m", "otseg.convert", "/nonexistent.pth", "--text-embeddings", "/nonexistent.npy",
         "--preset", "voc-inductive", "--output", "OUT",
     ],
+    "convert --original": ["-m", "otseg.convert", "--original", "voc-fully", "--output", "OUT"],
+    "publish": ["-m", "otseg.publish", "ORG", "--only", "coco", "--output", "OUT"],
     "train": ["-m", "train.train", "--config", "/nonexistent.toml"],
     "evaluate": ["-m", "train.evaluate", "--model", "OUT", "--dataset", "voc", "--data-root", "OUT"],
     "app": ["app.py", "--device", "cuda:7"],
