@@ -29,32 +29,15 @@ TEXT_CACHE = 1024  # class names whose embeddings one session keeps
 GPU_FUNCTIONS = ("encode_image", "embed_text", "decode")
 
 _MODELS: dict[str, tuple[nn.Module, str]] = {}  # key → (model on its device, precision)
-_ONNX_TOWERS: dict = {}  # key → otseg.onnx_backend.OnnxTower, for backend="onnxruntime"
 
 
-def register(model: nn.Module, precision: str = "fp32", backend: str = "torch") -> str:
-    """Make ``model`` (already on its device, in eval mode) callable through this boundary.
-
-    backend="onnxruntime" runs a trained OTSeg's image tower (fp32, CPU, slide windows) in ONNX
-    Runtime: ~2× faster than torch fp32 on AVX-512 CPUs at equal output (bench/bench_speed.py);
-    the first start exports it (otseg.onnx_backend). Other models keep torch."""
+def register(model: nn.Module, precision: str = "fp32") -> str:
+    """Make ``model`` (already on its device, in eval mode) callable through this boundary."""
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-    if backend not in ("torch", "onnxruntime"):
-        raise ValueError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}")
     key = f"{type(model).__name__}-{len(_MODELS)}"
     _MODELS[key] = (model.eval(), precision)
-    if backend == "onnxruntime" and _onnx_capable(model, precision):
-        from otseg.onnx_backend import onnx_tower
-
-        _ONNX_TOWERS[key] = onnx_tower(model)
     return key
-
-
-def _onnx_capable(model: nn.Module, precision: str) -> bool:
-    from otseg.model import OTSeg
-
-    return isinstance(model, OTSeg) and precision == "fp32" and model.device.type == "cpu"
 
 
 def _lookup(key: str) -> tuple[nn.Module, str]:
@@ -91,10 +74,6 @@ def encode_image(key: str, windows: torch.Tensor) -> dict[str, torch.Tensor]:
     """Image tower. windows: (B, 3, c, c) normalised crops → the embedding's tensors by field
     name: pixels (B, C, h, w), cls (B, C) (ZegOT also every block's pixels)."""
     model, precision = _lookup(key)
-    tower = _ONNX_TOWERS.get(key)
-    if tower is not None and windows.shape[-2:] == (tower.size, tower.size):
-        emb = tower(windows)  # whole-image inputs (other sizes) stay on torch
-        return {f.name: _cpu(getattr(emb, f.name)) for f in dataclasses.fields(emb)}
     with torch.inference_mode(), _autocast(model, precision):
         emb = model.encode_image(windows.to(model.device))
     return {f.name: _cpu(getattr(emb, f.name)) for f in dataclasses.fields(emb)}

@@ -54,12 +54,11 @@ class LoadedModel:
     status: str  # Markdown shown at the top of the page
     precision: str = "fp32"
     device: str = "cpu"
-    backend: str = "torch"  # "onnxruntime": the image tower in ONNX Runtime (see app.gpu)
     key: str | None = field(default=None, init=False)  # app.gpu registry key
 
     def __post_init__(self) -> None:
         if self.model is not None:
-            self.key = gpu.register(self.model, self.precision, self.backend)
+            self.key = gpu.register(self.model, self.precision)
 
     @property
     def message(self) -> str:
@@ -95,7 +94,6 @@ def load_model(
     clip_pretrained: str | None = "openai",
     precision: str = "fp32",
     device: str = "cpu",
-    backend: str = "torch",
 ) -> LoadedModel:
     """A trained OTSeg or ZegOT from ``model`` (Hub id or directory, as its config.json says);
     else training-free CLIP; else none.
@@ -118,7 +116,7 @@ def load_model(
                 f"({len(cfg.seen)} seen of {len(cfg.class_names)} classes). Names of its seen "
                 "classes get a **seen** badge, all others **novel**."
             )
-            return LoadedModel(net.to(device), "trained", status, precision, device, backend)
+            return LoadedModel(net.to(device), "trained", status, precision, device)
         except (WeightsNotFoundError, CheckpointError, ValueError) as e:
             problem = f"⚠️ Could not load `{model}`: {_first_line(e)}\n\n"
     try:

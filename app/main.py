@@ -6,8 +6,6 @@ Settings (flag, then environment variable, then default):
     --clip-pretrained OTSEG_CLIP_PRETRAINED  its weights tag or file ("openai"; "" for none)
     --precision  OTSEG_PRECISION  "fp32" or "bf16" (bf16 autocast: ~2.5× faster on CPUs with AVX-512 BF16)
     --device     OTSEG_DEVICE     "cpu", "cuda" or "mps" (default: cuda when available)
-    --backend    OTSEG_BACKEND    "torch" or "onnxruntime" (trained OTSeg, fp32 on CPU: the image
-                                  tower in ONNX Runtime, ~2× faster; exported on first start)
     --host       OTSEG_HOST / GRADIO_SERVER_NAME   ("127.0.0.1")
     --port       OTSEG_PORT / GRADIO_SERVER_PORT   (7860)
     --share      OTSEG_SHARE=1    public gradio.live link
@@ -50,11 +48,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--precision", choices=("fp32", "bf16"), default=_env("OTSEG_PRECISION", default="fp32")
     )
     p.add_argument("--device", default=_env("OTSEG_DEVICE"))
-    p.add_argument(
-        "--backend",
-        choices=("torch", "onnxruntime"),
-        default=_env("OTSEG_BACKEND", default="torch"),
-    )
     p.add_argument("--host", default=_env("OTSEG_HOST", "GRADIO_SERVER_NAME", default="127.0.0.1"))
     p.add_argument(
         "--port", type=int, default=int(_env("OTSEG_PORT", "GRADIO_SERVER_PORT", default="7860"))
@@ -108,7 +101,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         clip_pretrained=args.clip_pretrained or None,
         precision=args.precision,
         device=device,
-        backend=args.backend,
     )
     print(loaded.status)
     build_demo(loaded).launch(

@@ -68,21 +68,3 @@ def test_predictor_onnxruntime_backend_equals_torch(tmp_path, monkeypatch):
 
     with pytest.raises(ValueError, match="fp32 slide"):
         OTSegPredictor(model, backend="onnxruntime", mode="whole")
-
-
-def test_demo_boundary_runs_the_tower_in_onnxruntime(tmp_path, monkeypatch):
-    from app import gpu
-
-    monkeypatch.setenv("OTSEG_CACHE", str(tmp_path))
-    model = tiny_model().eval()
-    key_torch = gpu.register(model, "fp32")
-    key_onnx = gpu.register(model, "fp32", backend="onnxruntime")
-    assert key_onnx in gpu._ONNX_TOWERS and key_torch not in gpu._ONNX_TOWERS
-    windows = torch.randn(2, 3, 64, 64)
-    ours, ref = gpu.encode_image(key_onnx, windows), gpu.encode_image(key_torch, windows)
-    np.testing.assert_allclose(ours["pixels"].numpy(), ref["pixels"].numpy(), atol=1e-5)
-    wide = torch.randn(1, 3, 64, 96)  # whole-image input: torch
-    np.testing.assert_allclose(
-        gpu.encode_image(key_onnx, wide)["cls"].numpy(),
-        gpu.encode_image(key_torch, wide)["cls"].numpy(),
-    )
