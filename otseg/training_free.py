@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip_image import ImageEmbedding, resize_positions
+from .clip_image import ImageEmbedding, block_forward, resize_positions
 from .clip_text import PromptEmbedder, TextTower
 from .config import HeadConfig, OTSegConfig, VisionConfig
 from .ensemble import PostProcessing
@@ -125,9 +125,9 @@ class TrainingFreeOTSeg(PostProcessing, nn.Module):
         x = v.ln_pre(torch.cat([cls, x], dim=1) + pos)
         blocks = v.transformer.resblocks
         for block in blocks[:-1]:
-            x = block(x)
+            x = block_forward(block, x)
         last = blocks[-1]
-        cls_out = last(x)[:, 0]  # the global embedding keeps CLIP's full last block
+        cls_out = block_forward(last, x)[:, 0]  # the global embedding keeps the full last block
         dense = self._dense_tokens(last, x)[:, 1:]
         out = v.ln_post(torch.cat([cls_out[:, None], dense], dim=1)) @ v.proj
         pixels = out[:, 1:].transpose(1, 2).reshape(b, -1, h, w)
