@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import gradio as gr
 
@@ -88,10 +89,35 @@ def check_device(device: str | None) -> str:
     return device
 
 
+def check_model(model: str | None) -> None:
+    """A one-line ``ValueError`` when ``model`` can be neither a local directory nor a Hub repo
+    id (a typo stops here instead of starting a demo without its model). Whether a Hub repo
+    exists is only known when loading: the demo then shows why it could not load it."""
+    if not model or Path(model).is_dir():
+        return
+    if model.startswith("original:"):
+        from otseg.original import get_original
+
+        try:
+            get_original(model)  # an unknown or refused setting
+        except ValueError as e:
+            raise ValueError(f"--model {model}: {e}") from None
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        raise ValueError(
+            f"--model {model}: no such directory, and not a Hub repo id (like org/name)"
+        ) from None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         device = check_device(args.device)
+        check_model(args.model)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

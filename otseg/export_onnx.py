@@ -122,7 +122,9 @@ def _dynamic_shapes(inputs: Sequence[str], dynamic: dict | None):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m otseg.export_onnx", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("model", help="model directory or Hub repo id")
     ap.add_argument("out", type=Path, help="output .onnx file (the head goes to OUT.head.onnx)")
     ap.add_argument("--size", type=int, default=None, help="input side (default: model size)")
@@ -143,4 +145,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from otseg.cli import run
+
+    run(main)

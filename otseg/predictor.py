@@ -194,6 +194,10 @@ class OTSegPredictor:
         when it matches one of the model's seen training classes, ignoring case, spaces,
         hyphens and underscores (:func:`otseg.vocabulary.mark_seen`).
         """
+        if isinstance(names, str):  # list("cat, dog") would be one name per character
+            raise ValueError(
+                f"give the class names as a list of strings, not one string: {names!r}"
+            )
         names = list(names)
         if not names:
             raise ValueError("the vocabulary is empty: give at least one class name")

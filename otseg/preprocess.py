@@ -39,6 +39,8 @@ def load_image(image: ImageLike, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         src = io.BytesIO(image)
     else:
         path = Path(image)
+        if path.is_dir():
+            raise ImageError(f"not an image file but a directory: {path}")
         if not path.is_file():
             raise ImageError(f"no such image file: {path}")
         if path.stat().st_size == 0:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.main import check_device
+from app.main import check_device, check_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,3 +41,14 @@ def test_app_py_exits_with_one_line_before_loading_any_weights():
     assert out.returncode == 2
     assert out.stderr.strip() == "error: --device tpu: unknown device; use cpu, cuda or mps"
     assert "CLIP" not in out.stdout + out.stderr
+
+
+def test_model_that_cannot_exist_is_refused_before_loading(tmp_path):
+    with pytest.raises(ValueError, match=r"^--model does/not/exist: no such directory, and not a"):
+        check_model("does/not/exist")
+    with pytest.raises(ValueError, match=r"^--model original:nope: unknown original setting"):
+        check_model("original:nope")
+    with pytest.raises(ValueError, match=r"^--model original:voc-fully: .* cannot be used"):
+        check_model("original:voc-fully")
+    for fine in (None, "", str(tmp_path), "org/name", "original:coco-transductive"):
+        check_model(fine)  # whether the repo exists is only known when loading

@@ -58,7 +58,10 @@ COMMANDS = {
     "publish": ["-m", "otseg.publish", "ORG", "--only", "coco", "--output", "OUT"],
     "train": ["-m", "train.train", "--config", "/nonexistent.toml"],
     "evaluate": ["-m", "train.evaluate", "--model", "OUT", "--dataset", "voc", "--data-root", "OUT"],
+    "export_onnx": ["-m", "otseg.export_onnx", "/nonexistent/model", "OUT"],
     "app": ["app.py", "--device", "cuda:7"],
+    "app --model": ["app.py", "--model", "does/not/exist"],
+    "app --model original:": ["app.py", "--model", "original:nope"],
 }  # fmt: skip
 
 

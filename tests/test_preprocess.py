@@ -57,6 +57,13 @@ def test_bad_images_give_clear_errors(data, message):
         load_image(data)
 
 
+def test_missing_file_and_directory_are_named(tmp_path):
+    with pytest.raises(ImageError, match="no such image file"):
+        load_image(tmp_path / "missing.jpg")
+    with pytest.raises(ImageError, match="not an image file but a directory"):
+        load_image(tmp_path)
+
+
 def test_truncated_file(tmp_path):
     data = png_bytes(
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))

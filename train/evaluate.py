@@ -135,7 +135,9 @@ def check_vocabulary(model: OTSeg, names: Sequence[str]) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m train.evaluate", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--model", required=True, help="otseg model directory or Hub repo id")
     p.add_argument(
         "--protocol",

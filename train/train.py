@@ -58,7 +58,7 @@ logger = get_logger("train")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train.train", description=__doc__.split("\n\n")[0])
     add_recipe_args(p)
     p.add_argument("--data-root", help="dataset root (overrides the recipe's data_root)")
     p.add_argument("--output-dir", help="run directory (default: <recipe output_dir>/<name>)")

@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     p = argparse.ArgumentParser(
-        description="Write the synthetic shapes dataset for the tiny presets"
+        prog="python -m otseg.data.synthetic",
+        description="Write the synthetic shapes dataset for the tiny presets",
     )
     p.add_argument("root", help="output folder (pass it as --data-root)")
     p.add_argument("--layout", default="voc", choices=LAYOUTS)
