@@ -73,3 +73,16 @@ def test_onednn_gemm_only_for_cpu_fp32_inference(block, monkeypatch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         block_forward(block, x)  # autocast: F.linear in bf16
     assert not calls
+
+
+def test_zegot_tower_equals_open_clip_blocks(monkeypatch):
+    import otseg.zegot.towers as towers
+    from otseg.zegot import build_zegot, zegot_tiny_config
+
+    encoder = build_zegot(zegot_tiny_config()).eval().image_encoder
+    images = torch.randn(2, 3, 64, 80)
+    ours = encoder(images)
+    monkeypatch.setattr(towers, "block_forward", lambda block, x: block(x))
+    ref = encoder(images)
+    torch.testing.assert_close(ours.blocks, ref.blocks, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.cls, ref.cls, atol=1e-5, rtol=0)

@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..clip_image import ImageEmbedding, build_visual, check_visual, resize_positions
+from ..clip_image import (
+    ImageEmbedding,
+    block_forward,
+    build_visual,
+    check_visual,
+    resize_positions,
+)
 from ..clip_text import TextTower
 from ..config import VisionConfig
 from .config import TextConfig
@@ -55,7 +61,7 @@ class FrozenViT(nn.Module):
         x = self.ln_pre(torch.cat([cls, x], dim=1) + pos)
         blocks = []
         for block in self.transformer.resblocks:
-            x = block(x)
+            x = block_forward(block, x)
             blocks.append(x[:, 1:])
         tokens = self.ln_post(torch.stack(blocks)) @ self.proj  # (L, B, M, C)
         tokens = F.normalize(tokens, dim=-1).transpose(2, 3).reshape(len(blocks), b, -1, h, w)
