@@ -48,26 +48,33 @@ def _clean(name: str) -> str:
     return _WHITESPACE.sub(" ", name).strip()
 
 
+def _quoted(name: str, limit: int | None = None) -> str:
+    """A class name inside a message: “name”, cut at ``limit`` characters (then “name”…), with
+    control characters shown as �."""
+    shown = "".join(ch if ch.isprintable() else "\ufffd" for ch in name[:limit])
+    return f"“{shown}”" + ("…" if limit is not None and len(name) > limit else "")
+
+
 def _check_name(name: str) -> None:
     if "<" in name or ">" in name:
         raise ValueError(
-            f"Class name {name!r} contains '<' or '>'; markup is not allowed in class names."
+            f"Class name {_quoted(name)} contains “<” or “>”; markup is not allowed in class names."
         )
     if len(name) > MAX_NAME_LENGTH:
         raise ValueError(
-            f"Class name {name[:20]!r}… is {len(name)} characters long; "
+            f"Class name {_quoted(name, 20)} is {len(name)} characters long; "
             f"the limit is {MAX_NAME_LENGTH}."
         )
     if not any(ch.isalnum() for ch in name):
-        raise ValueError(f"Class name {name!r} has no letters or digits.")
+        raise ValueError(f"Class name {_quoted(name)} has no letters or digits.")
     tokens = clip_token_count(name)
     if tokens > MAX_NAME_TOKENS:
         raise ValueError(
-            f"Class name {name[:20]!r}… is {tokens} CLIP tokens long; the limit is "
+            f"Class name {_quoted(name, 20)} is {tokens} CLIP tokens long; the limit is "
             f"{MAX_NAME_TOKENS} (non-Latin letters take 2–3 tokens each): use a shorter name."
         )
     if any(not ch.isprintable() for ch in name):
-        raise ValueError(f"Class name {name!r} contains control characters.")
+        raise ValueError(f"Class name {_quoted(name)} contains control characters.")
 
 
 @functools.cache
@@ -119,7 +126,9 @@ def preset_text(preset: str) -> str:
     """The class names of a preset (UI label or dataset key) as editable ``", "``-joined text."""
     dataset = PRESETS.get(preset, preset)
     if dataset not in CLASS_NAMES:
-        raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+        raise ValueError(
+            f"Unknown preset {_quoted(str(preset))}; choose one of {', '.join(PRESETS)}."
+        )
     return ", ".join(CLASS_NAMES[dataset])
 
 

@@ -79,6 +79,22 @@ def test_control_characters_rejected():
         parse_vocabulary("cat\x00dog")
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("cat, <b>", "Class name “<b>” contains “<” or “>”;"),
+        ("cat, --", "Class name “--” has no letters or digits."),
+        ("cat\x00dog", "Class name “cat\ufffddog” contains control characters."),
+        ("x" * (MAX_NAME_LENGTH + 1), f"Class name “{'x' * 20}”… is {MAX_NAME_LENGTH + 1} "),
+    ],
+)
+def test_messages_quote_names_plainly(text, message):
+    with pytest.raises(ValueError) as info:
+        parse_vocabulary(text)
+    assert str(info.value).startswith(message)
+    assert "'" not in str(info.value)
+
+
 def test_unicode_and_digits_allowed():
     assert parse_vocabulary("Straße, 7-eleven sign, 猫") == ["Straße", "7-eleven sign", "猫"]
 
