@@ -76,6 +76,8 @@ def test_push_to_hub_offline_warns_at_start_and_keeps_the_export(
     assert f"the exported model in {out / 'model'} is intact" in caplog.text
     assert f"hf upload me/tiny {out / 'model'} --repo-type model" in caplog.text
     OTSeg.from_pretrained(out / "model")
+    log = (out / "train.log").read_text()  # the warning came before the file: held, then written
+    assert log.index("--push-to-hub me/tiny will fail") < log.index("step 1: saved")
 
 
 def test_custom_label_beyond_the_classes_stops_at_start(tmp_path: Path):
@@ -90,10 +92,18 @@ def test_custom_label_beyond_the_classes_stops_at_start(tmp_path: Path):
                      "--set", "unseen_classes=['blue triangle']", "--set", "train_split=train")  # fmt: skip
     with pytest.raises(ValueError, match=r"val_00000.png: label value 9 but only 4 classes"):
         main(args)
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists()  # no folder, no train.log: it stopped at the checks
     reset_accelerate()
     main([*args, "--no-eval"])  # the validation split is not read without evaluation
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_missing_data_root_leaves_no_run_folder(tmp_path: Path):
+    from train.train import main
+
+    with pytest.raises(FileNotFoundError, match="not found"):
+        main(tiny_args(tmp_path / "nowhere", tmp_path / "run", "--max-iters", "1"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_training_on_the_original_npy_embeddings(data: Path, tmp_path: Path):

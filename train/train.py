@@ -15,10 +15,12 @@ The global batch of the recipe (16) is kept on 1, 2, 4, 8 or 16 processes: the p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import logging.handlers
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -151,13 +153,27 @@ def build_accelerator(
     return accelerator, per_device
 
 
-def setup_logging(accelerator: Accelerator, run_dir: Path) -> None:
+@contextlib.contextmanager
+def run_log(accelerator: Accelerator, run_dir: Path) -> Iterator[None]:
+    """Console logging at once; ``<run_dir>/train.log`` only once the block (the checks of the
+    arguments and inputs) succeeds, so a run stopped by bad input leaves no folder behind. The
+    ``train`` records of the block are held in memory and written to the file first."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    train_logger = logging.getLogger("train")
+    held = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+    train_logger.addHandler(held)
+    try:
+        yield
+    finally:
+        train_logger.removeHandler(held)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(run_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        logging.getLogger("train").addHandler(handler)
+        held.setTarget(handler)
+        held.flush()
+        train_logger.addHandler(handler)
+    held.close()
 
 
 def resume(
@@ -277,23 +293,27 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     recipe = build_recipe(args)
     run_dir = Path(args.output_dir) if args.output_dir else recipe.run_dir
     accelerator, per_device = build_accelerator(recipe, args, run_dir)
-    setup_logging(accelerator, run_dir)
-    config = build_config(recipe)
-    zegot = isinstance(config, ZegOTConfig)  # ZegOT's transductive schedule is one run
-    if config.setting == "transductive" and not recipe.init_from and not zegot:
-        raise ValueError("transductive training starts from an inductive model: pass --init-from")
-    check_custom_labels(recipe, evaluate=not args.no_eval or recipe.eval_every > 0)
-    if args.push_to_hub and accelerator.is_main_process:
-        warn_if_push_fails(args.push_to_hub, run_dir / "model")
-    model = build_training_model(recipe, config)
-    if zegot:
-        model.prompts.checkpointing = args.gradient_checkpointing or config.head.text_checkpointing
-    else:
-        model.image_encoder.grad_checkpointing = args.gradient_checkpointing
-    unreached = freeze_unreached(model)
-    loader = build_train_loader(
-        recipe, config, per_device, pin_memory=accelerator.device.type == "cuda"
-    )
+    with run_log(accelerator, run_dir):  # checks first: no folder when they fail
+        config = build_config(recipe)
+        zegot = isinstance(config, ZegOTConfig)  # ZegOT's transductive schedule is one run
+        if config.setting == "transductive" and not recipe.init_from and not zegot:
+            raise ValueError(
+                "transductive training starts from an inductive model: pass --init-from"
+            )
+        check_custom_labels(recipe, evaluate=not args.no_eval or recipe.eval_every > 0)
+        if args.push_to_hub and accelerator.is_main_process:
+            warn_if_push_fails(args.push_to_hub, run_dir / "model")
+        model = build_training_model(recipe, config)
+        if zegot:
+            model.prompts.checkpointing = (
+                args.gradient_checkpointing or config.head.text_checkpointing
+            )
+        else:
+            model.image_encoder.grad_checkpointing = args.gradient_checkpointing
+        unreached = freeze_unreached(model)
+        loader = build_train_loader(
+            recipe, config, per_device, pin_memory=accelerator.device.type == "cuda"
+        )
     sampler = loader.sampler
     optimizer = build_optimizer(
         model, recipe.lr, recipe.weight_decay, recipe.betas, recipe.eps,
