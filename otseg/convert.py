@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -37,7 +38,12 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
-    except Exception as e:  # unpickling errors have many types
+    except pickle.UnpicklingError:  # torch's multi-paragraph advice to drop weights_only
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint of tensors (torch.load(weights_only=True) "
+            "refused it)"
+        ) from None
+    except Exception as e:  # other unpickling errors have many types
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})"
         ) from None
@@ -169,7 +175,12 @@ def _convert_local(args: argparse.Namespace) -> tuple[OTSeg, dict]:
     if args.preset:
         config = get_preset(args.preset)
     else:
-        config = OTSegConfig.from_dict(json.loads(Path(args.config).read_text()))
+        try:
+            config = OTSegConfig.from_dict(json.loads(Path(args.config).read_text()))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(
+                f"--config {args.config} is not an OTSegConfig JSON file ({e})"
+            ) from None
     if args.keep_clip:
         config = dataclasses.replace(config, clip_model=None, clip_pretrained=None)
     model = convert_checkpoint(args.checkpoint, config, args.text_embeddings)
@@ -199,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, card = _convert_original(args) if args.original else _convert_local(args)
     except (CheckpointError, WeightsNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # a key mismatch report spans several lines
         return 2
     out = model.save_pretrained(args.output, card=card)
     n = sum(v.numel() for v in model.trained_state_dict().values())

@@ -74,6 +74,11 @@ def test_errors_name_the_problem(fx, tmp_path, config_json, capsys):
         tmp_path, tmp_path / "junk.pth", npy, config_json, capsys
     )
     assert "not found" in run_cli(tmp_path, tmp_path / "missing.pth", npy, config_json, capsys)
+    err = run_cli(tmp_path, npy, npy, config_json, capsys)  # a .npy given as the checkpoint
+    assert err == f"error: {npy} is not a PyTorch checkpoint of tensors " + (
+        "(torch.load(weights_only=True) refused it)\n"
+    )
+    assert "not an OTSegConfig JSON" in run_cli(tmp_path, fx / "official.pth", npy, npy, capsys)
 
     wrong = fixture_config(fx).replace(vision={"num_prompt_tokens": 4})
     (tmp_path / "wrong.json").write_text(json.dumps(wrong.to_dict()))
