@@ -70,6 +70,17 @@ class LoadedModel:
         return getattr(self.model, "model_type", "otseg") == "zegot"
 
     @property
+    def model_name(self) -> str:
+        """``"ZegOT"`` or ``"OTSeg"`` (also the training-free CLIP, which runs OTSeg's MPSA)."""
+        return "ZegOT" if self.is_zegot else "OTSeg"
+
+    @property
+    def transport_name(self) -> str:
+        """The short name of ``attention="sinkhorn"`` for the loaded model: ZegOT's MPOT or
+        OTSeg's Sinkhorn attention."""
+        return "MPOT" if self.is_zegot else "Sinkhorn"
+
+    @property
     def attention_labels(self) -> dict[str, str]:
         """Attention value → radio label, for the loaded model."""
         return ZEGOT_ATTENTION_LABELS if self.is_zegot else ATTENTION_LABELS

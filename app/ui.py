@@ -48,6 +48,11 @@ client.predict("softmax", 0.8, True, 0.5, api_name="/rerender")  # no encoder re
 ```"""
 STALE = "⚠️ The image or the class names changed since this result: press **Segment** (or Enter)."
 COMPARE_STALE = "⚠️ Out of date (settings or image changed): press **Compare** to update."
+COMPARE_INTRO = {
+    "OTSeg": "Compare Sinkhorn attention (OTSeg, ECCV 2024) with softmax.",
+    "ZegOT": "Compare MPOT (ZegOT's optimal transport between its learned prompts and the "
+    "pixels) with softmax.",
+}
 MAPS_STALE = "Pick a class (or press **Show prompt maps**) to see its maps for the current result."
 PROGRESS = gr.Progress()  # gradio injects a per-request tracker where this is the default
 
@@ -113,24 +118,25 @@ def _overlay_tab() -> SimpleNamespace:
     return c
 
 
-def _compare_tab() -> SimpleNamespace:
+def _compare_tab(loaded) -> SimpleNamespace:
     c = SimpleNamespace()
     c.button = gr.Button("Compare on this image", elem_id="compare")
-    c.slider = gr.ImageSlider(label="left: Sinkhorn · right: softmax", elem_id="slider",
-                              format="jpeg")  # fmt: skip
+    c.slider = gr.ImageSlider(label=f"left: {loaded.transport_name} · right: softmax",
+                              elem_id="slider", format="jpeg")  # fmt: skip
     c.note = gr.Markdown(elem_id="compare_note")
     return c
 
 
-def _prompt_maps_tab() -> SimpleNamespace:
+def _prompt_maps_tab(loaded) -> SimpleNamespace:
     c = SimpleNamespace()
-    gr.Markdown("Score map of each prompt (M·N·T·S) for one class, on one colour scale. Sinkhorn "
+    name = loaded.transport_name
+    gr.Markdown(f"Score map of each prompt (M·N·T·S) for one class, on one colour scale. {name} "
                 "makes prompts compete for pixels, so they spread over different regions; "
                 "softmax lets them overlap.")  # fmt: skip
     with gr.Row():
         c.choice = gr.Dropdown([], label="Class", elem_id="prompt_class", scale=3)
         c.button = gr.Button("Show prompt maps", scale=1, elem_id="show_maps")
-    c.sinkhorn = gr.Image(label="Sinkhorn", type="pil", elem_id="grid_sinkhorn", format="png")
+    c.sinkhorn = gr.Image(label=name, type="pil", elem_id="grid_sinkhorn", format="png")
     c.softmax = gr.Image(label="Softmax", type="pil", elem_id="grid_softmax", format="png")
     c.note = gr.Markdown(elem_id="maps_note")
     return c
@@ -138,10 +144,11 @@ def _prompt_maps_tab() -> SimpleNamespace:
 
 def build(handlers: Handlers) -> gr.Blocks:
     """The demo's ``gr.Blocks`` (not launched; queue settings are applied by ``app.main``)."""
-    with gr.Blocks(title="OTSeg — zero-shot segmentation") as demo:
+    loaded = handlers.loaded
+    with gr.Blocks(title=f"{loaded.model_name} — zero-shot segmentation") as demo:
         gr.Markdown(
-            "# OTSeg: zero-shot semantic segmentation\nUpload a photo, list what to find, "
-            "press **Segment**. Compare Sinkhorn attention (OTSeg, ECCV 2024) with softmax."
+            f"# {loaded.model_name}: zero-shot semantic segmentation\nUpload a photo, list what "
+            f"to find, press **Segment**. {COMPARE_INTRO[loaded.model_name]}"
         )
         gr.Markdown(handlers.loaded.status, elem_id="mode")
         session = gr.State(None, time_to_live=3600)
@@ -153,10 +160,10 @@ def build(handlers: Handlers) -> gr.Blocks:
                 with gr.Tab("Overlay"):
                     ov = _overlay_tab()
                 ov.stale = stale
-                with gr.Tab("Sinkhorn vs softmax"):
-                    cmp = _compare_tab()
+                with gr.Tab(f"{loaded.transport_name} vs softmax"):
+                    cmp = _compare_tab(loaded)
                 with gr.Tab("Per-prompt maps"):
-                    pm = _prompt_maps_tab()
+                    pm = _prompt_maps_tab(loaded)
                 with gr.Accordion("Use it from Python (gradio_client)", open=False):
                     gr.Markdown(API_SNIPPET)
         _wire_page(handlers, session, ins, ov, cmp, pm)
@@ -256,12 +263,14 @@ def _wire_compare(handlers: Handlers, session, ins, cmp) -> None:
 
 
 def _wire_prompt_maps(handlers: Handlers, session, pm) -> None:
+    name = handlers.loaded.transport_name
+
     @user_errors
     def on_prompt_maps(class_name, sess):
         out = handlers.prompt_maps(sess, class_name)
         o = out["overlap"]
         note = (f"Mean pairwise overlap of the prompt maps (cosine, 1 = identical): "
-                f"Sinkhorn **{o['sinkhorn']:.2f}**, softmax **{o['softmax']:.2f}**.")  # fmt: skip
+                f"{name} **{o['sinkhorn']:.2f}**, softmax **{o['softmax']:.2f}**.")  # fmt: skip
         return out["grids"]["sinkhorn"], out["grids"]["softmax"], note
 
     event = {"fn": on_prompt_maps, "inputs": [pm.choice, session],

@@ -44,7 +44,9 @@ def test_the_page_describes_zegot(loaded, url):
     config = page_config(url)
     for label in ("Trained ZegOT", "MPOT (optimal transport)", "softmax", "no transport"):
         assert label in config, label
-    assert "Sinkhorn (OTSeg: MPS + MPSA)" not in config
+    assert "Sinkhorn" not in config  # title, header, compare tab and prompt maps say MPOT
+    for label in ("ZegOT — zero-shot segmentation", "MPOT vs softmax", "left: MPOT · right"):
+        assert label in config, label
     assert '"value": 0.8' in config.replace('"value":0.8', '"value": 0.8')  # the λ slider
 
 
@@ -69,6 +71,7 @@ def test_segment_with_each_transport_and_prompt_maps(url, monkeypatch):
         lambda maps, k, templates, name, **kw: captions.append(tuple(templates))
         or original(maps, k, templates, name, **kw),
     )  # fmt: skip
-    mpot, softmax, _ = c.predict("sofa", api_name="/prompt_maps")
+    mpot, softmax, note = c.predict("sofa", api_name="/prompt_maps")
+    assert "MPOT **" in note and "Sinkhorn" not in note
     assert Image.open(mpot).size == Image.open(softmax).size
     assert captions and set(captions) == {tuple(f"learned prompt {i}" for i in range(1, 5))}
