@@ -81,3 +81,13 @@ def test_evaluate_with_a_protocol(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     with pytest.raises(SystemExit, match="evaluates on ade"):
         evaluate_main(["--model", str(tmp_path / "run" / "model"), "--protocol", "coco-to-ade",
                        "--dataset", "voc", "--data-root", str(ade), "--cpu"])  # fmt: skip
+
+
+def test_names_a_model_without_text_tower_cannot_embed_are_refused_with_its_own():
+    from factories import tiny_model
+    from train.evaluate import check_vocabulary
+
+    model = tiny_model()  # stored embeddings for class0..class4, no CLIP text tower
+    check_vocabulary(model, ["class0", "class3"])
+    with pytest.raises(SystemExit, match=r"cannot embed \['cat'\].*knows: class0, class1"):
+        check_vocabulary(model, ["class0", "cat"])

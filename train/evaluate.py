@@ -129,8 +129,8 @@ def check_vocabulary(model: OTSeg, names: Sequence[str]) -> None:
         raise SystemExit(
             f"this model has no text tower (config.clip_model is None) and stores embeddings only "
             f"for {len(model.text.bank)} training classes; it cannot embed {missing[:5]} "
-            f"({len(missing)} missing). Cross-dataset evaluation needs a model with a CLIP text "
-            f"tower, or pass --class-names with names the model knows."
+            f"({len(missing)} missing). Other class names need a model with a CLIP text tower; "
+            f"or pass --class-names with names it knows: {', '.join(list(model.text.bank)[:5])}"
         )
 
 
