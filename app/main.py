@@ -4,7 +4,8 @@ Settings (flag, then environment variable, then default):
     --model      OTSEG_MODEL      trained OTSeg: Hub repo id, local directory or original:<setting>
     --clip       OTSEG_CLIP       CLIP for the training-free mode ("ViT-B-16-quickgelu")
     --clip-pretrained OTSEG_CLIP_PRETRAINED  its weights tag or file ("openai"; "" for none)
-    --precision  OTSEG_PRECISION  "fp32" or "bf16" (bf16 autocast: ~1.35× faster than fp32 on CPUs with AVX-512 BF16)
+    --precision  OTSEG_PRECISION  "fp32" or "bf16" (bf16 autocast: ~1.35× faster than fp32 on
+                                  CPUs with AVX-512 BF16)
     --device     OTSEG_DEVICE     "cpu", "cuda" or "mps" (default: cuda when available)
     --host       OTSEG_HOST / GRADIO_SERVER_NAME   ("127.0.0.1")
     --port       OTSEG_PORT / GRADIO_SERVER_PORT   (7860)
@@ -36,24 +37,54 @@ def _env(*names: str, default: str | None = None) -> str | None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="OTSeg zero-shot segmentation demo")
+    p = argparse.ArgumentParser(
+        description="OTSeg zero-shot segmentation demo. Every flag has an environment variable "
+        "(shown in brackets); without --model the demo runs the training-free CLIP mode."
+    )
     p.add_argument(
         "--model",
         default=_env("OTSEG_MODEL"),
         help="Hub repo id, local otseg directory, or original:<setting> (the authors' weights, "
-        "e.g. original:coco-transductive)",
+        "e.g. original:coco-transductive) [OTSEG_MODEL]",
     )
-    p.add_argument("--clip", default=_env("OTSEG_CLIP", default="ViT-B-16-quickgelu"))
-    p.add_argument("--clip-pretrained", default=_env("OTSEG_CLIP_PRETRAINED", default="openai"))
     p.add_argument(
-        "--precision", choices=("fp32", "bf16"), default=_env("OTSEG_PRECISION", default="fp32")
+        "--clip",
+        default=_env("OTSEG_CLIP", default="ViT-B-16-quickgelu"),
+        help="open_clip model of the training-free mode (default: %(default)s) [OTSEG_CLIP]",
     )
-    p.add_argument("--device", default=_env("OTSEG_DEVICE"))
-    p.add_argument("--host", default=_env("OTSEG_HOST", "GRADIO_SERVER_NAME", default="127.0.0.1"))
     p.add_argument(
-        "--port", type=int, default=int(_env("OTSEG_PORT", "GRADIO_SERVER_PORT", default="7860"))
+        "--clip-pretrained",
+        default=_env("OTSEG_CLIP_PRETRAINED", default="openai"),
+        help="its weights tag or file; '' for none (default: %(default)s) [OTSEG_CLIP_PRETRAINED]",
     )
-    p.add_argument("--share", action="store_true", default=_env("OTSEG_SHARE") == "1")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default=_env("OTSEG_PRECISION", default="fp32"),
+        help="bf16: autocast towers (default: %(default)s) [OTSEG_PRECISION]",
+    )
+    p.add_argument(
+        "--device",
+        default=_env("OTSEG_DEVICE"),
+        help="cpu, cuda or mps (default: cuda when available) [OTSEG_DEVICE]",
+    )
+    p.add_argument(
+        "--host",
+        default=_env("OTSEG_HOST", "GRADIO_SERVER_NAME", default="127.0.0.1"),
+        help="default: %(default)s [OTSEG_HOST, GRADIO_SERVER_NAME]",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(_env("OTSEG_PORT", "GRADIO_SERVER_PORT", default="7860")),
+        help="default: %(default)s [OTSEG_PORT, GRADIO_SERVER_PORT]",
+    )
+    p.add_argument(
+        "--share",
+        action="store_true",
+        default=_env("OTSEG_SHARE") == "1",
+        help="public gradio.live link [OTSEG_SHARE=1]",
+    )
     return p.parse_args(argv)
 
 
