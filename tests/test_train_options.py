@@ -174,6 +174,29 @@ def test_step_timer_runs_the_training_step():
     assert time_training_step("tiny", batch=2, cpu=True, steps=2, warmup=1, sinkhorn_iters=5) > 0
 
 
+def test_step_timer_runs_zegot_in_each_transductive_phase(monkeypatch):
+    from otseg.zegot import zegot_tiny_config
+    from train import step_timer
+
+    seen_text = []
+    step = step_timer.train_step
+
+    def spy(accelerator, model, optimizer, scheduler, data, objective, i, window):
+        seen_text.append((i, objective.phase(i), len(objective.forward_text(i))))
+        return step(accelerator, model, optimizer, scheduler, data, objective, i, window)
+
+    monkeypatch.setattr(step_timer, "train_step", spy)
+    config = zegot_tiny_config(setting="transductive")  # 5 classes, 3 seen; frozen copy to 50 %
+    for at in (0, 3, 6):  # of 10 iterations: seen, frozen, self
+        t = step_timer.time_training_step(
+            config, batch=2, cpu=True, steps=1, warmup=0, sinkhorn_iters=3, at_step=at,
+            iterations=10,
+        )  # fmt: skip
+        assert t > 0
+    assert seen_text == [(0, "seen", 3), (3, "frozen", 5), (6, "self", 5)]
+    assert step_timer.time_training_step("zegot-tiny", batch=2, cpu=True, steps=1, warmup=0) > 0
+
+
 def test_tf32_only_on_cuda():
     from train.build import use_tf32
 

@@ -6,7 +6,9 @@
 
 The frozen CLIP towers are random (same architecture, nothing downloaded): the step time does
 not depend on their values. Labels hold a few classes per crop, unseen ones included, so the
-transductive presets pseudo-label as in training.
+transductive presets pseudo-label as in training. ZegOT presets (``zegot-*``) run too; their
+transductive schedule changes with the step index (``at_step``): seen classes only, then
+pseudo-labels from a frozen copy, then from the model itself.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import time
 import torch
 from accelerate import Accelerator
 
-from otseg.config import get_preset
+from otseg.config import OTSegConfig, get_preset
+from otseg.model import build_model
+from otseg.zegot import ZegOTConfig, build_zegot
 from train.build import fixed_sinkhorn, freeze_unreached, random_text_bank, use_tf32
 from train.engine import StepWindow, train_step
 from train.objective import build_objective
@@ -37,7 +41,7 @@ def synthetic_batch(batch: int, size: int, num_classes: int, seed: int = 0) -> d
 
 
 def time_training_step(
-    preset: str = "voc-inductive",
+    preset: str | OTSegConfig | ZegOTConfig = "voc-inductive",
     *,
     batch: int = 4,
     mixed_precision: str = "no",
@@ -46,14 +50,22 @@ def time_training_step(
     sinkhorn_iters: int | None = None,
     tf32: bool = True,
     cpu: bool = False,
+    at_step: int = 0,
+    iterations: int = 80000,
 ) -> float:
     """Median seconds of one optimizer step (forward, losses, backward, AdamW) of ``batch``
-    crops at the preset's size, after ``warmup`` steps; CUDA is synchronised around each."""
-    from otseg.model import build_model
+    crops at the preset's size, after ``warmup`` steps; CUDA is synchronised around each.
 
-    config = get_preset(preset).replace(clip_model=None, clip_pretrained=None)
+    at_step: the optimizer-step index the objective sees at the first step, of a run of
+    ``iterations`` steps (a transductive ZegOT's phase depends on it; OTSeg ignores it).
+    """
+    config = get_preset(preset) if isinstance(preset, str) else preset
+    config = config.replace(clip_model=None, clip_pretrained=None)
     torch.manual_seed(0)
-    model = build_model(config, text_bank=random_text_bank(config, 0))
+    if isinstance(config, ZegOTConfig):
+        model = build_zegot(config)  # random towers of the preset's sizes
+    else:
+        model = build_model(config, text_bank=random_text_bank(config, 0))
     freeze_unreached(model)
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
     use_tf32(accelerator.device, tf32)
@@ -61,7 +73,7 @@ def time_training_step(
     scheduler = build_scheduler(optimizer, 80000)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     net = accelerator.unwrap_model(model)
-    objective = build_objective(net, 80000)
+    objective = build_objective(net, iterations)
     data = synthetic_batch(batch, config.vision.image_size, len(config.class_names))
     data = {k: v.to(accelerator.device) for k, v in data.items()}
     model.train()
@@ -71,7 +83,9 @@ def time_training_step(
             torch.cuda.synchronize()
         start = time.perf_counter()
         with fixed_sinkhorn(net, sinkhorn_iters):
-            train_step(accelerator, model, optimizer, scheduler, data, objective, i, window)
+            train_step(
+                accelerator, model, optimizer, scheduler, data, objective, at_step + i, window
+            )
         if accelerator.device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
