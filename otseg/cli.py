@@ -1,9 +1,9 @@
 """One way for every command-line entry point to fail on bad input.
 
-``python -m otseg.convert``, ``python -m train.train``, ``python -m train.evaluate`` and
-``python app.py`` end with ``run(main)``: a problem with what the user gave (arguments, files,
-data) prints one line, ``error: <what and what to do>``, on stderr and exits with code 2,
-without a traceback. Anything else is a bug and keeps its traceback; ``OTSEG_TRACEBACK=1``
+``python -m otseg.convert``, ``otseg.publish``, ``otseg.export_onnx``, ``train.train``,
+``train.evaluate`` and ``python app.py`` end with ``run(main)``: a problem with what the user
+gave (arguments, files, data) prints one line, ``error: <what and what to do>``, on stderr and
+exits with code 2, without a traceback. Anything else is a bug and keeps its traceback; ``OTSEG_TRACEBACK=1``
 shows the traceback for user errors too.
 """
 
