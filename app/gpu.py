@@ -22,6 +22,7 @@ from torch import nn
 
 from otseg.clip_image import ImageEmbedding
 from otseg.ensemble import PostProcessing
+from otseg.errors import UserError
 from otseg.model import HeadMaps
 
 GPU_SECONDS = 60  # ZeroGPU time limit per call; a call is one window or up to 16 class names
@@ -34,7 +35,7 @@ _MODELS: dict[str, tuple[nn.Module, str]] = {}  # key → (model on its device, 
 def register(model: nn.Module, precision: str = "fp32") -> str:
     """Make ``model`` (already on its device, in eval mode) callable through this boundary."""
     if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        raise UserError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     key = f"{type(model).__name__}-{len(_MODELS)}"
     _MODELS[key] = (model.eval(), precision)
     return key

@@ -21,6 +21,7 @@ import numpy as np
 from torch import nn
 
 from app import gpu, overlay, render, vocab
+from otseg.errors import UserError
 from otseg.predictor import OTSegPredictor
 from otseg.preprocess import ImageError, load_image
 
@@ -39,10 +40,6 @@ INFERENCE_LABELS = {  # the predictor's modes
     "slide": "Accurate: overlapping windows, as in the paper",
     "whole": "Fast: one pass over the whole image",
 }
-
-
-class UserError(ValueError):
-    """Bad input from the user: shown as a toast (escaped), never logged as a crash."""
 
 
 @dataclass
@@ -112,7 +109,7 @@ def load_model(
     Never raises for missing or wrong weights: the reason goes into ``status``. ``device`` must
     already be usable (see ``app.main.check_device``).
     """
-    from otseg.hub import CheckpointError, WeightsNotFoundError, from_pretrained, model_type
+    from otseg.hub import WeightsNotFoundError, from_pretrained, model_type
     from otseg.training_free import build_training_free
 
     problem = ""
@@ -128,11 +125,11 @@ def load_model(
                 "classes get a **seen** badge, all others **novel**."
             )
             return LoadedModel(net.to(device), "trained", status, precision, device)
-        except (WeightsNotFoundError, CheckpointError, ValueError) as e:
+        except (WeightsNotFoundError, UserError) as e:  # CheckpointError is a UserError
             problem = f"⚠️ Could not load `{model}`: {_first_line(e)}\n\n"
     try:
         net = build_training_free(clip_model, clip_pretrained)
-    except (WeightsNotFoundError, CheckpointError, ValueError, RuntimeError) as e:
+    except (WeightsNotFoundError, UserError, RuntimeError) as e:  # RuntimeError: open_clip's
         status = (
             f"**No model loaded.** {problem}The CLIP weights `{clip_model}` / "
             f"`{clip_pretrained}` are not available ({_first_line(e)}). Run once with internet "
@@ -422,10 +419,7 @@ class Handlers:
 def parse_names(text) -> list[str]:
     if not isinstance(text, str):
         raise UserError(f"The class names must be text; got {_shown(text)}.")
-    try:
-        return vocab.parse_vocabulary(text)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    return vocab.parse_vocabulary(text)
 
 
 def _explain(error: ImageError) -> str:

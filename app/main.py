@@ -24,6 +24,7 @@ import gradio as gr
 
 from app.inference import Handlers, LoadedModel, load_model
 from app.ui import CSS, build
+from otseg.errors import UserError
 
 QUEUE_MAX_SIZE = 32  # waiting requests beyond this are refused with "queue full"
 MAX_FILE_SIZE = "25mb"
@@ -105,18 +106,18 @@ def check_device(device: str | None) -> str:
     kind = device.split(":")[0]
     if kind == "cuda" and not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise ValueError(
+        raise UserError(
             f"--device {device}: no CUDA GPU is usable here (torch {torch.__version__}, {build}); "
             "use --device cpu"
         )
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device}: Apple MPS is not available here; use --device cpu")
+        raise UserError(f"--device {device}: Apple MPS is not available here; use --device cpu")
     if kind not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {device}: unknown device; use cpu, cuda or mps")
+        raise UserError(f"--device {device}: unknown device; use cpu, cuda or mps")
     try:
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError) as e:
-        raise ValueError(f"--device {device}: {str(e).strip().splitlines()[0]}") from None
+        raise UserError(f"--device {device}: {str(e).strip().splitlines()[0]}") from None
     return device
 
 
@@ -131,15 +132,15 @@ def check_model(model: str | None) -> None:
 
         try:
             get_original(model)  # an unknown or refused setting
-        except ValueError as e:
-            raise ValueError(f"--model {model}: {e}") from None
+        except UserError as e:
+            raise UserError(f"--model {model}: {e}") from None
         return
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(model)
     except HFValidationError:
-        raise ValueError(
+        raise UserError(
             f"--model {model}: no such directory, and not a Hub repo id (like org/name)"
         ) from None
 
@@ -149,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         device = check_device(args.device)
         check_model(args.model)
-    except ValueError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     loaded = load_model(

@@ -30,10 +30,10 @@ from app.inference import (
     INFERENCE_LABELS,
     Handlers,
     Session,
-    UserError,
     check_inference,
     check_opacity,
 )
+from otseg.errors import UserError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 CSS = ".otseg-legend{list-style:none;padding-left:0;columns:2}.badge-seen{color:#1a7f37}.badge-novel{color:#9a6700}"

@@ -15,6 +15,7 @@ import functools
 import re
 
 from otseg.data.classes import CLASS_NAMES, DATASET_TITLES
+from otseg.errors import UserError
 from otseg.vocabulary import mark_seen, match_key  # noqa: F401 - the library's one seen rule
 
 MAX_CLASSES = 200  # each class costs N prompts of the text tower (~40 ms each on 2 CPU cores)
@@ -57,24 +58,24 @@ def _quoted(name: str, limit: int | None = None) -> str:
 
 def _check_name(name: str) -> None:
     if "<" in name or ">" in name:
-        raise ValueError(
+        raise UserError(
             f"Class name {_quoted(name)} contains “<” or “>”; markup is not allowed in class names."
         )
     if len(name) > MAX_NAME_LENGTH:
-        raise ValueError(
+        raise UserError(
             f"Class name {_quoted(name, 20)} is {len(name)} characters long; "
             f"the limit is {MAX_NAME_LENGTH}."
         )
     if not any(ch.isalnum() for ch in name):
-        raise ValueError(f"Class name {_quoted(name)} has no letters or digits.")
+        raise UserError(f"Class name {_quoted(name)} has no letters or digits.")
     tokens = clip_token_count(name)
     if tokens > MAX_NAME_TOKENS:
-        raise ValueError(
+        raise UserError(
             f"Class name {_quoted(name, 20)} is {tokens} CLIP tokens long; the limit is "
             f"{MAX_NAME_TOKENS} (non-Latin letters take 2–3 tokens each): use a shorter name."
         )
     if any(not ch.isprintable() for ch in name):
-        raise ValueError(f"Class name {_quoted(name)} contains control characters.")
+        raise UserError(f"Class name {_quoted(name)} contains control characters.")
 
 
 @functools.cache
@@ -116,9 +117,9 @@ def parse_vocabulary(text: str) -> list[str]:
             seen.add(key)
             names.append(name)
     if not names:
-        raise ValueError("Enter at least one class name (separate names with commas or newlines).")
+        raise UserError("Enter at least one class name (separate names with commas or newlines).")
     if len(names) > MAX_CLASSES:
-        raise ValueError(f"{len(names)} class names given; the limit is {MAX_CLASSES}.")
+        raise UserError(f"{len(names)} class names given; the limit is {MAX_CLASSES}.")
     return names
 
 
@@ -126,7 +127,7 @@ def preset_text(preset: str) -> str:
     """The class names of a preset (UI label or dataset key) as editable ``", "``-joined text."""
     dataset = PRESETS.get(preset, preset)
     if dataset not in CLASS_NAMES:
-        raise ValueError(
+        raise UserError(
             f"Unknown preset {_quoted(str(preset))}; choose one of {', '.join(PRESETS)}."
         )
     return ", ".join(CLASS_NAMES[dataset])

@@ -14,10 +14,13 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-#: Exceptions that describe bad input: ValueError covers CheckpointError, ImageError and
+from .errors import UserError
+
+#: Exceptions that describe bad input: UserError covers CheckpointError, ImageError and
 #: invalid settings; FileNotFoundError covers WeightsNotFoundError; the rest are file access.
+#: A plain ValueError is a bug: it keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError,
+    UserError,
     FileNotFoundError,
     IsADirectoryError,
     NotADirectoryError,

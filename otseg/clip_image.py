@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import VisionConfig
+from .errors import UserError
 
 
 @dataclass
@@ -193,10 +194,10 @@ def check_visual(visual: nn.Module, cfg: VisionConfig) -> None:
     wrong = {k: (v, getattr(cfg, k)) for k, v in found.items() if v != getattr(cfg, k)}
     if wrong:
         detail = ", ".join(f"{k}: CLIP has {a}, config wants {b}" for k, (a, b) in wrong.items())
-        raise ValueError(f"CLIP image tower does not match the model config ({detail})")
+        raise UserError(f"CLIP image tower does not match the model config ({detail})")
     act = visual.transformer.resblocks[0].mlp.gelu
     if type(act).__name__ != "QuickGELU":
-        raise ValueError(
+        raise UserError(
             "CLIP image tower uses nn.GELU; OpenAI CLIP weights need QuickGELU "
             "(use 'ViT-B-16-quickgelu' or quick_gelu=True)"
         )

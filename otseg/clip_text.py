@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UserError
 from .prompts import fill
 
 
@@ -43,7 +44,7 @@ class TextTower(nn.Module):
         limit = self.context_length - 2  # start and end tokens
         too_long = [p for p in prompts if len(enc.encode(p)) > limit]
         if too_long:
-            raise ValueError(
+            raise UserError(
                 f"{len(too_long)} prompt(s) exceed CLIP's {limit}-token text context, e.g. "
                 f"{too_long[0][:80]!r}; use shorter class names"
             )
@@ -112,7 +113,7 @@ class PromptEmbedder:
         if missing:
             if self.tower is None:
                 known = ", ".join(list(self.bank)[:8])
-                raise ValueError(
+                raise UserError(
                     f"no text encoder is loaded, so only the model's stored class names can be "
                     f"used; unknown: {missing[:5]} (known: {known}...)"
                 )

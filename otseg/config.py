@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .data.classes import CLASS_NAMES, UNSEEN
+from .errors import UserError
 from .prompts import TEMPLATES_6, TEMPLATES_8
 
 SETTINGS = ("inductive", "transductive", "fully")
@@ -36,7 +37,7 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         if self.deep_prompt_layers not in (0, self.layers - 1):
-            raise ValueError(
+            raise UserError(
                 f"deep_prompt_layers must be 0 or layers − 1 = {self.layers - 1} (a prompt set "
                 f"before every block), got {self.deep_prompt_layers}"
             )
@@ -77,11 +78,11 @@ class SplitConfigMixin:
 
     def check_split(self) -> None:
         if self.setting not in SETTINGS:
-            raise ValueError(f"setting must be one of {SETTINGS}, got {self.setting!r}")
+            raise UserError(f"setting must be one of {SETTINGS}, got {self.setting!r}")
         k = len(self.class_names)
         bad = [i for i in self.unseen if not 0 <= i < k]
         if bad:
-            raise ValueError(f"unseen ids {bad} out of range for {k} classes")
+            raise UserError(f"unseen ids {bad} out of range for {k} classes")
 
     def replace(self, **changes: Any):
         """A copy with top-level fields changed; nested config fields accept dicts of changes."""
@@ -99,7 +100,7 @@ class SplitConfigMixin:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = set(data) - set(fields)
         if unknown:
-            raise ValueError(f"unknown config fields: {sorted(unknown)}")
+            raise UserError(f"unknown config fields: {sorted(unknown)}")
         defaults = cls()
         out = {}
         for key, value in data.items():
@@ -141,7 +142,7 @@ class OTSegConfig(SplitConfigMixin):
     def __post_init__(self) -> None:
         self.check_split()
         if not self.templates or any("{}" not in t for t in self.templates):
-            raise ValueError("templates must be non-empty strings containing '{}'")
+            raise UserError("templates must be non-empty strings containing '{}'")
 
     @property
     def num_prompts(self) -> int:
@@ -209,4 +210,4 @@ def get_preset(name: str):
     try:
         return presets[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}") from None
+        raise UserError(f"unknown preset {name!r}; choose from {sorted(presets)}") from None

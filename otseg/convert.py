@@ -19,6 +19,7 @@ import torch
 
 from .cli import fail
 from .config import PRESETS, OTSegConfig, get_preset
+from .errors import UserError
 from .hub import CheckpointError, WeightsNotFoundError, load_weights
 from .model import OTSeg, build_model
 
@@ -178,7 +179,7 @@ def _convert_local(args: argparse.Namespace) -> tuple[OTSeg, dict]:
         try:
             config = OTSegConfig.from_dict(json.loads(Path(args.config).read_text()))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(
+            raise UserError(
                 f"--config {args.config} is not an OTSegConfig JSON file ({e})"
             ) from None
     if args.keep_clip:
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         model, card = _convert_original(args) if args.original else _convert_local(args)
-    except (CheckpointError, WeightsNotFoundError, ValueError) as e:
+    except (UserError, WeightsNotFoundError) as e:  # CheckpointError is a UserError
         print(f"error: {e}", file=sys.stderr)  # a key mismatch report spans several lines
         return 2
     out = model.save_pretrained(args.output, card=card)

@@ -9,6 +9,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
+
 
 def fuse(decoder_map: torch.Tensor, score_map: torch.Tensor | None, lam: float) -> torch.Tensor:
     """(1 − λ)·D + λ·MPS, both (B, K, H, W); D alone when the MPS branch is off.
@@ -18,7 +20,7 @@ def fuse(decoder_map: torch.Tensor, score_map: torch.Tensor | None, lam: float) 
     if score_map is None:
         return decoder_map
     if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must be in [0, 1], got {lam}")
+        raise UserError(f"lam must be in [0, 1], got {lam}")
     return (1.0 - lam) * decoder_map + lam * score_map
 
 

@@ -28,6 +28,7 @@ from huggingface_hub.errors import (
 from safetensors.torch import load_file, safe_open, save_file
 
 from .config import OTSegConfig
+from .errors import UserError
 from .model import OTSeg, build_model
 
 FORMAT = "otseg"
@@ -42,7 +43,7 @@ class WeightsNotFoundError(FileNotFoundError):
     """Model files could not be found locally or downloaded; the message says what to do."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A file is not what it should be (wrong format, wrong or missing keys)."""
 
 

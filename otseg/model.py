@@ -16,6 +16,7 @@ from .clip_text import PromptEmbedder, TextTower
 from .config import OTSegConfig
 from .decoder import Decoder, combine_masks, relationship_queries
 from .ensemble import PostProcessing
+from .errors import UserError
 from .mps import Transport, mps_maps
 from .mpsa import ATTENTIONS
 
@@ -105,7 +106,7 @@ class OTSeg(PostProcessing, nn.Module):
             mask_combine: ``"sigmoid_geomean"`` or ``"last"`` (default: by attention).
         """
         if attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+            raise UserError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         b, _, h, w = emb.pixels.shape
         pixels = emb.pixels.flatten(2).transpose(1, 2)  # (B, M, C), m = y·w + x
         q0 = relationship_queries(self.decoder.q_proj, emb.cls, text)

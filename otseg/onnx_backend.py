@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .clip_image import ImageEmbedding
+from .errors import UserError
 from .export_onnx import export_tower
 from .model import OTSeg
 
@@ -51,7 +52,7 @@ class OnnxTower:
 
     def __call__(self, images: torch.Tensor) -> ImageEmbedding:
         if tuple(images.shape[-2:]) != (self.size, self.size):
-            raise ValueError(
+            raise UserError(
                 f"the ONNX tower takes {self.size}×{self.size} crops, got "
                 f"{tuple(images.shape[-2:])}: use mode='slide' or the torch backend"
             )

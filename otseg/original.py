@@ -24,6 +24,7 @@ import torch
 
 from .config import OTSegConfig, get_preset
 from .download import DownloadError, download, offline
+from .errors import UserError
 from .hub import CheckpointError
 from .model import OTSeg
 
@@ -145,13 +146,13 @@ def get_original(name: str) -> OriginalModel:
     """
     key = name.removeprefix(PREFIX).strip().lower()
     if key not in ORIGINALS:
-        raise ValueError(
+        raise UserError(
             f"unknown original setting {name!r}; choose one of: "
             + ", ".join(PREFIX + n for n in available())
         )
     entry = ORIGINALS[key]
     if entry.refused:
-        raise ValueError(f"{PREFIX}{key} cannot be used: {entry.refused}")
+        raise UserError(f"{PREFIX}{key} cannot be used: {entry.refused}")
     return entry
 
 

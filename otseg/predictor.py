@@ -22,6 +22,7 @@ import torch
 
 from .clip_image import ImageEmbedding
 from .ensemble import TokenMaps, WindowScores, resize
+from .errors import UserError
 from .preprocess import ImageLike, load_image, to_model_input
 from .slide import Box, crops, merge_windows, slide_windows, window_probabilities
 from .vocabulary import mark_seen
@@ -113,9 +114,9 @@ class OTSegPredictor:
         backend: str = "torch",
     ) -> None:
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+            raise UserError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise UserError(f"mode must be one of {MODES}, got {mode!r}")
         self.model = model.eval()
         if device is not None:
             try:
@@ -128,12 +129,12 @@ class OTSegPredictor:
         self._onnx_tower = None
         if backend == "onnxruntime":
             if precision != "fp32" or mode != "slide":
-                raise ValueError("backend='onnxruntime' runs fp32 slide windows only")
+                raise UserError("backend='onnxruntime' runs fp32 slide windows only")
             from .onnx_backend import onnx_tower
 
             self._onnx_tower = onnx_tower(self.model)
         elif backend != "torch":
-            raise ValueError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}")
+            raise UserError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}")
         self.reset_image()
         self._names: list[str] | None = None
         self._text: torch.Tensor | None = None
@@ -199,25 +200,23 @@ class OTSegPredictor:
         hyphens and underscores (:func:`otseg.vocabulary.mark_seen`).
         """
         if isinstance(names, str):  # list("cat, dog") would be one name per character
-            raise ValueError(
-                f"give the class names as a list of strings, not one string: {names!r}"
-            )
+            raise UserError(f"give the class names as a list of strings, not one string: {names!r}")
         names = list(names)
         if not names:
-            raise ValueError("the vocabulary is empty: give at least one class name")
+            raise UserError("the vocabulary is empty: give at least one class name")
         if len(names) > MAX_CLASSES:
-            raise ValueError(f"{len(names)} class names; at most {MAX_CLASSES} are supported")
+            raise UserError(f"{len(names)} class names; at most {MAX_CLASSES} are supported")
         bad = [n for n in names if not isinstance(n, str) or not n.strip()]
         if bad:
-            raise ValueError(f"class names must be non-empty strings, got {bad[:3]!r}")
+            raise UserError(f"class names must be non-empty strings, got {bad[:3]!r}")
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"duplicate class names: {dupes[:5]}")
+            raise UserError(f"duplicate class names: {dupes[:5]}")
         if seen is None:
             cfg = self.model.config
             seen = mark_seen(names, cfg.class_names, cfg.seen)
         elif len(seen) != len(names):
-            raise ValueError(f"seen has {len(seen)} entries for {len(names)} class names")
+            raise UserError(f"seen has {len(seen)} entries for {len(names)} class names")
         self._text = self.model.embed_text(names)
         self._names = names
         self._seen = torch.tensor(list(seen), dtype=torch.bool)
@@ -247,7 +246,7 @@ class OTSegPredictor:
         if self._text is None:
             raise RuntimeError("call set_vocabulary() before predict()")
         if attention not in self.model.attentions:
-            raise ValueError(f"attention must be one of {self.model.attentions}, got {attention!r}")
+            raise UserError(f"attention must be one of {self.model.attentions}, got {attention!r}")
         cfg = self.model.config
         lam = cfg.ensemble_lambda if lam is None else float(lam)
         seen = self._seen if calibrate_seen else None

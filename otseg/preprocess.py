@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import UserError
+
 MIN_SIDE = 16  # one ViT patch
 MAX_PIXELS = 50_000_000  # decoded size limit; larger JPEGs are decoded at a reduced scale
 MAX_ASPECT = 10.0
@@ -18,7 +20,7 @@ MAX_ASPECT = 10.0
 ImageLike = str | Path | bytes | Image.Image | np.ndarray
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """The input cannot be used as an image; the message says why and what to do."""
 
 

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from .cli import fail, run
-from .hub import CheckpointError
+from .errors import UserError
 from .original import ORIGINALS, available, build, get_original
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         names = [get_original(n).name for n in args.only] if args.only else available()
-    except ValueError as e:
+    except UserError as e:
         fail(str(e))
     for name, entry in ORIGINALS.items():
         if entry.refused and not args.only:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: wrote {folder} (dry run, not pushed to {repo})")
             else:
                 print(f"{name}: {model.push_to_hub(repo, card=card, private=args.private)}")
-        except (CheckpointError, OSError, ValueError) as e:  # OSError: Hub upload errors too
+        except (UserError, OSError) as e:  # CheckpointError included; OSError: Hub uploads too
             print(f"error: {name}: {e}", file=sys.stderr)
             failed.append(name)
         model = None  # free the previous model before building the next

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from .errors import UserError
+
 _KEY_DROP = re.compile(r"[\s_\-]+")
 
 
@@ -42,6 +44,6 @@ def mark_seen(
     """
     bad = [i for i in seen_ids if not 0 <= i < len(train_names)]
     if bad:
-        raise ValueError(f"seen ids {bad} out of range for {len(train_names)} training classes")
+        raise UserError(f"seen ids {bad} out of range for {len(train_names)} training classes")
     seen_keys = {match_key(train_names[i]) for i in seen_ids}
     return [match_key(name) in seen_keys for name in names]

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from app import render
-from app.inference import Handlers, LoadedModel, UserError
+from app.inference import Handlers, LoadedModel
+from otseg.errors import UserError
 from tests.demo_helpers import write_photo
 from tests.factories import save_tiny_clip, tiny_model
 

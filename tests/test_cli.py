@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 from otseg.cli import run
+from otseg.errors import UserError
+from otseg.hub import CheckpointError
+from otseg.preprocess import ImageError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +35,9 @@ def test_run_exit_codes_and_messages(capsys, monkeypatch):
     assert exit_of(lambda: None, capsys) == (0, "")
     assert exit_of(lambda: {"miou": 1.0}, capsys) == (0, "")
     assert exit_of(lambda: 3, capsys) == (3, "")
-    assert exit_of(raiser(ValueError("bad λ\nmore")), capsys) == (2, "error: bad λ\n")
+    assert exit_of(raiser(UserError("bad λ\nmore")), capsys) == (2, "error: bad λ\n")
+    assert exit_of(raiser(CheckpointError("not a checkpoint")), capsys)[0] == 2
+    assert exit_of(raiser(ImageError("not an image")), capsys)[0] == 2
     assert exit_of(raiser(FileNotFoundError("no such file x")), capsys) == (
         2,
         "error: no such file x\n",
@@ -45,8 +50,29 @@ def test_run_exit_codes_and_messages(capsys, monkeypatch):
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
         run(raiser(ZeroDivisionError()))
     monkeypatch.setenv("OTSEG_TRACEBACK", "1")
-    with pytest.raises(ValueError):
-        run(raiser(ValueError("shown with traceback")))
+    with pytest.raises(UserError):
+        run(raiser(UserError("shown with traceback")))
+
+
+def test_an_internal_value_error_keeps_its_traceback(capsys, monkeypatch):
+    """Only a UserError is bad input: a plain ValueError is a bug and is not turned into one
+    line."""
+    monkeypatch.delenv("OTSEG_TRACEBACK", raising=False)
+    with pytest.raises(ValueError, match="shape mismatch") as e:
+        run(raiser(ValueError("shape mismatch inside the decoder")))
+    assert not isinstance(e.value, UserError)
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_a_malformed_recipe_file_is_one_line(tmp_path, capsys):
+    from train.recipe import load_recipe
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("iterations = = 3\n")
+    code, err = exit_of(lambda: load_recipe(bad), capsys)
+    assert (
+        code == 2 and err.startswith(f"error: {bad} is not valid TOML (") and err.count("\n") == 1
+    )
 
 
 COMMANDS = {

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Sampler
 from otseg.config import OTSegConfig, get_preset
 from otseg.data.augment import EvalTransform, TrainTransform, collate
 from otseg.data.datasets import build_dataset, check_label_values
+from otseg.errors import UserError
 from otseg.hub import (
     CONFIG_NAME,
     MODEL_TYPES,
@@ -49,7 +50,7 @@ def build_config(recipe: Recipe) -> OTSegConfig:
         names = read_class_file(Path(recipe.data_root) / "classes.txt")
         unknown = sorted(set(recipe.unseen_classes) - set(names))
         if unknown:
-            raise ValueError(f"unseen_classes {unknown} are not in {recipe.data_root}/classes.txt")
+            raise UserError(f"unseen_classes {unknown} are not in {recipe.data_root}/classes.txt")
         changes.update(
             dataset=Path(recipe.data_root).name or "custom",
             class_names=names,
@@ -63,7 +64,7 @@ def build_config(recipe: Recipe) -> OTSegConfig:
     if setting == "fully":
         changes["unseen"] = ()
     elif not changes.get("unseen", config.unseen):
-        raise ValueError(f"the {setting} setting needs unseen classes (set unseen_classes)")
+        raise UserError(f"the {setting} setting needs unseen classes (set unseen_classes)")
     return config.replace(**changes) if changes else config
 
 
@@ -107,7 +108,7 @@ def resolve_init(path: str | Path, step: int | None = None) -> Path:
     if len(candidates) == 1:
         return candidates[0] / "model"
     if candidates:
-        raise ValueError(
+        raise UserError(
             f"init_from {path} is ambiguous: a run directory with a final model and checkpoints "
             f"of steps {steps}; pass one of them, e.g. {path / 'model'} or {found[-1]}"
         )
@@ -154,7 +155,7 @@ def build_training_model(recipe: Recipe, config: OTSegConfig) -> OTSeg:
     """The model to train: frozen CLIP (``load_clip``) or the config's random frozen tower,
     fresh prompts and decoder, or the weights of ``recipe.init_from`` (weights only)."""
     if recipe.model not in MODEL_TYPES:
-        raise ValueError(f"unknown model type {recipe.model!r}; this trainer builds: {MODEL_TYPES}")
+        raise UserError(f"unknown model type {recipe.model!r}; this trainer builds: {MODEL_TYPES}")
     torch.manual_seed(recipe.seed)
     source = resolve_init(recipe.init_from, recipe.init_from_iter) if recipe.init_from else None
     if isinstance(config, ZegOTConfig):  # random towers when clip_model is None
@@ -173,7 +174,7 @@ def build_training_model(recipe: Recipe, config: OTSegConfig) -> OTSeg:
 
         src_config, _ = read_config(source / CONFIG_NAME)
         if src_config.vision != config.vision:
-            raise ValueError(f"init_from {source}: image tower {src_config.vision} differs")
+            raise UserError(f"init_from {source}: image tower {src_config.vision} differs")
         load_weights(model, load_file(str(source / WEIGHTS_NAME)), str(source))
     return model
 
@@ -240,7 +241,7 @@ def build_train_loader(
         recipe.dataset, recipe.data_root, recipe.train_split, transform, seed=recipe.seed
     )
     if len(dataset) < per_device_batch:
-        raise ValueError(f"{len(dataset)} training images < per-device batch {per_device_batch}")
+        raise UserError(f"{len(dataset)} training images < per-device batch {per_device_batch}")
     return DataLoader(
         dataset,
         batch_size=per_device_batch,

@@ -27,6 +27,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
+from otseg.errors import UserError
 from otseg.hub import WEIGHTS_NAME, load_weights
 
 PREFIX = "checkpoint_"
@@ -94,7 +95,7 @@ class CheckpointManager:
         keep_steps: tuple[int, ...] = (),
     ) -> None:
         if keep is not None and keep < 1:
-            raise ValueError("keep must be ≥ 1 (or None to keep all checkpoints)")
+            raise UserError("keep must be ≥ 1 (or None to keep all checkpoints)")
         self.accelerator, self.folder, self.keep = accelerator, Path(folder), keep
         self.keep_steps = {checkpoint_dir(self.folder, s).name for s in keep_steps}
         accelerator.register_save_state_pre_hook(self._save_model)

@@ -12,6 +12,7 @@ from accelerate.logging import get_logger
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from otseg.errors import UserError
 from otseg.losses import count_masks
 from train.build import EpochSampler, fixed_sinkhorn, set_epoch
 from train.checkpoint import TrainState
@@ -124,7 +125,7 @@ def train_loop(
     """
     per_epoch = len(loader)
     if per_epoch == 0:
-        raise ValueError("the training loader is empty on this process: too few images")
+        raise UserError("the training loader is empty on this process: too few images")
     model.train()
     net = accelerator.unwrap_model(model)
     bar = tqdm(

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from otseg.errors import UserError
+
 BASE_LR = 2e-4  # effective: config lr 2e-5 × lr_mult 10
 WEIGHT_DECAY = 0.01
 
@@ -110,7 +112,7 @@ def batch_layout(global_batch: int, max_per_device: int, num_processes: int) -> 
         if global_batch % (per_device * num_processes) == 0:
             return per_device, global_batch // (per_device * num_processes)
     counts = [n for n in range(1, global_batch + 1) if global_batch % n == 0]
-    raise ValueError(
+    raise UserError(
         f"the global batch of {global_batch} images cannot be split evenly over "
         f"{num_processes} processes; launch {', '.join(map(str, counts[:-1]))} or {counts[-1]} "
         f"processes (e.g. restrict the GPUs with CUDA_VISIBLE_DEVICES), or change the recipe "

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from otseg.config import IMAGENET_MEAN, IMAGENET_STD, OTSegConfig
+from otseg.errors import UserError
 from otseg.training_free import CLIP_MEAN, CLIP_STD
 
 
@@ -68,6 +69,6 @@ def get_protocol(name: str) -> Protocol:
     try:
         return PROTOCOLS[name]
     except KeyError:
-        raise ValueError(
+        raise UserError(
             f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)}"
         ) from None

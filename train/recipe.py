@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from otseg.errors import UserError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -78,21 +80,19 @@ class Recipe:
     def __post_init__(self) -> None:
         for key in ("iterations", "global_batch", "per_device_batch", "checkpoint_interval"):
             if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be ≥ 1, got {getattr(self, key)}")
+                raise UserError(f"{key} must be ≥ 1, got {getattr(self, key)}")
         if self.eval_every < 0 or (self.sinkhorn_iters is not None and self.sinkhorn_iters < 1):
-            raise ValueError("eval_every must be ≥ 0 and sinkhorn_iters ≥ 1 (or none)")
+            raise UserError("eval_every must be ≥ 0 and sinkhorn_iters ≥ 1 (or none)")
         if self.warmup_iters < 0:
-            raise ValueError("warmup_iters must be ≥ 0")
+            raise UserError("warmup_iters must be ≥ 0")
         if len(self.img_scale) != 2 or len(self.ratio_range) != 2:
-            raise ValueError("img_scale and ratio_range take two values")
+            raise UserError("img_scale and ratio_range take two values")
         if self.setting not in (None, "inductive", "transductive", "fully"):
-            raise ValueError(
+            raise UserError(
                 f"setting must be inductive, transductive or fully, got {self.setting!r}"
             )
         if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(
-                f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision}"
-            )
+            raise UserError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision}")
 
     def validate(self) -> None:
         """Checks needing more than the recipe: the transductive start point, crop = S."""
@@ -100,7 +100,7 @@ class Recipe:
             step = ""
             if self.init_from_iter:
                 step = f", which picks its checkpoint of step {self.init_from_iter}"
-            raise ValueError(
+            raise UserError(
                 f"recipe {self.name!r} is transductive: it starts from an inductive model; pass "
                 f"the inductive run's folder, e.g. --init-from runs/<inductive run>{step}"
             )
@@ -109,13 +109,13 @@ class Recipe:
 
         preset = get_preset(self.preset)
         if model_type(preset) != self.model:
-            raise ValueError(
+            raise UserError(
                 f"recipe {self.name!r}: preset {self.preset!r} is a {model_type(preset)} model, "
                 f"but model = {self.model!r}; set model = {model_type(preset)!r}"
             )
         size = preset.vision.image_size
         if self.crop_size != size:
-            raise ValueError(f"crop_size {self.crop_size} must equal the model size {size}")
+            raise UserError(f"crop_size {self.crop_size} must equal the model size {size}")
         for key in ("text_embeddings", "clip_weights"):
             path = getattr(self, key)
             if path and not Path(path).is_file():
@@ -156,16 +156,16 @@ def _scalar(key: str, kind: type, value: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         if not isinstance(value, bool):
-            raise ValueError(f"{key}: expected true/false, got {value!r}")
+            raise UserError(f"{key}: expected true/false, got {value!r}")
         return value
     if kind is str:
         return str(value)
     try:
         number = kind(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{key}: expected {kind.__name__}, got {value!r}") from None
+        raise UserError(f"{key}: expected {kind.__name__}, got {value!r}") from None
     if kind is int and isinstance(value, float) and number != value:
-        raise ValueError(f"{key}: expected an integer, got {value!r}")
+        raise UserError(f"{key}: expected an integer, got {value!r}")
     return number
 
 
@@ -174,9 +174,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ValueError(f"override must look like key=value, got {item!r}")
+        raise UserError(f"override must look like key=value, got {item!r}")
     if key not in _HINTS:
-        raise ValueError(f"unknown recipe field {key!r}; fields: {sorted(_HINTS)}")
+        raise UserError(f"unknown recipe field {key!r}; fields: {sorted(_HINTS)}")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -200,11 +200,14 @@ def recipe_path(name_or_path: str | Path) -> Path:
 def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """A recipe file (name of a built-in recipe or a ``.toml`` path) with ``key=value`` overrides."""
     path = recipe_path(name_or_path)
-    data = tomllib.loads(path.read_text())
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path} is not valid TOML ({e})") from None
     data.setdefault("name", path.stem)
     unknown = set(data) - set(_HINTS)
     if unknown:
-        raise ValueError(f"{path}: unknown recipe fields {sorted(unknown)}")
+        raise UserError(f"{path}: unknown recipe fields {sorted(unknown)}")
     values = {key: _coerce(key, value) for key, value in data.items()}
     values.update(parse_override(item) for item in overrides)
     return Recipe(**values)

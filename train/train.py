@@ -35,6 +35,7 @@ from accelerate.utils import (
 
 import otseg  # noqa: F401 - patches torchvision before open_clip/timm are imported
 from otseg.config import OTSegConfig
+from otseg.errors import UserError
 from otseg.metrics import format_table
 from otseg.zegot import ZegOTConfig
 from train.build import (
@@ -130,7 +131,7 @@ def build_accelerator(
         per_device, steps = batch_layout(
             recipe.global_batch, recipe.per_device_batch, state.num_processes
         )
-    except ValueError as e:
+    except UserError as e:
         raise SystemExit(f"error: {e}") from None
     accelerator = Accelerator(
         cpu=cpu,
@@ -297,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         config = build_config(recipe)
         zegot = isinstance(config, ZegOTConfig)  # ZegOT's transductive schedule is one run
         if config.setting == "transductive" and not recipe.init_from and not zegot:
-            raise ValueError(
+            raise UserError(
                 "transductive training starts from an inductive model: pass --init-from"
             )
         check_custom_labels(recipe, evaluate=not args.no_eval or recipe.eval_every > 0)

@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from .classes import CLASS_NAMES
 
 Sample = dict[str, Any]
@@ -61,10 +62,10 @@ def read_label(path: str | Path) -> np.ndarray:
     """A label PNG (palette or grayscale) as uint8 (H, W) of stored indices."""
     with Image.open(path) as im:
         if im.mode not in ("P", "L", "I", "I;16"):
-            raise ValueError(f"{path}: label images must be palette or grayscale, got {im.mode}")
+            raise UserError(f"{path}: label images must be palette or grayscale, got {im.mode}")
         label = np.asarray(im)
     if label.max(initial=0) > 255:
-        raise ValueError(f"{path}: label values above 255 are not supported")
+        raise UserError(f"{path}: label values above 255 are not supported")
     return label.astype(np.uint8)
 
 
@@ -122,7 +123,7 @@ class SegmentationDataset(Dataset):
         image_path, label_path = self.pairs[index]
         image, label = read_image(image_path), read_label(label_path)
         if image.shape[:2] != label.shape:
-            raise ValueError(f"{label_path}: label {label.shape} vs image {image.shape[:2]}")
+            raise UserError(f"{label_path}: label {label.shape} vs image {image.shape[:2]}")
         if self.reduce_zero_label:
             label = reduce_zero(label)
         if self.ignore_index != 255:
@@ -175,7 +176,7 @@ def voc_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
         labels = _require(base / "SegmentationClass", "label folder", VOC_LAYOUT)
         return _pairs(images, labels, stems, ".jpg", ".png", VOC_LAYOUT)
     if split not in ("trainaug", "aug"):
-        raise ValueError(f"VOC split must be train, val or trainaug, got {split!r}")
+        raise UserError(f"VOC split must be train, val or trainaug, got {split!r}")
     aug_labels = _require(base / "SegmentationClassAug", "label folder", VOC_LAYOUT)
     aug_split = next((sets / n for n in ("trainaug.txt", "aug.txt") if (sets / n).exists()), None)
     if aug_split is None:
@@ -306,7 +307,7 @@ def build_dataset(
             root / "images" / split, root / "labels" / split, transform=transform, **kwargs
         )
     if name not in _READERS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     reader, reduce = _READERS[name]
     return SegmentationDataset(
         reader(root, split),
@@ -328,7 +329,7 @@ def check_label_values(dataset: SegmentationDataset) -> None:
         values = np.unique(label)
         bad = values[(values >= k) & (values != 255) & (values != dataset.ignore_index)]
         if bad.size:
-            raise ValueError(
+            raise UserError(
                 f"{label_path}: label value {int(bad[0])} but only {k} classes (ids 0..{k - 1}, "
                 f"255 = ignore); fix the label file or add the missing class names"
             )

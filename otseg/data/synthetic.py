@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import UserError
+
 SYNTHETIC_CLASSES = (
     "red disc", "green square", "blue triangle", "yellow cross", "magenta ring",
     "cyan diamond", "orange bar", "white ellipse",
@@ -125,9 +127,9 @@ def write_synthetic(
         The path to pass to ``build_dataset(layout, root, split)``.
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise UserError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not 1 <= num_classes <= len(SYNTHETIC_CLASSES):
-        raise ValueError(f"num_classes must be in 1..{len(SYNTHETIC_CLASSES)}")
+        raise UserError(f"num_classes must be in 1..{len(SYNTHETIC_CLASSES)}")
     root = Path(root)
     rng = np.random.default_rng(seed)
     splits = {"train": num_train, "val": num_val}

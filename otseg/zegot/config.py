@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ..config import IMAGENET_MEAN, IMAGENET_STD, SplitConfigMixin, VisionConfig
 from ..data.classes import CLASS_NAMES, UNSEEN
+from ..errors import UserError
 from ..prompts import TEMPLATES_6
 
 MPOT_LAST = ("identity", "sigmoid")
@@ -87,32 +88,32 @@ class ZegOTConfig(SplitConfigMixin):
         self.check_split()
         h = self.head
         if h.prompt_source not in PROMPT_SOURCES:
-            raise ValueError(
+            raise UserError(
                 f"prompt_source must be one of {PROMPT_SOURCES}, got {h.prompt_source!r}"
             )
         if h.prompt_source == "templates" and (
             len(h.hand_crafted) != h.num_prompts or any("{}" not in t for t in h.hand_crafted)
         ):
-            raise ValueError(
+            raise UserError(
                 f"prompt_source 'templates' needs num_prompts ({h.num_prompts}) templates "
                 f"containing '{{}}', got {h.hand_crafted}"
             )
         if h.mpot_last not in MPOT_LAST:
-            raise ValueError(f"mpot_last must be one of {MPOT_LAST}, got {h.mpot_last!r}")
+            raise UserError(f"mpot_last must be one of {MPOT_LAST}, got {h.mpot_last!r}")
         bad = [i for i in h.mpot_layers if not 1 <= i <= self.vision.layers]
         if not h.mpot_layers or bad:
-            raise ValueError(
+            raise UserError(
                 f"mpot_layers must be non-empty block numbers in 1..{self.vision.layers}, "
                 f"got {h.mpot_layers}"
             )
         if self.vision.layers % h.fpn_stages:
-            raise ValueError(
+            raise UserError(
                 f"{self.vision.layers} blocks do not split into {h.fpn_stages} FPN stages"
             )
         if self.vision.num_prompt_tokens:
-            raise ValueError("ZegOT's image tower has no visual prompts (num_prompt_tokens=0)")
+            raise UserError("ZegOT's image tower has no visual prompts (num_prompt_tokens=0)")
         if not 0.0 <= self.self_train_start <= self.frozen_teacher_until <= 1.0:
-            raise ValueError("need 0 ≤ self_train_start ≤ frozen_teacher_until ≤ 1")
+            raise UserError("need 0 ≤ self_train_start ≤ frozen_teacher_until ≤ 1")
 
     @property
     def num_prompts(self) -> int:

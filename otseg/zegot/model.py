@@ -18,6 +18,7 @@ from torch import nn
 from ..clip_text import PromptEmbedder, TextTower
 from ..decoder import relationship_queries
 from ..ensemble import PostProcessing
+from ..errors import UserError
 from ..mps import Transport
 from .config import ZegOTConfig
 from .decoder import ScoreMapDecoder
@@ -114,7 +115,7 @@ class ZegOT(PostProcessing, nn.Module):
             use_mps: include the MPOT map Y in the output (the decoder always reads it).
         """
         if attention not in TRANSPORTS:
-            raise ValueError(f"attention must be one of {TRANSPORTS}, got {attention!r}")
+            raise UserError(f"attention must be one of {TRANSPORTS}, got {attention!r}")
         blocks, b, _, h, w = emb.blocks.shape
         g = F.normalize(relationship_queries(self.q_proj, emb.cls, text), dim=-1)  # (B, K, N, C)
         sims = block_similarities(emb.blocks, g)  # (L, B, K, M, N)
