@@ -123,7 +123,7 @@ class OTSegPredictor:
                 self.model.to(device)
             except (RuntimeError, AssertionError) as e:  # CPU-only torch asserts on "cuda"
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ValueError(f"device {str(device)!r} is not usable here: {reason}") from None
+                raise UserError(f"device {str(device)!r} is not usable here: {reason}") from None
         self.precision = precision
         self.mode = mode
         self._onnx_tower = None
