@@ -77,7 +77,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--port",
         type=int,
-        default=int(_env("OTSEG_PORT", "GRADIO_SERVER_PORT", default="7860")),
+        default=_env("OTSEG_PORT", "GRADIO_SERVER_PORT", default="7860"),  # argparse applies int
         help="default: %(default)s [OTSEG_PORT, GRADIO_SERVER_PORT]",
     )
     p.add_argument(
@@ -86,7 +86,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=_env("OTSEG_SHARE") == "1",
         help="public gradio.live link [OTSEG_SHARE=1]",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.precision not in ("fp32", "bf16"):  # choices are not applied to an environment default
+        p.error(f"OTSEG_PRECISION={args.precision}: use fp32 or bf16")
+    return args
 
 
 def build_demo(loaded: LoadedModel) -> gr.Blocks:

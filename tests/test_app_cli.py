@@ -52,3 +52,21 @@ def test_model_that_cannot_exist_is_refused_before_loading(tmp_path):
         check_model("original:voc-fully")
     for fine in (None, "", str(tmp_path), "org/name", "original:coco-transductive"):
         check_model(fine)  # whether the repo exists is only known when loading
+
+
+def test_environment_settings_are_checked_like_flags(monkeypatch, capsys):
+    from app.main import parse_args
+
+    monkeypatch.setenv("OTSEG_PORT", "8080")
+    monkeypatch.setenv("OTSEG_PRECISION", "bf16")
+    args = parse_args([])
+    assert (args.port, args.precision) == (8080, "bf16")
+    for name, value, message in (
+        ("OTSEG_PORT", "abc", "argument --port: invalid int value: 'abc'"),
+        ("OTSEG_PRECISION", "fp16", "OTSEG_PRECISION=fp16: use fp32 or bf16"),
+    ):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(SystemExit) as e:
+            parse_args([])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+        monkeypatch.delenv(name)
