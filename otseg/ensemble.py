@@ -112,3 +112,18 @@ class PostProcessing:
         output = calibrate(logits, seen, weight, inplace=inplace)
         scores = output if size is None else resize(output, size)
         return WindowScores(decoder_map, score_map, logits, output, scores)
+
+    def forward_scores(
+        self,
+        maps: TokenMaps,
+        images: torch.Tensor | object,
+        *,
+        lam: float | None,
+        seen: torch.Tensor | None,
+        calibration: float | None,
+    ) -> dict[str, torch.Tensor | None]:
+        """The :class:`WindowScores` fields of a forward on ``images``: (B, 3, H, W) crops
+        (``scores`` at (H, W)) or a cached image embedding (``scores`` at the model size)."""
+        size = tuple(images.shape[-2:]) if isinstance(images, torch.Tensor) else None
+        post = self.postprocess(maps, lam=lam, seen=seen, calibration=calibration, size=size)
+        return vars(post)

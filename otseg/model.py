@@ -15,7 +15,7 @@ from .clip_image import ImageEmbedding, PromptedViT
 from .clip_text import PromptEmbedder, TextTower
 from .config import OTSegConfig
 from .decoder import Decoder, combine_masks, relationship_queries
-from .ensemble import PostProcessing
+from .ensemble import PostProcessing, WindowScores
 from .errors import UserError
 from .mps import Transport, mps_maps
 from .mpsa import ATTENTIONS
@@ -24,14 +24,10 @@ DEFAULT_MASK_COMBINE = {"sinkhorn": "sigmoid_geomean", "softmax": "last"}
 
 
 @dataclass
-class OTSegOutput:
-    """Named maps of one forward. S = config image size, (h, w) = token grid."""
+class OTSegOutput(WindowScores):
+    """Named maps of one forward: the post-processed maps (decoder_map, score_map, logits,
+    output, scores; see :class:`WindowScores`), then the head's. (h, w) = token grid."""
 
-    decoder_map: torch.Tensor  # (B, K, S, S) decoder map D↑ (raw, before the sigmoid)
-    score_map: torch.Tensor | None  # (B, K, S, S) MPS map↑ (raw), None with the branch off
-    logits: torch.Tensor  # (B, K, S, S) (1 − λ)·D↑ + λ·MPS↑
-    output: torch.Tensor  # (B, K, S, S) σ(logits) − calibration on seen, at the model size
-    scores: torch.Tensor  # (B, K, H, W) ``output`` resized to the crop size (same if H = W = S)
     layer_masks: list[torch.Tensor]  # per decoder layer, (B, K, h, w)
     queries: list[torch.Tensor]  # relationship queries, then each layer's, (B, K, N, C)
     transports: list[Transport]  # the MPS call (if on), then one per decoder layer
@@ -147,24 +143,12 @@ class OTSeg(PostProcessing, nn.Module):
             seen: (K,) bool, classes that get the seen calibration (default: none).
             calibration: value subtracted on seen classes (default: config).
         """
-        cached = isinstance(images, ImageEmbedding)
-        emb = images if cached else self.encode_image(images)
+        emb = images if isinstance(images, ImageEmbedding) else self.encode_image(images)
         maps = self.decode(
             emb, text, attention=attention, use_mps=use_mps, mask_combine=mask_combine
         )
-        post = self.postprocess(
-            maps,
-            lam=lam,
-            seen=seen,
-            calibration=calibration,
-            size=None if cached else tuple(images.shape[-2:]),
-        )
         return OTSegOutput(
-            decoder_map=post.decoder_map,
-            score_map=post.score_map,
-            logits=post.logits,
-            output=post.output,
-            scores=post.scores,
+            **self.forward_scores(maps, images, lam=lam, seen=seen, calibration=calibration),
             layer_masks=maps.layer_masks,
             queries=maps.queries,
             transports=maps.transports,

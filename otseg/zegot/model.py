@@ -17,7 +17,7 @@ from torch import nn
 
 from ..clip_text import PromptEmbedder, TextTower
 from ..decoder import relationship_queries
-from ..ensemble import PostProcessing
+from ..ensemble import PostProcessing, WindowScores
 from ..errors import UserError
 from ..mps import Transport
 from .config import ZegOTConfig
@@ -39,14 +39,12 @@ class ZegOTMaps:
 
 
 @dataclass
-class ZegOTOutput:
-    """Named maps of one forward; field names shared with :class:`otseg.model.OTSegOutput`."""
+class ZegOTOutput(WindowScores):
+    """Named maps of one forward: the post-processed maps as in
+    :class:`otseg.model.OTSegOutput` (decoder_map: the decoder logits Ỹ↑; score_map: the MPOT
+    map Y↑, None with the branch off; output: σ(λ·Y↑ + (1 − λ)·Ỹ↑), calibration 0 by
+    default), then ZegOT's head maps."""
 
-    decoder_map: torch.Tensor  # (B, K, S, S) decoder logits Ỹ↑
-    score_map: torch.Tensor | None  # (B, K, S, S) MPOT map Y↑, None with the branch off
-    logits: torch.Tensor  # (B, K, S, S) λ·Y↑ + (1 − λ)·Ỹ↑
-    output: torch.Tensor  # (B, K, S, S) σ(logits) (− calibration on seen classes, default 0)
-    scores: torch.Tensor  # (B, K, H, W) ``output`` at the crop size
     prompt_maps: torch.Tensor  # (B, K, N, h, w) per learned prompt, S*
     dfa_maps: torch.Tensor  # (B, K, L, h, w)
     mpot: MPOTMaps
@@ -158,20 +156,8 @@ class ZegOT(PostProcessing, nn.Module):
         if not isinstance(text, torch.Tensor):
             text = self.embed_text(text)
         maps = self.decode(emb, text, attention=attention, use_mps=use_mps)
-        cached = isinstance(images, LayeredEmbedding)
-        post = self.postprocess(
-            maps,
-            lam=lam,
-            seen=seen,
-            calibration=calibration,
-            size=None if cached else tuple(images.shape[-2:]),
-        )
         return ZegOTOutput(
-            decoder_map=post.decoder_map,
-            score_map=post.score_map,
-            logits=post.logits,
-            output=post.output,
-            scores=post.scores,
+            **self.forward_scores(maps, images, lam=lam, seen=seen, calibration=calibration),
             prompt_maps=maps.prompt_maps,
             dfa_maps=maps.dfa,
             mpot=maps.mpot,
