@@ -137,7 +137,7 @@ def section_train(device: torch.device, quick: bool, steps: int, iterations: int
 
 def _phase(config, step: int, iterations: int) -> str:
     if config.setting != "transductive":
-        return "all"
+        return config.setting[:6]  # "induct" (seen classes) or "fully"
     if step < round(config.self_train_start * iterations):
         return "seen"
     return "frozen" if step < round(config.frozen_teacher_until * iterations) else "self"
