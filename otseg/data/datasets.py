@@ -159,6 +159,17 @@ def _find(root: Path, *candidates: str) -> Path:
     return next((root / c for c in candidates if (root / c).is_dir()), root)
 
 
+def _listed_pairs(
+    base: Path, label_folder: str, split_file: str, layout: str
+) -> list[tuple[Path, Path]]:
+    """Pairs of a VOC-style tree: ``JPEGImages/<stem>.jpg`` and ``<label_folder>/<stem>.png``
+    for the stems listed in ``base/split_file``."""
+    images = _require(base / "JPEGImages", "image folder", layout)
+    labels = _require(base / label_folder, "label folder", layout)
+    stems = _read_split(base / split_file, layout)
+    return _pairs(images, labels, stems, ".jpg", ".png", layout)
+
+
 VOC_LAYOUT = (
     "VOCdevkit/VOC2012/{JPEGImages/*.jpg, SegmentationClass/*.png, "
     "SegmentationClassAug/*.png, ImageSets/Segmentation/{train,val,aug|trainaug}.txt}"
@@ -172,9 +183,8 @@ def voc_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
     images = _require(base / "JPEGImages", "image folder", VOC_LAYOUT)
     sets = _require(base / "ImageSets/Segmentation", "split folder", VOC_LAYOUT)
     if split in ("train", "val"):
-        stems = _read_split(sets / f"{split}.txt", VOC_LAYOUT)
-        labels = _require(base / "SegmentationClass", "label folder", VOC_LAYOUT)
-        return _pairs(images, labels, stems, ".jpg", ".png", VOC_LAYOUT)
+        split_file = f"ImageSets/Segmentation/{split}.txt"
+        return _listed_pairs(base, "SegmentationClass", split_file, VOC_LAYOUT)
     if split not in ("trainaug", "aug"):
         raise UserError(f"VOC split must be train, val or trainaug, got {split!r}")
     aug_labels = _require(base / "SegmentationClassAug", "label folder", VOC_LAYOUT)
@@ -199,10 +209,8 @@ def context_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
     """(image, label) pairs of PASCAL Context-59 ``split`` in {train, val}."""
     root = _require(Path(root), "Context root", CONTEXT_LAYOUT)
     base = _find(root, "VOCdevkit/VOC2010", "VOC2010")
-    images = _require(base / "JPEGImages", "image folder", CONTEXT_LAYOUT)
-    labels = _require(base / "SegmentationClassContext", "label folder", CONTEXT_LAYOUT)
-    stems = _read_split(base / "ImageSets/SegmentationContext" / f"{split}.txt", CONTEXT_LAYOUT)
-    return _pairs(images, labels, stems, ".jpg", ".png", CONTEXT_LAYOUT)
+    split_file = f"ImageSets/SegmentationContext/{split}.txt"
+    return _listed_pairs(base, "SegmentationClassContext", split_file, CONTEXT_LAYOUT)
 
 
 COCO_LAYOUT = (
