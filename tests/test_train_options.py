@@ -26,11 +26,7 @@ from train.build import build_config, build_training_model, load_frozen_clip
 from train.optim import poly_warmup_lr
 from train.recipe import load_recipe
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import REPO, TRAIN, digest, env, reset_accelerate, run, tiny_args
+from train_helpers import REPO, TRAIN, digest, env, run, tiny_args
 
 from otseg.data.synthetic import write_synthetic
 from train.checkpoint import complete_checkpoints, latest_checkpoint
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    yield
-    reset_accelerate()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerate")]
 
 
 STEPS = ["--max-iters", "40", "--checkpoint-every", "5", "--keep-checkpoints", "2", "--no-eval"]

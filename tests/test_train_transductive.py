@@ -17,11 +17,7 @@ from otseg.model import OTSeg
 from train.build import build_config, build_training_model
 from train.recipe import load_recipe
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 @pytest.fixture(scope="module")
