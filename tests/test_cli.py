@@ -74,6 +74,13 @@ def test_a_malformed_recipe_file_is_one_line(tmp_path, capsys):
         code == 2 and err.startswith(f"error: {bad} is not valid TOML (") and err.count("\n") == 1
     )
 
+    other = tmp_path / "recipe.json"
+    other.write_text("{}")
+    assert exit_of(lambda: load_recipe(other), capsys) == (
+        2,
+        f"error: {other}: a recipe is a .toml file (see train/configs/)\n",
+    )
+
 
 COMMANDS = {
     "convert": [

@@ -188,6 +188,8 @@ def recipe_path(name_or_path: str | Path) -> Path:
     """``train/configs/<name>.toml`` for a recipe name, else the given file (``.toml`` optional:
     ``train/configs/voc-inductive`` works as in the README command)."""
     path = Path(name_or_path)
+    if path.is_file() and path.suffix != ".toml":
+        raise UserError(f"{path}: a recipe is a .toml file (see train/configs/)")
     if path.suffix != ".toml":
         with_suffix = path.with_name(path.name + ".toml")
         path = with_suffix if with_suffix.is_file() else CONFIG_DIR / f"{path.name}.toml"
