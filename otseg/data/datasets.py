@@ -213,6 +213,17 @@ def context_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
     return _listed_pairs(base, "SegmentationClassContext", split_file, CONTEXT_LAYOUT)
 
 
+def _folder_pairs(
+    base: Path, split: str, label_suffix: str, layout: str
+) -> list[tuple[Path, Path]]:
+    """Pairs of every ``images/<split>/<stem>.jpg`` with ``annotations/<split>/<stem><suffix>``
+    (COCO-Stuff and ADE20K: no split file, the folder is the split)."""
+    images = _require(base / "images" / split, "image folder", layout)
+    labels = _require(base / "annotations" / split, "label folder", layout)
+    stems = sorted(p.stem for p in images.glob("*.jpg"))
+    return _pairs(images, labels, stems, ".jpg", label_suffix, layout)
+
+
 COCO_LAYOUT = (
     "coco_stuff164k/{images/{train2017,val2017}/*.jpg, "
     "annotations/{train2017,val2017}/*_labelTrainIds.png}"
@@ -224,10 +235,7 @@ def coco_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
     split = {"train": "train2017", "val": "val2017"}.get(split, split)
     root = _require(Path(root), "COCO-Stuff root", COCO_LAYOUT)
     base = _find(root, "coco_stuff164k")
-    images = _require(base / "images" / split, "image folder", COCO_LAYOUT)
-    labels = _require(base / "annotations" / split, "label folder", COCO_LAYOUT)
-    stems = sorted(p.stem for p in images.glob("*.jpg"))
-    return _pairs(images, labels, stems, ".jpg", "_labelTrainIds.png", COCO_LAYOUT)
+    return _folder_pairs(base, split, "_labelTrainIds.png", COCO_LAYOUT)
 
 
 ADE_LAYOUT = "ADEChallengeData2016/{images,annotations}/{training,validation}/*.{jpg,png}"
@@ -238,10 +246,7 @@ def ade_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
     split = {"train": "training", "val": "validation"}.get(split, split)
     root = _require(Path(root), "ADE20K root", ADE_LAYOUT)
     base = _find(root, "ADEChallengeData2016")
-    images = _require(base / "images" / split, "image folder", ADE_LAYOUT)
-    labels = _require(base / "annotations" / split, "label folder", ADE_LAYOUT)
-    stems = sorted(p.stem for p in images.glob("*.jpg"))
-    return _pairs(images, labels, stems, ".jpg", ".png", ADE_LAYOUT)
+    return _folder_pairs(base, split, ".png", ADE_LAYOUT)
 
 
 CUSTOM_LAYOUT = "root/{classes.txt, images/<split>/<stem>.<jpg|png|...>, labels/<split>/<stem>.png}"
