@@ -3,8 +3,8 @@
 ``python -m otseg.convert``, ``otseg.publish``, ``otseg.export_onnx``, ``train.train``,
 ``train.evaluate`` and ``python app.py`` end with ``run(main)``: a problem with what the user
 gave (arguments, files, data) prints one line, ``error: <what and what to do>``, on stderr and
-exits with code 2, without a traceback. Anything else is a bug and keeps its traceback; ``OTSEG_TRACEBACK=1``
-shows the traceback for user errors too.
+exits with code 2, without a traceback. Anything else is a bug and keeps its traceback;
+``OTSEG_TRACEBACK=1`` shows the traceback for user errors too.
 """
 
 from __future__ import annotations
