@@ -20,6 +20,25 @@ from .errors import UserError
 from .prompts import fill
 
 
+class LockedCache:
+    """A cache guarded by ``self._lock``: a copy or an unpickled object gets a fresh lock (a
+    lock itself neither copies nor pickles), so ``copy.deepcopy`` and ``torch.save`` of a
+    model work."""
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        parent = getattr(super(), "__setstate__", None)  # nn.Module's, for modules
+        if parent is None:
+            self.__dict__.update(state)
+        else:
+            parent(state)
+        self._lock = threading.Lock()
+
+
 class TextTower(nn.Module):
     """The frozen open_clip text transformer, run only up to the longest prompt's end token."""
 
@@ -86,7 +105,7 @@ class TextTower(nn.Module):
         return F.normalize(x.float(), dim=-1)
 
 
-class PromptEmbedder:
+class PromptEmbedder(LockedCache):
     """Looks up or encodes the N prompts of each class name; thread-safe LRU cache."""
 
     def __init__(

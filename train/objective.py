@@ -12,7 +12,6 @@ point until ``frozen_teacher_until``, then from the model itself.
 from __future__ import annotations
 
 import copy
-import threading
 
 import torch
 from torch import nn
@@ -125,7 +124,6 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     shared with ``model`` (not copied)."""
     shared = (model.image_encoder, model.prompts.tower)
     memo = {id(m): m for m in shared}
-    memo[id(model.prompts._lock)] = threading.Lock()
     teacher = copy.deepcopy(model, memo)
     teacher.prompts._cache, teacher.prompts._cache_key = {}, None
     modes = [m.training for m in shared]

@@ -18,7 +18,7 @@ from ..clip_image import (
     check_visual,
     resize_positions,
 )
-from ..clip_text import TextTower
+from ..clip_text import LockedCache, TextTower
 from ..config import VisionConfig
 from .config import TextConfig
 
@@ -69,7 +69,7 @@ class FrozenViT(nn.Module):
         return LayeredEmbedding(pixels=tokens[-1], cls=cls, blocks=tokens)
 
 
-class LearnedPrompts(nn.Module):
+class LearnedPrompts(LockedCache, nn.Module):
     """N prompts of l free context vectors, run with each class name through the frozen text
     tower: ``[V_1 … V_l] <name> .`` → (K, N, C). Embeddings of a name are cached until the
     vectors change (an optimizer step or a load bumps the parameter's version)."""
