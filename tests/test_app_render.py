@@ -123,3 +123,23 @@ def test_sessions_are_independent(handlers, tmp_path):
     assert a.labels.shape == (64, 64) and b.labels.shape == (80, 120) and a.names == ["cat", "dog"]
     with pytest.raises(UserError, match="Segment first"):
         handlers.rerender(None, knobs)
+
+
+def test_only_user_errors_become_toasts():
+    """The demo shows a UserError (CheckpointError, ImageError, bad class names…) as an
+    escaped toast; a plain ValueError is a bug and propagates with its traceback."""
+    import gradio as gr
+
+    from app.ui import user_errors
+    from otseg.hub import CheckpointError
+
+    def raising(exc):
+        return user_errors(lambda: (_ for _ in ()).throw(exc))
+
+    for exc in (UserError("Class name “<b>” is bad"), CheckpointError("not a checkpoint")):
+        with pytest.raises(gr.Error) as info:
+            raising(exc)()
+        assert info.value.message == str(exc).replace("<", "&lt;").replace(">", "&gt;")
+    with pytest.raises(ValueError, match="internal shape") as info:
+        raising(ValueError("internal shape mismatch"))()
+    assert not isinstance(info.value, gr.Error)
