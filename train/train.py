@@ -2,6 +2,7 @@
 
     accelerate launch -m train.train --config train/configs/voc-inductive \\
         --data-root data/VOCdevkit/VOC2012 --output-dir runs/voc-inductive
+    python -m otseg.data.synthetic data/synthetic   # the tiny recipes' data, written once
     python -m train.train --config tiny --data-root data/synthetic --output-dir runs/tiny --cpu
 
 The global batch of the recipe (16) is kept on 1, 2, 4, 8 or 16 processes: the per-device batch
