@@ -1,11 +1,12 @@
 """ONNX Runtime backend for the image tower (CPU, fp32): ``OTSegPredictor(..., backend=
 "onnxruntime")``.
 
-The prompted tower is exported once per set of weights (``otseg.export_onnx``) into a cache
-folder (``$OTSEG_CACHE``, default ``~/.cache/otseg``; ~350 MB for ViT-B/16) and run by an ONNX
-Runtime session; outputs equal torch's to ~1e-6. Needs ``onnxruntime``, and ``onnx`` and
-``onnxscript`` for the first export (requirements-dev.txt). Slide windows only: the export has
-a fixed input size (the model's test crop).
+The prompted tower is exported once per set of weights (``otseg.export_onnx``) into ``onnx/``
+of the otseg cache, beside the converted original models (``$OTSEG_CACHE``, else
+``$HF_HOME/otseg``, default ``~/.cache/huggingface/otseg``; ~350 MB for ViT-B/16), and run by
+an ONNX Runtime session; outputs equal torch's to ~1e-6. Needs ``onnxruntime``, and ``onnx``
+and ``onnxscript`` for the first export (requirements-dev.txt). Slide windows only: the export
+has a fixed input size (the model's test crop).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from .model import OTSeg
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("OTSEG_CACHE", Path.home() / ".cache" / "otseg")) / "onnx"
+    from .original import cache_root
+
+    return cache_root() / "onnx"
 
 
 def tower_key(model: OTSeg, size: int) -> str:

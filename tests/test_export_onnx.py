@@ -68,3 +68,13 @@ def test_predictor_onnxruntime_backend_equals_torch(tmp_path, monkeypatch):
 
     with pytest.raises(ValueError, match="fp32 slide"):
         OTSegPredictor(model, backend="onnxruntime", mode="whole")
+
+
+def test_onnx_exports_share_the_otseg_cache(tmp_path, monkeypatch):
+    from otseg.onnx_backend import cache_dir
+
+    monkeypatch.delenv("OTSEG_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert cache_dir() == tmp_path / "hf" / "otseg" / "onnx"
+    monkeypatch.setenv("OTSEG_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c" / "onnx"
