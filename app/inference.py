@@ -305,7 +305,7 @@ class Handlers:
                     step(0.4 + 0.4 * i / len(names), desc=f"Encoding {len(names)} class names")
                     try:
                         pred.model.embed_text(names[i : i + 16])
-                    except ValueError as e:  # e.g. a name too long for CLIP's text context
+                    except UserError as e:  # e.g. a name too long for CLIP's text context
                         raise UserError(_first_line(e)) from None
                 seen = self.loaded.mark_seen(names)
                 pred.set_vocabulary(names, seen=seen or [False] * len(names))

@@ -32,6 +32,7 @@ from .clip_image import ImageEmbedding, block_forward, resize_positions
 from .clip_text import PromptEmbedder, TextTower
 from .config import HeadConfig, OTSegConfig, VisionConfig
 from .ensemble import PostProcessing
+from .errors import UserError
 from .model import HeadMaps
 from .mps import mps_maps
 from .mpsa import ATTENTIONS
@@ -99,7 +100,7 @@ class TrainingFreeOTSeg(PostProcessing, nn.Module):
     ) -> None:
         super().__init__()
         if dense not in DENSE_MODES:
-            raise ValueError(f"dense must be one of {DENSE_MODES}, got {dense!r}")
+            raise UserError(f"dense must be one of {DENSE_MODES}, got {dense!r}")
         self.config = config
         self.dense = dense
         self.visual = clip.visual
@@ -172,7 +173,7 @@ class TrainingFreeOTSeg(PostProcessing, nn.Module):
             mask_combine: ignored (there are no decoder layers).
         """
         if attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+            raise UserError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         b, _, h, w = emb.pixels.shape
         pixels = emb.pixels.flatten(2).transpose(1, 2).float()  # (B, M, C)
         queries = text.to(pixels.dtype).expand(b, -1, -1, -1)  # (B, K, N, C)

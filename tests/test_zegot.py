@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from otseg.config import get_preset
+from otseg.errors import UserError
 from otseg.hub import CheckpointError, from_pretrained
 from otseg.predictor import OTSegPredictor
 from otseg.zegot import PRESETS, ZegOT, build_zegot, zegot_tiny_config
@@ -130,7 +131,7 @@ def test_learned_prompts_truncate_and_match_the_full_context(model):
 
 
 def test_too_long_names_are_named_in_the_error(model):
-    with pytest.raises(ValueError, match=r"1 class name\(s\) too long .* 'word word"):
+    with pytest.raises(UserError, match=r"1 class name\(s\) too long .* 'word word"):
         model.embed_text(["cat", "word " * 80])
 
 

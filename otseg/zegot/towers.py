@@ -20,6 +20,7 @@ from ..clip_image import (
 )
 from ..clip_text import LockedCache, TextTower
 from ..config import VisionConfig
+from ..errors import UserError
 from .config import TextConfig
 
 
@@ -108,7 +109,7 @@ class LearnedPrompts(LockedCache, nn.Module):
                     self.tower.check_lengths([prompt])
                 except ValueError:
                     bad.append(name)
-            raise ValueError(
+            raise UserError(
                 f"{len(bad)} class name(s) too long for CLIP's text context after the "
                 f"{self.ctx.shape[1]} learned prompt vectors, e.g. {bad[0][:80]!r}; use shorter "
                 f"class names"
