@@ -128,7 +128,13 @@ def check_model(model: str | None) -> None:
     """A one-line ``ValueError`` when ``model`` can be neither a local directory nor a Hub repo
     id (a typo stops here instead of starting a demo without its model). Whether a Hub repo
     exists is only known when loading: the demo then shows why it could not load it."""
-    if not model or Path(model).is_dir():
+    if not model:
+        return
+    if Path(model).is_dir():
+        from otseg.hub import CONFIG_NAME
+
+        if not (Path(model) / CONFIG_NAME).is_file():
+            raise UserError(f"--model {model}: the directory has no {CONFIG_NAME}; is it a model?")
         return
     if model.startswith("original:"):
         from otseg.original import get_original

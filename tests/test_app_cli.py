@@ -50,6 +50,9 @@ def test_model_that_cannot_exist_is_refused_before_loading(tmp_path):
         check_model("original:nope")
     with pytest.raises(ValueError, match=r"^--model original:voc-fully: .* cannot be used"):
         check_model("original:voc-fully")
+    with pytest.raises(ValueError, match=r"the directory has no config.json; is it a model\?$"):
+        check_model(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
     for fine in (None, "", str(tmp_path), "org/name", "original:coco-transductive"):
         check_model(fine)  # whether the repo exists is only known when loading
 
