@@ -97,8 +97,9 @@ def test_custom_label_beyond_the_classes_stops_at_start(tmp_path: Path):
 def test_missing_data_root_leaves_no_run_folder(tmp_path: Path):
     from train.train import main
 
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="not found") as err:
         main(tiny_args(tmp_path / "nowhere", tmp_path / "run", "--max-iters", "1"))
+    assert f"python -m otseg.data.synthetic {tmp_path / 'nowhere'}" in str(err.value)
     assert not (tmp_path / "run").exists()
 
 

@@ -234,6 +234,12 @@ def build_train_loader(
 ) -> DataLoader:
     """Augmented training crops, ``per_device_batch`` per step, the last partial
     batch dropped. The loader's own generator keeps iterator creation off the global RNG."""
+    root = Path(recipe.data_root)
+    if not root.exists():
+        raise FileNotFoundError(
+            f"dataset root not found: {root} (pass --data-root; for the tiny presets write the"
+            f" synthetic data first: python -m otseg.data.synthetic {root})"
+        )
     transform = TrainTransform.for_config(
         config, recipe.img_scale, ratio_range=recipe.ratio_range, cat_max_ratio=recipe.cat_max_ratio
     )
