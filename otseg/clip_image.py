@@ -31,14 +31,13 @@ class ImageEmbedding:
     cls: torch.Tensor  # (B, C) unit-norm global embedding
 
 
-class PromptedViT(nn.Module):
-    """open_clip ``VisionTransformer`` parts plus VPT prompts; state-dict keys match the original
-    ``backbone.*`` names minus the prefix."""
+class FrozenClipTower(nn.Module):
+    """The frozen parts of an open_clip ``VisionTransformer`` (patch embedding, positions resized
+    to the config's grid, blocks, final norm and projection); subclasses add their forward."""
 
     def __init__(self, cfg: VisionConfig, visual: nn.Module | None = None) -> None:
         super().__init__()
-        if visual is None:
-            visual = build_visual(cfg)
+        visual = build_visual(cfg) if visual is None else visual
         check_visual(visual, cfg)
         self.cfg = cfg
         self.conv1 = visual.conv1
@@ -50,9 +49,15 @@ class PromptedViT(nn.Module):
         self.transformer = visual.transformer
         self.ln_post = visual.ln_post
         self.proj = visual.proj
-        for p in self.parameters():
-            p.requires_grad_(False)  # the CLIP tower stays frozen; only the prompts train
+        self.requires_grad_(False)
 
+
+class PromptedViT(FrozenClipTower):
+    """The frozen CLIP tower plus trainable VPT prompts; state-dict keys match the original
+    ``backbone.*`` names minus the prefix."""
+
+    def __init__(self, cfg: VisionConfig, visual: nn.Module | None = None) -> None:
+        super().__init__(cfg, visual)  # the CLIP tower stays frozen; only the prompts train
         w, p = cfg.width, cfg.num_prompt_tokens
         bound = math.sqrt(6.0 / float(3 * cfg.patch_size**2 + w))  # VPT init
         self.prompt_embeddings = nn.Parameter(torch.empty(1, p, w).uniform_(-bound, bound))

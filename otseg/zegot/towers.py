@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..clip_image import (
+    FrozenClipTower,
     ImageEmbedding,
     block_forward,
-    build_visual,
-    check_visual,
     resize_positions,
 )
 from ..clip_text import LockedCache, TextTower
@@ -31,25 +30,9 @@ class LayeredEmbedding(ImageEmbedding):
     blocks: torch.Tensor  # (L, B, C, h, w) unit-norm patch embeddings of blocks 1..L
 
 
-class FrozenViT(nn.Module):
+class FrozenViT(FrozenClipTower):
     """CLIP's own ViT forward (no prompts); each block's patch tokens go through the frozen
     ``ln_post`` and ``proj`` into C, the path CLIP gives the last block's tokens."""
-
-    def __init__(self, cfg: VisionConfig, visual: nn.Module | None = None) -> None:
-        super().__init__()
-        visual = build_visual(cfg) if visual is None else visual
-        check_visual(visual, cfg)
-        self.cfg = cfg
-        self.conv1 = visual.conv1
-        self.class_embedding = visual.class_embedding
-        self.positional_embedding = nn.Parameter(
-            resize_positions(visual.positional_embedding.detach(), cfg.image_size // cfg.patch_size)
-        )
-        self.ln_pre = visual.ln_pre
-        self.transformer = visual.transformer
-        self.ln_post = visual.ln_post
-        self.proj = visual.proj
-        self.requires_grad_(False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> LayeredEmbedding:
