@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))  # runs from a plain checkout
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from bench_core import uptime  # noqa: E402
+from bench_gpu import timed  # noqa: E402
 
 import otseg  # noqa: E402, F401 - torchvision patch before open_clip
 from otseg.config import get_preset  # noqa: E402
@@ -39,11 +40,6 @@ from otseg.model import build_model  # noqa: E402
 from otseg.predictor import OTSegPredictor  # noqa: E402
 from otseg.zegot import build_zegot, zegot_tiny_config  # noqa: E402
 from otseg.zegot.towers import build_random_clip  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def peak_gib(device: torch.device) -> str:
@@ -160,14 +156,7 @@ def section_predictor(models: dict, device: torch.device, repeats: int) -> None:
                 p.set_image(image)
                 return p.predict()
 
-            for _ in range(2):
-                run()
-            sync(device)
-            t = time.perf_counter()
-            for _ in range(repeats):
-                run()
-            sync(device)
-            row.append(f"{precision} {(time.perf_counter() - t) * 1000 / repeats:.1f}")
+            row.append(f"{precision} {timed(run, device, repeats):.1f}")
         print(f"  {name}: " + ", ".join(row))
         model.to("cpu")
 
