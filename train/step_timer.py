@@ -70,7 +70,7 @@ def time_training_step(
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
     use_tf32(accelerator.device, tf32)
     optimizer = build_optimizer(model)
-    scheduler = build_scheduler(optimizer, 80000)
+    scheduler = build_scheduler(optimizer, iterations)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     net = accelerator.unwrap_model(model)
     objective = build_objective(net, iterations)
