@@ -5,8 +5,8 @@ Every dataset yields, before augmentation, a dict::
     {"image": uint8 (H, W, 3) RGB, "label": uint8 (H, W) class ids 0..K-1 (255 = ignore),
      "path": str (the image file)}
 
-``reduce_zero_label`` (VOC, Context) is applied on reading: 0 → 255, k → k − 1, 255 stays 255
-A ``transform(sample, rng)`` hook receives that dict and a ``numpy.random.Generator``
+``reduce_zero_label`` (VOC, Context, ADE20K) is applied on reading: 0 → 255, k → k − 1, 255
+stays 255. A ``transform(sample, rng)`` hook receives that dict and a ``numpy.random.Generator``
 seeded from ``(seed, epoch, index)``, so augmentation does not depend on worker count or order
 and a resumed run repeats it exactly (call ``set_epoch`` per pass over the data).
 
