@@ -21,7 +21,6 @@ from otseg.data.datasets import build_dataset, check_label_values
 from otseg.errors import UserError
 from otseg.hub import (
     CONFIG_NAME,
-    MODEL_TYPES,
     WEIGHTS_NAME,
     load_text_bank,
     load_weights,
@@ -154,8 +153,6 @@ def training_text_bank(
 def build_training_model(recipe: Recipe, config: OTSegConfig) -> OTSeg:
     """The model to train: frozen CLIP (``load_clip``) or the config's random frozen tower,
     fresh prompts and decoder, or the weights of ``recipe.init_from`` (weights only)."""
-    if recipe.model not in MODEL_TYPES:
-        raise UserError(f"unknown model type {recipe.model!r}; this trainer builds: {MODEL_TYPES}")
     torch.manual_seed(recipe.seed)
     source = resolve_init(recipe.init_from, recipe.init_from_iter) if recipe.init_from else None
     if isinstance(config, ZegOTConfig):  # random towers when clip_model is None
