@@ -74,11 +74,10 @@ def our_grads(model, config, images, labels, per_device: int) -> dict[str, torch
     optimizer = Recording([p for p in model.parameters() if p.requires_grad], lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    window, logs = StepWindow(), None
+    window, logs, objective = StepWindow(), None, OTSegObjective(model)
     for i in range(0, 4, per_device):
         batch = {"image": images[i : i + per_device], "label": labels[i : i + per_device]}
         assert logs is None
-        objective = OTSegObjective(model)
         with fixed_sinkhorn(model, ITERS):
             logs = train_step(accelerator, model, optimizer, scheduler, batch, objective, 0, window)
     assert logs is not None and logs["num_masks"].item() == 6  # 1 + 3 + 0 + 2
