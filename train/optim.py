@@ -50,12 +50,16 @@ def build_optimizer(
     weight_decay: float = WEIGHT_DECAY,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    **prompt_group: float | None,
+    *,
+    prompt_lr: float | None = None,
+    prompt_weight_decay: float = 0.0,
 ) -> torch.optim.AdamW:
     """AdamW as the original configs (no grad clipping) over the trainable parameters;
     ``prompt_lr`` / ``prompt_weight_decay``: see :func:`build_param_groups`."""
     return torch.optim.AdamW(
-        build_param_groups(model, lr, weight_decay, **prompt_group),
+        build_param_groups(
+            model, lr, weight_decay, prompt_lr=prompt_lr, prompt_weight_decay=prompt_weight_decay
+        ),
         lr=lr,
         betas=betas,
         eps=eps,

@@ -319,8 +319,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     sampler = loader.sampler
     optimizer = build_optimizer(
         model, recipe.lr, recipe.weight_decay, recipe.betas, recipe.eps,
-        **({"prompt_lr": recipe.prompt_lr, "prompt_weight_decay": recipe.prompt_weight_decay}
-           if zegot and recipe.prompt_lr is not None else {}),
+        prompt_lr=recipe.prompt_lr if zegot else None,  # OTSeg has no learned prompts
+        prompt_weight_decay=recipe.prompt_weight_decay,
     )  # fmt: skip
     scheduler = build_scheduler(
         optimizer, recipe.iterations, power=recipe.power, min_lr=recipe.min_lr,
