@@ -261,13 +261,8 @@ class StepHooks:
         evaluate_at: Callable[[torch.nn.Module, int], dict],
         checkpoints: CheckpointManager,
     ) -> None:
-        self.accelerator, self.model, self.recipe, self.run_dir = (
-            accelerator,
-            model,
-            recipe,
-            run_dir,
-        )
-        self.evaluate_at, self.checkpoints = evaluate_at, checkpoints
+        self.accelerator, self.model, self.recipe = accelerator, model, recipe
+        self.run_dir, self.evaluate_at, self.checkpoints = run_dir, evaluate_at, checkpoints
 
     def card(self, state: TrainState, summary: dict | None) -> dict:
         """Model-card facts: the metrics and the recipe with the steps trained."""
