@@ -45,15 +45,13 @@ def export_model(
     *,
     card: dict[str, Any],
     push_to_hub: str | None = None,
-) -> bool:
+) -> None:
     """Write ``directory`` (config.json, model.safetensors, text embeddings when stored,
     README.md model card with ``card``) on the main process, atomically: a folder is written
     beside it and renamed into place. Collective: call on every process.
 
-    A failed upload does not raise: it is logged with how to push the intact export later.
-    Returns False when the upload failed, else True."""
+    A failed upload does not raise: it is logged with how to push the intact export later."""
     accelerator.wait_for_everyone()
-    pushed = True
     if accelerator.is_main_process:
         net = accelerator.unwrap_model(model)
         tmp = directory.with_name(f".tmp-{directory.name}")
@@ -70,11 +68,9 @@ def export_model(
                 url = net.push_to_hub(push_to_hub, card=card)
                 logger.info(f"pushed to https://huggingface.co/{push_to_hub} ({url})")
             except Exception as e:  # network, auth, quota...: the local export is what matters
-                pushed = False
                 logger.error(
                     f"push to {push_to_hub} failed ({type(e).__name__}: {str(e)[:300]}); the "
                     f"exported model in {directory} is intact; "
                     f"{push_later_hint(directory, push_to_hub)}"
                 )
     accelerator.wait_for_everyone()
-    return pushed
