@@ -173,9 +173,7 @@ def load_clip(model_name: str, pretrained: str | None = None, *, cache_dir: str 
 
     if model_name.startswith("hf-hub:"):
         repo = model_name[len("hf-hub:") :]
-        config = _cached_file(repo, "open_clip_config.json", cache_dir) or resolve_file(
-            repo, "open_clip_config.json", cache_dir=cache_dir
-        )
+        config = resolve_file(repo, "open_clip_config.json", cache_dir=cache_dir)  # cache first
         weights = _clip_weights(repo, cache_dir)
         if weights.parent != config.parent:  # both must sit in one snapshot for local-dir:
             raise WeightsNotFoundError(
