@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .clip_image import ImageEmbedding
+from .errors import UserError
 from .model import OTSeg
 from .mpsa import fixed_sinkhorn
 
@@ -93,8 +94,8 @@ def export_head(
 def _export(module, args, path, inputs, outputs, dynamic=None) -> None:
     try:
         import onnxscript  # noqa: F401 - the exporter needs it
-    except ImportError:
-        raise SystemExit(
+    except ImportError:  # a UserError, not SystemExit: the predictor's ONNX backend calls this
+        raise UserError(
             "ONNX export needs onnx and onnxscript: pip install -r requirements-dev.txt"
         ) from None
     with torch.no_grad():

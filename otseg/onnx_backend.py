@@ -45,7 +45,12 @@ class OnnxTower:
     """Callable like ``model.encode_image`` on (B, 3, S, S) crops → :class:`ImageEmbedding`."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError(
+                "backend='onnxruntime' needs onnxruntime: pip install -r requirements-dev.txt"
+            ) from None
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()

@@ -78,3 +78,20 @@ def test_onnx_exports_share_the_otseg_cache(tmp_path, monkeypatch):
     assert cache_dir() == tmp_path / "hf" / "otseg" / "onnx"
     monkeypatch.setenv("OTSEG_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c" / "onnx"
+
+
+def test_missing_onnx_packages_raise_a_user_error_not_system_exit(tmp_path, monkeypatch):
+    """The predictor's ONNX backend exports through this path: it must not exit the process."""
+    import sys
+
+    import pytest
+
+    from otseg.errors import UserError
+    from otseg.onnx_backend import OnnxTower
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript → ImportError
+    with pytest.raises(UserError, match="onnxscript"):
+        export_tower(tiny_model().eval(), tmp_path / "tower.onnx")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(UserError, match="needs onnxruntime"):
+        OnnxTower(tmp_path / "tower.onnx")
