@@ -85,20 +85,11 @@ def open_clip_blocks():
 
 
 def bench_tower(model, repeats: int) -> None:
-    from open_clip.model import VisionTransformer
+    from otseg.clip_image import build_visual
 
     enc = model.image_encoder
     cfg = model.config.vision
-    visual = VisionTransformer(  # open_clip's tower at 512² sharing our weights
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        width=cfg.width,
-        layers=cfg.layers,
-        heads=cfg.heads,
-        mlp_ratio=cfg.mlp_ratio,
-        output_dim=cfg.embed_dim,
-        act_layer=type(enc.transformer.resblocks[0].mlp.gelu),
-    ).eval()
+    visual = build_visual(cfg).eval()  # open_clip's tower at 512², given our weights below
     for name in ("conv1", "ln_pre", "transformer", "ln_post"):
         setattr(visual, name, getattr(enc, name))
     visual.class_embedding, visual.proj = enc.class_embedding, enc.proj
