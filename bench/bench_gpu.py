@@ -29,7 +29,7 @@ import platform
 import sys
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,13 +37,12 @@ sys.path.insert(0, str(REPO))  # runs from a plain checkout
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_core import clip_like_cost, original_sinkhorn, uptime  # noqa: E402
+from bench_core import clip_like_cost, original_sinkhorn, uptime, vit_b16_model  # noqa: E402
 
 import otseg.clip_image as clip_image  # noqa: E402
 import otseg.mps as mps  # noqa: E402
 from otseg.clip_image import ImageEmbedding  # noqa: E402
-from otseg.config import get_preset  # noqa: E402
-from otseg.model import build_model  # noqa: E402
+from otseg.mpsa import fixed_sinkhorn  # noqa: E402
 from otseg.predictor import OTSegPredictor  # noqa: E402
 from otseg.preprocess import to_model_input  # noqa: E402
 from otseg.sinkhorn import sinkhorn  # noqa: E402
@@ -101,36 +100,21 @@ def original_style():
         clip_image.block_forward, mps.sinkhorn = block_forward, sink
 
 
-@contextmanager
-def fixed_iterations(model, iterations: int):
-    from otseg.mpsa import fixed_sinkhorn
-
-    with fixed_sinkhorn(model, iterations):
-        yield
-
-
 def build(quick: bool, device: torch.device):
-    import open_clip
-
-    import otseg  # noqa: F401 - torchvision patch before open_clip
-
-    torch.manual_seed(0)
     if quick:
         sys.path.insert(0, str(REPO / "tests"))
         from factories import tiny_model
 
+        torch.manual_seed(0)
         return tiny_model().to(device).eval()
-    clip = open_clip.create_model("ViT-B-16-quickgelu")  # random weights, no download
-    tokenizer = open_clip.get_tokenizer("ViT-B-16-quickgelu")
-    model = build_model(get_preset("voc-inductive"), clip=clip, tokenizer=tokenizer)
-    return model.to(device).eval()
+    return vit_b16_model().to(device)
 
 
 def capture(fn, static_input: torch.Tensor, device: torch.device, dtype):
     """``fn`` (tensor → tensor) as a replayable CUDA graph: returns (replay, static output)."""
 
     def amp():
-        return torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else _null()
+        return torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else nullcontext()
 
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
@@ -142,11 +126,6 @@ def capture(fn, static_input: torch.Tensor, device: torch.device, dtype):
     with torch.cuda.graph(graph), amp():
         out = fn(static_input)
     return graph.replay, out
-
-
-@contextmanager
-def _null():
-    yield
 
 
 def section_sinkhorn(device, repeats, quick) -> None:
@@ -187,7 +166,7 @@ def section_head(model, device, repeats, iterations) -> None:
     print(f"\n(b) head on 2 windows ({len(cfg.class_names)} classes), mean ms")
     t_rule = timed(lambda: [model.decode(e, text) for e in one], device, repeats)
     ref = torch.cat([model.decode(e, text).decoder for e in one])
-    with fixed_iterations(model, iterations):
+    with fixed_sinkhorn(model, iterations):
         t_fixed = timed(lambda: model.decode(emb, text), device, repeats)
         fixed = model.decode(emb, text).decoder
         syncs = host_syncs(lambda: model.decode(emb, text), device)
@@ -216,7 +195,7 @@ def section_compile(model, device, repeats, iterations) -> None:
     s = cfg.test_crop
     text = model.embed_text(list(cfg.class_names))
     emb = model.encode_image(torch.randn(2, 3, s, s, device=device))
-    with fixed_iterations(model, iterations):
+    with fixed_sinkhorn(model, iterations):
 
         def head(p):
             return model.decode(ImageEmbedding(p, emb.cls), text).decoder
@@ -255,8 +234,8 @@ def section_throughput(model, device, repeats, iterations, batch) -> None:
             return p.predict()
 
         t_pred = timed(one, device, repeats)
-        amp = torch.autocast(device.type, dtype=dtype) if dtype else _null()
-        with fixed_iterations(model, iterations), amp:
+        amp = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+        with fixed_sinkhorn(model, iterations), amp:
             t_batch = timed(lambda: model(x, text).output, device, max(1, repeats // 2))
         print(
             f"{precision:<6} predictor (1 image, rule) {1000 / t_pred:>8.1f}   "
@@ -310,7 +289,7 @@ def section_end_to_end(model, device, repeats, iterations) -> None:
     boxes = slide_windows(x.shape[-2], x.shape[-1], cfg.test_crop, cfg.test_stride)
     windows = crops(x, boxes)
     for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        with fixed_iterations(model, iterations):
+        with fixed_sinkhorn(model, iterations):
             replay, out = capture(
                 lambda w: model(w, text, seen=seen).scores, windows.clone(), device, dtype
             )
