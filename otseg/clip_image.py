@@ -208,6 +208,18 @@ def check_visual(visual: nn.Module, cfg: VisionConfig) -> None:
         )
 
 
+def clip_tokens(visual: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """CLIP's own input tokens (no prompts): patch embedding, class token, positions resized to
+    the grid, ``ln_pre``. ``visual``: an open_clip ``VisionTransformer`` or a
+    :class:`FrozenClipTower`. images (B, 3, H, W) → tokens (B, 1 + h·w, W), h, w."""
+    x = visual.conv1(images)  # (B, W, h, w)
+    b, _, h, w = x.shape
+    x = x.flatten(2).transpose(1, 2)
+    pos = resize_positions(visual.positional_embedding.to(x.dtype), (h, w))
+    cls = visual.class_embedding.to(x.dtype).expand(b, 1, -1)
+    return visual.ln_pre(torch.cat([cls, x], dim=1) + pos), h, w
+
+
 def resize_positions(pos: torch.Tensor, grid: int | tuple[int, int]) -> torch.Tensor:
     """Bilinearly resize the spatial rows of a (1 + g², W) position table to ``grid``.
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip_image import ImageEmbedding, block_forward, resize_positions
+from .clip_image import ImageEmbedding, block_forward, clip_tokens
 from .clip_text import PromptEmbedder, TextTower
 from .config import HeadConfig, OTSegConfig, VisionConfig
 from .ensemble import PostProcessing
@@ -118,12 +118,8 @@ class TrainingFreeOTSeg(PostProcessing, nn.Module):
     def encode_image(self, images: torch.Tensor) -> ImageEmbedding:
         """images: (B, 3, H, W) CLIP-normalised → pixels (B, C, H/p, W/p), cls (B, C), unit-norm."""
         v = self.visual
-        x = v.conv1(images)  # (B, W, h, w)
-        b, _, h, w = x.shape
-        x = x.flatten(2).transpose(1, 2)
-        pos = resize_positions(v.positional_embedding.to(x.dtype), (h, w))
-        cls = v.class_embedding.to(x.dtype).expand(b, 1, -1)
-        x = v.ln_pre(torch.cat([cls, x], dim=1) + pos)
+        x, h, w = clip_tokens(v, images)
+        b = x.shape[0]
         blocks = v.transformer.resblocks
         for block in blocks[:-1]:
             x = block_forward(block, x)

@@ -86,3 +86,21 @@ def test_zegot_tower_equals_open_clip_blocks(monkeypatch):
     ref = encoder(images)
     torch.testing.assert_close(ours.blocks, ref.blocks, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours.cls, ref.cls, atol=1e-5, rtol=0)
+
+
+def test_zegot_tower_global_embedding_equals_open_clip_visual():
+    """The token path (patch embedding, class token, positions, ln_pre) and the pooled output of
+    ZegOT's tower equal open_clip's own ``VisionTransformer`` forward on the same weights."""
+    import torch.nn.functional as F
+
+    from otseg.clip_image import build_visual
+    from otseg.zegot import zegot_tiny_config
+    from otseg.zegot.towers import FrozenViT
+
+    cfg = zegot_tiny_config().vision
+    torch.manual_seed(0)
+    visual = build_visual(cfg).eval()
+    images = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        want = F.normalize(visual(images), dim=-1)
+    torch.testing.assert_close(FrozenViT(cfg, visual)(images).cls, want, atol=1e-5, rtol=0)

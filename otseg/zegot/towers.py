@@ -15,7 +15,7 @@ from ..clip_image import (
     FrozenClipTower,
     ImageEmbedding,
     block_forward,
-    resize_positions,
+    clip_tokens,
 )
 from ..clip_text import LockedCache, TextTower
 from ..config import VisionConfig
@@ -37,12 +37,8 @@ class FrozenViT(FrozenClipTower):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> LayeredEmbedding:
         """images: (B, 3, H, W) normalised, H and W multiples of the patch size."""
-        x = self.conv1(images)  # (B, W, h, w)
-        b, _, h, w = x.shape
-        x = x.flatten(2).transpose(1, 2)
-        pos = resize_positions(self.positional_embedding.to(x.dtype), (h, w))
-        cls = self.class_embedding.to(x.dtype).expand(b, 1, -1)
-        x = self.ln_pre(torch.cat([cls, x], dim=1) + pos)
+        x, h, w = clip_tokens(self, images)
+        b = x.shape[0]
         blocks = []
         for block in self.transformer.resblocks:
             x = block_forward(block, x)
