@@ -145,6 +145,22 @@ def test_text_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def test_training_steps_tokenise_a_name_list_once():
+    torch.manual_seed(0)
+    m = build_zegot(zegot_tiny_config()).train()
+    calls = []
+    tokenizer = m.prompts.tower.tokenizer
+    m.prompts.tower.tokenizer = lambda prompts: calls.append(list(prompts)) or tokenizer(prompts)
+    first = m.embed_text(["cat", "dog"])  # grad mode: encoded every step, tokenised once
+    again = m.embed_text(["cat", "dog"])
+    m.embed_text(["dog"])
+    assert len(calls) == 2 and first.requires_grad
+    torch.testing.assert_close(first, again)
+    fresh = build_zegot(zegot_tiny_config()).train()
+    fresh.load_state_dict(m.state_dict())  # an uncached model computes the same embeddings
+    torch.testing.assert_close(fresh.embed_text(["cat", "dog"]), first)
+
+
 def test_new_names_are_encoded_once_and_recomputed_after_an_update(model):
     calls = []
     original = model.prompts.encode

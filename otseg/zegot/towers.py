@@ -70,6 +70,7 @@ class LearnedPrompts(LockedCache, nn.Module):
         self.checkpointing = checkpointing
         self._cache: dict[str, torch.Tensor] = {}
         self._cache_key: tuple | None = None
+        self._token_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
     def prompts(self, names: Sequence[str]) -> list[str]:
@@ -94,17 +95,34 @@ class LearnedPrompts(LockedCache, nn.Module):
                 f"class names"
             ) from None
 
-    def encode(self, names: Sequence[str]) -> torch.Tensor:
-        """K names → (K, N, C) unit-norm float32 embeddings; differentiable in ``ctx``."""
+    def tokens(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, L) prompt token ids up to the longest end token and their (K,) end positions,
+        on ``ctx``'s device. Cached per name list: training encodes the same names every step,
+        and tokenising then copying to the GPU each time would wait for the GPU."""
+        key = (tuple(names), self.ctx.device)
+        with self._lock:
+            hit = self._token_cache.get(key)
+        if hit is not None:
+            return hit
         prompts = self.prompts(names)
         self._check_lengths(names, prompts)
-        device = self.ctx.device
-        tokens = self.tower.tokenizer(prompts).to(device)  # (K, context), start token first
+        tokens = self.tower.tokenizer(prompts)  # (K, context), start token first
         eot = tokens.argmax(dim=-1)  # the end-of-text token has the largest id
         length = int(eot.max()) + 1  # causal mask: later positions cannot change these
+        hit = (tokens[:, :length].to(self.ctx.device), eot.to(self.ctx.device))
+        with self._lock:
+            if len(self._token_cache) >= 16:  # name lists of inference calls: keep it small
+                self._token_cache.clear()
+            self._token_cache[key] = hit
+        return hit
+
+    def encode(self, names: Sequence[str]) -> torch.Tensor:
+        """K names → (K, N, C) unit-norm float32 embeddings; differentiable in ``ctx``."""
+        tokens, eot = self.tokens(names)
+        length = tokens.shape[1]
         n, length_ctx, _ = self.ctx.shape
         k = len(names)
-        words = self.tower.token_embedding(tokens[:, :length])  # (K, L, W)
+        words = self.tower.token_embedding(tokens)  # (K, L, W)
         words = words.to(self.ctx.dtype).unsqueeze(0).expand(n, -1, -1, -1)
         ctx = self.ctx.unsqueeze(1).expand(-1, k, -1, -1)
         x = torch.cat([words[:, :, :1], ctx, words[:, :, 1 + length_ctx :]], dim=2)  # (N, K, L, W)
