@@ -31,12 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_core import vit_b16_model  # noqa: E402
 
 import otseg  # noqa: E402, F401 - torchvision patch before open_clip
 from app.inference import Handlers, LoadedModel  # noqa: E402
 from app.main import build_demo  # noqa: E402
-from otseg.config import get_preset  # noqa: E402
-from otseg.model import build_model  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 STEPS = ("first", "lambda", "attention_first", "attention", "opacity")
@@ -50,13 +49,7 @@ LABELS = {
 
 
 def build(precision: str) -> LoadedModel:
-    import open_clip
-
-    torch.manual_seed(0)
-    clip = open_clip.create_model("ViT-B-16-quickgelu")  # random weights, no download
-    model = build_model(get_preset("voc-inductive"), clip=clip,
-                        tokenizer=open_clip.get_tokenizer("ViT-B-16-quickgelu"))  # fmt: skip
-    return LoadedModel(model.eval(), "trained", "bench", precision=precision)
+    return LoadedModel(vit_b16_model(), "trained", "bench", precision=precision)
 
 
 def examples() -> list[tuple[Path, str]]:
