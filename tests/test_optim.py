@@ -111,6 +111,8 @@ def test_transductive_recipe_requires_init_from():
     load_recipe("voc-inductive").validate()
     with pytest.raises(ValueError, match="crop_size 256"):
         load_recipe("voc-inductive", ["crop_size=256"]).validate()
+    with pytest.raises(ValueError, match="otseg model has no learned prompts"):
+        load_recipe("voc-inductive", ["prompt_lr=1e-3"]).validate()
 
 
 def test_overrides_are_typed():

@@ -113,6 +113,11 @@ class Recipe:
                 f"recipe {self.name!r}: preset {self.preset!r} is a {model_type(preset)} model, "
                 f"but model = {self.model!r}; set model = {model_type(preset)!r}"
             )
+        if self.prompt_lr is not None and self.model != "zegot":
+            raise UserError(
+                f"recipe {self.name!r}: prompt_lr sets ZegOT's learned-prompt learning rate, but "
+                f"an {self.model} model has no learned prompts; remove prompt_lr"
+            )
         size = preset.vision.image_size
         if self.crop_size != size:
             raise UserError(f"crop_size {self.crop_size} must equal the model size {size}")

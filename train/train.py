@@ -314,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     sampler = loader.sampler
     optimizer = build_optimizer(
         model, recipe.lr, recipe.weight_decay, recipe.betas, recipe.eps,
-        prompt_lr=recipe.prompt_lr if zegot else None,  # OTSeg has no learned prompts
+        prompt_lr=recipe.prompt_lr,  # ZegOT only (Recipe.validate)
         prompt_weight_decay=recipe.prompt_weight_decay,
     )  # fmt: skip
     scheduler = build_scheduler(
