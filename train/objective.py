@@ -31,12 +31,6 @@ class OTSegObjective:
         with torch.no_grad():
             self.text = model.training_text  # (K', N, C), fixed in training
 
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
     def forward_text(self, step: int) -> torch.Tensor:
         return self.text
 
