@@ -195,7 +195,7 @@ def bench_onnx(model, repeats: int) -> None:
 
     import onnxruntime as ort
 
-    from otseg.export_onnx import export_head, export_tower, fixed_head_inputs
+    from otseg.export_onnx import HEAD_ITERATIONS, export_head, export_tower, fixed_head_inputs
     from otseg.mpsa import fixed_sinkhorn
 
     cfg = model.config
@@ -207,7 +207,8 @@ def bench_onnx(model, repeats: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tower_path, head_path = Path(tmp) / "tower.onnx", Path(tmp) / "head.onnx"
         export_tower(model, tower_path, size=cfg.test_crop)
-        iterations = export_head(model, head_path, num_classes=len(cfg.class_names))
+        iterations = HEAD_ITERATIONS
+        export_head(model, head_path, iterations=iterations, num_classes=len(cfg.class_names))
         tower = ort.InferenceSession(str(tower_path), opts, providers=["CPUExecutionProvider"])
         head = ort.InferenceSession(str(head_path), opts, providers=["CPUExecutionProvider"])
     emb = model.encode_image(x)

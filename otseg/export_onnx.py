@@ -24,6 +24,7 @@ from .model import OTSeg
 from .mpsa import fixed_sinkhorn
 
 OPSET = 18
+HEAD_ITERATIONS = 10  # default fixed Sinkhorn iterations of the exported head
 
 
 class _Tower(nn.Module):
@@ -65,12 +66,12 @@ def export_head(
     model: OTSeg,
     path: str | Path,
     *,
-    iterations: int = 10,
+    iterations: int = HEAD_ITERATIONS,
     size: int | None = None,
     num_classes: int = 2,
     attention: str = "sinkhorn",
-) -> int:
-    """Write the head with ``iterations`` fixed Sinkhorn iterations; returns ``iterations``."""
+) -> Path:
+    """Write the head with ``iterations`` fixed Sinkhorn iterations (any batch and K)."""
     cfg = model.config
     grid = (size or cfg.vision.image_size) // cfg.vision.patch_size
     c = cfg.vision.embed_dim
@@ -88,7 +89,7 @@ def export_head(
             ["decoder", "score"],
             dynamic={"pixels": {0: "batch"}, "cls": {0: "batch"}, "text": {0: "classes"}},
         )
-    return iterations
+    return Path(path)
 
 
 def _export(module, args, path, inputs, outputs, dynamic=None) -> None:
@@ -129,7 +130,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("model", help="model directory or Hub repo id")
     ap.add_argument("out", type=Path, help="output .onnx file (the head goes to OUT.head.onnx)")
     ap.add_argument("--size", type=int, default=None, help="input side (default: model size)")
-    ap.add_argument("--iterations", type=int, default=10, help="fixed Sinkhorn iterations")
+    ap.add_argument(
+        "--iterations", type=int, default=HEAD_ITERATIONS, help="fixed Sinkhorn iterations"
+    )
     ap.add_argument("--no-head", action="store_true", help="export the image tower only")
     args = ap.parse_args(argv)
     if args.iterations < 1:
