@@ -109,6 +109,9 @@ def test_transductive_recipe_requires_init_from():
         r.validate()
     load_recipe("voc-transductive", ["init_from=work_dirs/voc-inductive/ckpt"]).validate()
     load_recipe("voc-inductive").validate()
+    with pytest.raises(ValueError, match="'tiny' is transductive.*--init-from"):
+        load_recipe("tiny", ["setting=transductive"]).validate()  # the setting override too
+    load_recipe("zegot-tiny", ["setting=transductive"]).validate()  # ZegOT: one run
     with pytest.raises(ValueError, match="crop_size 256"):
         load_recipe("voc-inductive", ["crop_size=256"]).validate()
     with pytest.raises(ValueError, match="otseg model has no learned prompts"):

@@ -96,7 +96,14 @@ class Recipe:
 
     def validate(self) -> None:
         """Checks needing more than the recipe: the transductive start point, crop = S."""
-        if self.requires_init_from and not self.init_from:
+        from otseg.config import get_preset
+        from otseg.hub import model_type
+
+        preset = get_preset(self.preset)
+        # OTSeg's transductive stage continues an inductive model (ZegOT's schedule is one run)
+        transductive = (self.setting or preset.setting) == "transductive"
+        otseg_st = transductive and model_type(preset) == "otseg"
+        if (self.requires_init_from or otseg_st) and not self.init_from:
             step = ""
             if self.init_from_iter:
                 step = f", which picks its checkpoint of step {self.init_from_iter}"
@@ -104,10 +111,6 @@ class Recipe:
                 f"recipe {self.name!r} is transductive: it starts from an inductive model; pass "
                 f"the inductive run's folder, e.g. --init-from runs/<inductive run>{step}"
             )
-        from otseg.config import get_preset
-        from otseg.hub import model_type
-
-        preset = get_preset(self.preset)
         if model_type(preset) != self.model:
             raise UserError(
                 f"recipe {self.name!r}: preset {self.preset!r} is a {model_type(preset)} model, "

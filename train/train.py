@@ -292,11 +292,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     accelerator, per_device = build_accelerator(recipe, args, run_dir)
     with run_log(accelerator, run_dir):  # checks first: no folder when they fail
         config = build_config(recipe)
-        zegot = isinstance(config, ZegOTConfig)  # ZegOT's transductive schedule is one run
-        if config.setting == "transductive" and not recipe.init_from and not zegot:
-            raise UserError(
-                "transductive training starts from an inductive model: pass --init-from"
-            )
+        zegot = isinstance(config, ZegOTConfig)
         check_custom_labels(recipe, evaluate=not args.no_eval or recipe.eval_every > 0)
         if args.push_to_hub and accelerator.is_main_process:
             warn_if_push_fails(args.push_to_hub, run_dir / "model")
