@@ -173,7 +173,11 @@ def load_clip(model_name: str, pretrained: str | None = None, *, cache_dir: str 
 
     if model_name.startswith("hf-hub:"):
         repo = model_name[len("hf-hub:") :]
-        config = resolve_file(repo, "open_clip_config.json", cache_dir=cache_dir)  # cache first
+        # The cache first, as for the weights: resolve_file would take a local folder named
+        # like the repo first, and the two files must come from one snapshot.
+        config = _cached_file(repo, "open_clip_config.json", cache_dir) or resolve_file(
+            repo, "open_clip_config.json", cache_dir=cache_dir
+        )
         weights = _clip_weights(repo, cache_dir)
         if weights.parent != config.parent:  # both must sit in one snapshot for local-dir:
             raise WeightsNotFoundError(
