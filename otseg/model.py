@@ -187,9 +187,9 @@ class OTSeg(PostProcessing, nn.Module):
     @classmethod
     def from_pretrained(cls, repo_or_dir, **kwargs) -> OTSeg:
         """Load from a local directory or a Hub repo id (cache first; works offline)."""
-        from .hub import from_pretrained
+        from .hub import from_pretrained_as
 
-        return from_pretrained(repo_or_dir, **kwargs)
+        return from_pretrained_as(cls, repo_or_dir, **kwargs)
 
     @property
     def device(self) -> torch.device:

@@ -268,3 +268,14 @@ def test_hand_crafted_prompt_ablation(images, tmp_path):
         zegot_tiny_config(head={"prompt_source": "handmade"})
     with pytest.raises(ValueError, match="templates"):
         zegot_tiny_config(head={"prompt_source": "templates", "num_prompts": 3})
+
+
+def test_zegot_directory_is_not_an_otseg(tmp_path):
+    """Each class loads only its own kind; otseg.from_pretrained loads either."""
+    import otseg
+    from otseg.model import OTSeg
+
+    build_zegot(zegot_tiny_config()).save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="type ZegOT, not OTSeg"):
+        OTSeg.from_pretrained(tmp_path)
+    assert isinstance(otseg.from_pretrained(tmp_path), ZegOT)

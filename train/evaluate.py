@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 import otseg  # noqa: F401 - patches torchvision before open_clip/timm are imported
 from otseg.config import OTSegConfig
 from otseg.data.classes import CLASS_NAMES
+from otseg.hub import from_pretrained
 from otseg.metrics import SegMetrics, compute_metrics, format_table, new_confusion, to_json, update
 from otseg.model import OTSeg
 from otseg.slide import slide_inference
@@ -176,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> SegMetrics:
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     check_distributed(accelerator.num_processes)
     use_tf32(accelerator.device, not args.no_tf32)
-    model = OTSeg.from_pretrained(args.model).to(accelerator.device)
+    model = from_pretrained(args.model).to(accelerator.device)  # OTSeg or ZegOT
     config = protocol.apply(model.config) if protocol else model.config
     if protocol and model.config.dataset != protocol.source:
         logger.warning(

@@ -196,12 +196,9 @@ class ZegOT(PostProcessing, nn.Module):
 
     @classmethod
     def from_pretrained(cls, repo_or_dir, **kwargs) -> ZegOT:
-        from ..hub import from_pretrained
+        from ..hub import from_pretrained_as
 
-        model = from_pretrained(repo_or_dir, **kwargs)
-        if not isinstance(model, cls):
-            raise TypeError(f"{repo_or_dir} holds a {type(model).__name__}, not a ZegOT model")
-        return model
+        return from_pretrained_as(cls, repo_or_dir, **kwargs)
 
     @property
     def device(self) -> torch.device:
