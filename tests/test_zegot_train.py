@@ -40,7 +40,7 @@ def test_seen_phase_ignores_every_non_seen_pixel():
     model = _model()
     obj = ZegOTObjective(model, iterations=10)
     labels = _labels()
-    targets = obj.targets(labels, None, None, step=0)
+    targets = obj.targets(labels, None, step=0)
     for pos, cid in enumerate(SEEN):
         assert (targets[labels == cid] == pos).all()  # seen id → its channel among seen names
     for cid in (*UNSEEN, IGNORE):
@@ -54,14 +54,17 @@ def test_pseudo_labels_come_from_a_frozen_copy_then_from_the_model():
     labels = _labels()
     names = obj.forward_text(2)
 
-    def guess(net) -> torch.Tensor:  # argmax over unseen classes of λY + (1 − λ)Ỹ
+    def forward(net):
         with torch.no_grad():
-            out = net(images, net.embed_text(names))
+            return net(images, net.embed_text(names))
+
+    def guess(net) -> torch.Tensor:  # argmax over unseen classes of λY + (1 − λ)Ỹ
+        out = forward(net)
         fused = 0.8 * out.score_map + 0.2 * out.decoder_map
         return torch.tensor(UNSEEN)[fused[:, list(UNSEEN)].argmax(1)]
 
     expected = guess(model)
-    first = obj.targets(labels, images, None, step=2)
+    first = obj.targets(labels, forward(model), step=2)
     unseen_px = (labels == 1) | (labels == 3)
     assert (first[unseen_px] == expected[unseen_px]).all()
     assert set(first[unseen_px].unique().tolist()) <= set(UNSEEN)
@@ -73,7 +76,7 @@ def test_pseudo_labels_come_from_a_frozen_copy_then_from_the_model():
     with torch.no_grad():  # an optimizer step on the model
         for p in model.trainable_parameters():
             p.add_(torch.randn_like(p) * 0.5)
-    again = obj.targets(labels, images, None, step=4)
+    again = obj.targets(labels, forward(model), step=4)
     assert torch.equal(again, first)  # the teacher did not move
     for k, v in obj.teacher.trained_state_dict().items():
         assert torch.equal(v, snapshot[k]), k
@@ -81,11 +84,9 @@ def test_pseudo_labels_come_from_a_frozen_copy_then_from_the_model():
 
     restored = ZegOTObjective(model, iterations=10)
     restored.load_state_dict(obj.state_dict())  # a resumed run inside the window
-    assert torch.equal(restored.targets(labels, images, None, step=3), first)
+    assert torch.equal(restored.targets(labels, forward(model), step=3), first)
 
-    with torch.no_grad():
-        out = model(images, model.embed_text(names))
-    late = obj.targets(labels, images, out, step=5)  # the model's own output labels now
+    late = obj.targets(labels, forward(model), step=5)  # the model's own output labels now
     assert obj.teacher is None
     assert (late[unseen_px] == guess(model)[unseen_px]).all()
     assert not torch.equal(late, first)
@@ -102,11 +103,11 @@ def test_inductive_and_fully_never_pseudo_label():
     obj = build_objective(model, 10)
     labels = _labels()
     assert obj.forward_text(5) == ("class0", "class2", "class4")
-    targets = obj.targets(labels, None, None, step=5)
+    targets = obj.targets(labels, None, step=5)
     assert (targets[(labels == 1) | (labels == 3)] == IGNORE).all()
     fully = build_objective(build_zegot(zegot_tiny_config(setting="fully", unseen=())), 10)
     assert fully.forward_text(0) == tuple(f"class{i}" for i in range(5))
-    assert torch.equal(fully.targets(labels, None, None, step=0), labels)
+    assert torch.equal(fully.targets(labels, None, step=0), labels)
 
 
 def test_loss_terms_are_bce_focal_and_dice_on_both_maps():
@@ -114,7 +115,7 @@ def test_loss_terms_are_bce_focal_and_dice_on_both_maps():
     obj = build_objective(model, 10)
     images = torch.randn(1, 3, 64, 64)
     out = model(images, obj.forward_text(0))
-    targets = obj.targets(_labels()[:1], images, out, step=0)
+    targets = obj.targets(_labels()[:1], out, step=0)
     losses = obj.losses(out, targets)
     for m in ("decode", "score"):
         assert {f"{m}.loss_bce", f"{m}.loss_mask", f"{m}.loss_dice"} <= set(losses)
@@ -168,8 +169,8 @@ def test_inductive_run_keeps_unseen_pixels_and_names_out(
         names.append(out)
         return out
 
-    def spy_targets(self, labels, images, output, step):
-        out = original_targets(self, labels, images, output, step)
+    def spy_targets(self, labels, output, step):
+        out = original_targets(self, labels, output, step)
         pairs.append((labels.clone(), out.clone()))
         return out
 

@@ -81,7 +81,7 @@ def train_step(
     logs = None
     with accelerator.accumulate(model):
         output = model(batch["image"], objective.forward_text(step))
-        targets = objective.targets(batch["label"], batch["image"], output, step)
+        targets = objective.targets(batch["label"], output, step)
         losses = objective.losses(output, targets, num_masks=1.0)  # sums, normalised below
         window.add(losses, count_masks(targets))
         accelerator.backward(losses["loss"])

@@ -34,7 +34,7 @@ class OTSegObjective:
     def forward_text(self, step: int) -> torch.Tensor:
         return self.text
 
-    def targets(self, labels: torch.Tensor, images, output, step: int) -> torch.Tensor:
+    def targets(self, labels: torch.Tensor, output, step: int) -> torch.Tensor:
         return pseudo_label(remap_labels(labels, self.config), output, self.config)
 
     def losses(self, output, targets: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
@@ -76,9 +76,7 @@ class ZegOTObjective:
             names = [names[i] for i in self.config.training_class_ids]
         return tuple(names)
 
-    def targets(
-        self, labels: torch.Tensor, images: torch.Tensor, output, step: int
-    ) -> torch.Tensor:
+    def targets(self, labels: torch.Tensor, output, step: int) -> torch.Tensor:
         phase = self.phase(step)
         if phase == "seen":
             return pseudo_label(
@@ -86,8 +84,8 @@ class ZegOTObjective:
             )
         if phase == "frozen":
             teacher = self._teacher()
-            with torch.no_grad():
-                output = teacher(images, teacher.embed_text(self.forward_text(step)))
+            with torch.no_grad():  # the frozen image tower is shared: reuse the step's embedding
+                output = teacher(output.embedding, teacher.embed_text(self.forward_text(step)))
         elif self.teacher is not None:
             self.teacher = None  # the frozen window is over
         return pseudo_label(remap_labels(labels, self.config), output, self.config)
