@@ -116,6 +116,8 @@ def test_transductive_recipe_requires_init_from():
         load_recipe("voc-inductive", ["crop_size=256"]).validate()
     with pytest.raises(ValueError, match="otseg model has no learned prompts"):
         load_recipe("voc-inductive", ["prompt_lr=1e-3"]).validate()
+    with pytest.raises(ValueError, match="ZegOT learns its prompts"):
+        load_recipe("zegot-tiny", ["text_embeddings=/nowhere.npy"]).validate()
 
 
 def test_overrides_are_typed():

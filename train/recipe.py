@@ -121,6 +121,11 @@ class Recipe:
                 f"recipe {self.name!r}: prompt_lr sets ZegOT's learned-prompt learning rate, but "
                 f"an {self.model} model has no learned prompts; remove prompt_lr"
             )
+        if self.text_embeddings and self.model == "zegot":
+            raise UserError(
+                f"recipe {self.name!r}: text_embeddings are OTSeg's fixed prompt embeddings; "
+                f"ZegOT learns its prompts; remove text_embeddings"
+            )
         size = preset.vision.image_size
         if self.crop_size != size:
             raise UserError(f"crop_size {self.crop_size} must equal the model size {size}")
