@@ -262,18 +262,6 @@ def build_any(config, **kwargs):
     return build_model(config, **kwargs)
 
 
-def from_pretrained_as(cls: type, repo_or_dir: str | Path, **kwargs):
-    """:func:`from_pretrained`, checked to give a ``cls`` (``OTSeg.from_pretrained`` and
-    ``ZegOT.from_pretrained``; this module's function loads either)."""
-    model = from_pretrained(repo_or_dir, **kwargs)
-    if not isinstance(model, cls):
-        raise TypeError(
-            f"{repo_or_dir} holds a model of type {type(model).__name__}, not {cls.__name__}; "
-            "load it with otseg.from_pretrained"
-        )
-    return model
-
-
 def read_config(path: Path) -> tuple[OTSegConfig, dict[str, Any]]:
     try:
         info = json.loads(path.read_text())

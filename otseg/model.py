@@ -19,6 +19,7 @@ from .ensemble import PostProcessing, WindowScores
 from .errors import UserError
 from .mps import Transport, mps_maps
 from .mpsa import ATTENTIONS
+from .pretrained import Pretrained
 
 DEFAULT_MASK_COMBINE = {"sinkhorn": "sigmoid_geomean", "softmax": "last"}
 
@@ -47,7 +48,7 @@ class HeadMaps:
     prompt_maps: torch.Tensor | None = None  # (B, K, N, h, w) per-prompt MPS maps M·N·T·S
 
 
-class OTSeg(PostProcessing, nn.Module):
+class OTSeg(PostProcessing, Pretrained, nn.Module):
     """The OTSeg segmentor. Build with :func:`build_model` or ``otseg.hub.from_pretrained``."""
 
     model_type = "otseg"
@@ -171,25 +172,6 @@ class OTSeg(PostProcessing, nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
-
-    # -- hub I/O (see otseg.hub) ----------------------------------------------------------------
-    def save_pretrained(self, directory, *, card: dict | None = None):
-        """Write config.json, model.safetensors, stored text embeddings and a model card."""
-        from .hub import save_pretrained
-
-        return save_pretrained(self, directory, card=card)
-
-    def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        from .hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, repo_or_dir, **kwargs) -> OTSeg:
-        """Load from a local directory or a Hub repo id (cache first; works offline)."""
-        from .hub import from_pretrained_as
-
-        return from_pretrained_as(cls, repo_or_dir, **kwargs)
 
     @property
     def device(self) -> torch.device:

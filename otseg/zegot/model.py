@@ -20,6 +20,7 @@ from ..decoder import relationship_queries
 from ..ensemble import PostProcessing, WindowScores
 from ..errors import UserError
 from ..mps import Transport
+from ..pretrained import Pretrained
 from .config import ZegOTConfig
 from .decoder import ScoreMapDecoder
 from .mpot import TRANSPORTS, MPOTMaps, block_similarities, mpot
@@ -52,7 +53,7 @@ class ZegOTOutput(WindowScores):
     embedding: LayeredEmbedding
 
 
-class ZegOT(PostProcessing, nn.Module):
+class ZegOT(PostProcessing, Pretrained, nn.Module):
     """The ZegOT segmentor. Build with :func:`build_zegot` or ``otseg.hub.from_pretrained``."""
 
     model_type = "zegot"
@@ -182,23 +183,6 @@ class ZegOT(PostProcessing, nn.Module):
     def prompt_parameters(self) -> list[nn.Parameter]:
         """The learned context vectors (their own learning rate in training)."""
         return [self.prompts.ctx] if self.hand_crafted is None else []
-
-    # -- hub I/O (see otseg.hub) ------------------------------------------------------------
-    def save_pretrained(self, directory, *, card: dict | None = None):
-        from ..hub import save_pretrained
-
-        return save_pretrained(self, directory, card=card)
-
-    def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        from ..hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, repo_or_dir, **kwargs) -> ZegOT:
-        from ..hub import from_pretrained_as
-
-        return from_pretrained_as(cls, repo_or_dir, **kwargs)
 
     @property
     def device(self) -> torch.device:
