@@ -139,15 +139,6 @@ def shapes(tmp_path_factory):
     return write_synthetic(tmp_path_factory.mktemp("shapes"), "voc", num_train=8, num_val=2)
 
 
-@pytest.fixture
-def fresh_accelerate():
-    from train_helpers import reset_accelerate
-
-    reset_accelerate()
-    yield
-    reset_accelerate()
-
-
 def _zegot_args(data, out, *extra):
     return ["--config", "zegot-tiny", "--data-root", str(data), "--output-dir", str(out),
             "--log-with", "none", "--cpu", *extra]  # fmt: skip
