@@ -20,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from .allocator import keep_freed_memory
 from .clip_image import ImageEmbedding
 from .ensemble import TokenMaps, WindowScores, resize
 from .errors import UserError
@@ -124,6 +125,8 @@ class OTSegPredictor:
             except (RuntimeError, AssertionError) as e:  # CPU-only torch asserts on "cuda"
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise UserError(f"device {str(device)!r} is not usable here: {reason}") from None
+        if self.model.device.type == "cpu":
+            keep_freed_memory()
         self.precision = precision
         self.mode = mode
         self._onnx_tower = None
