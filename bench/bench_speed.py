@@ -5,11 +5,13 @@
 ViT-B/16 dimensions (VOC preset, randomly initialised open_clip ``ViT-B-16-quickgelu``, no
 download), fp32 unless stated. Variants are alternated within each repeat, so machine load
 hits them alike; the ratios are what to compare. ``uptime`` is printed before and after.
+Every variant runs with :func:`otseg.allocator.keep_freed_memory` (as the predictor sets it on
+a CPU); run with ``OTSEG_MALLOC=default`` to measure glibc's default allocator instead.
 
 (a) image tower per 512 window: open_clip's own ``VisionTransformer.forward`` (1025 tokens),
     our prompted tower run through open_clip's block modules (1035 tokens, the previous
-    implementation) and our tower (same 1035 tokens, our block forward); max |Δ| of ours vs
-    the open_clip-block tower;
+    implementation) and our tower (same 1035 tokens, our block forward: oneDNN GEMMs on
+    prepacked weights, per-head attention); max |Δ| of ours vs the open_clip-block tower;
 (b) slide inference of a 375×500 photo (two 512 windows) through the predictor, fp32 and bf16
     autocast: ours vs the same predictor with open_clip's block modules (and with --onnx, the
     ONNX Runtime tower, exported once into $OTSEG_CACHE);
@@ -38,6 +40,7 @@ import torch  # noqa: E402
 from bench_core import uptime, vit_b16_model  # noqa: E402
 
 import otseg.clip_image as clip_image  # noqa: E402
+from otseg.allocator import keep_freed_memory  # noqa: E402
 from otseg.predictor import OTSegPredictor  # noqa: E402
 from otseg.preprocess import load_image, to_model_input  # noqa: E402
 from otseg.slide import slide_inference  # noqa: E402
@@ -265,6 +268,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, {args.repeats} repeats")
+    # As the predictor does on a CPU; every variant below shares it (OTSEG_MALLOC=default: off).
+    print(f"glibc keeps freed memory (otseg.allocator): {keep_freed_memory()}")
     print(f"uptime: {uptime()}")
     model = vit_b16_model()
     with torch.inference_mode():
