@@ -3,10 +3,11 @@
 The transformer blocks, patch embedding and norms are open_clip's modules (so OpenAI CLIP
 weights load directly); the forward is ours, because OTSeg inserts and replaces prompt tokens
 between blocks and interpolates positions to any token grid. Each block runs through
-:func:`block_forward` over the block's own weights: one fused QKV projection and
-``scaled_dot_product_attention`` instead of ``nn.MultiheadAttention`` (whose inference path
-materialises the attention matrix), oneDNN's GEMM for fp32 inference on CPU, and in-place
-activations when no gradient is needed. It equals open_clip's block to ~1e-6 (see tests).
+:func:`block_forward` over the block's own weights: on a CPU without autograd, oneDNN GEMMs on
+weights packed once (bias, residual and QuickGELU fused) and per-head attention; elsewhere one
+fused QKV projection and ``scaled_dot_product_attention`` instead of ``nn.MultiheadAttention``
+(whose inference path materialises the attention matrix), with in-place activations when no
+gradient is needed. Both equal open_clip's block to ~1e-6 in fp32 (see tests).
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 # -- CPU inference through oneDNN ------------------------------------------------------------
 # oneDNN's GEMM runs at about twice the rate of F.linear's default CPU GEMM and of the GEMMs
-# inside CPU scaled_dot_product_attention on AVX-512 here (bench/bench_speed.py (a)). It has no
-# autograd formula, so it serves inference only.
+# inside CPU scaled_dot_product_attention on the AVX-512 machine we measure on; the whole
+# block is 2× faster (bench/bench_speed.py (a)). It has no autograd formula: inference only.
 
 _QUICK_GELU = 1.702  # QuickGELU(y) = y·σ(1.702·y) = swish(1.702·y) / 1.702
 
