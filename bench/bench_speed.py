@@ -17,7 +17,9 @@ a CPU); run with ``OTSEG_MALLOC=default`` to measure glibc's default allocator i
     ONNX Runtime tower, exported once into $OTSEG_CACHE);
 (c) whole-image inference vs slide: time, and label agreement on the example photos (random
     weights, so agreement measures the protocol difference only, not quality);
-(d) with --onnx: the exported image tower and fixed-iteration head in ONNX Runtime vs torch.
+(d) with --onnx: the exported image tower and fixed-iteration head in ONNX Runtime vs torch;
+(e) the floor: the GEMM FLOPs of one window's tower at the rate oneDNN's GEMM reaches here on
+    the tower's largest matrix product (fp32 and bf16), against the measured tower.
 """
 
 from __future__ import annotations
@@ -259,12 +261,53 @@ def bench_onnx(model, repeats: int) -> None:
     table(t, c, labels, pairs + [("torch head", "onnx head")])
 
 
+def tower_flops(cfg, tokens: int) -> tuple[float, float]:
+    """(dense GEMM FLOPs, attention GEMM FLOPs) of one ViT window of ``tokens`` tokens."""
+    w, layers = cfg.width, cfg.layers
+    hidden = int(w * cfg.mlp_ratio)
+    dense = 2 * tokens * w * (3 * w + w + 2 * hidden) * layers  # QKV, out, two MLP layers
+    attention = 2 * 2 * tokens * tokens * w * layers  # QKᵀ and PV over all heads
+    return dense, attention
+
+
+def bench_floor(model, repeats: int) -> None:
+    cfg = model.config.vision
+    grid = cfg.image_size // cfg.patch_size
+    tokens = 1 + cfg.num_prompt_tokens + grid * grid
+    hidden = int(cfg.width * cfg.mlp_ratio)
+    dense, attention = tower_flops(cfg, tokens)
+    gemm = 2 * tokens * cfg.width * hidden
+    x = torch.randn(1, 3, cfg.image_size, cfg.image_size)
+    print(f"\n(e) floor: one {cfg.image_size}² window, {tokens} tokens, medians")
+    print(f"tower GEMM work: {dense / 1e9:.0f} GFLOP dense + {attention / 1e9:.0f} GFLOP attention")
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(tokens, cfg.width).to(dtype)
+        weight = torch.ops.mkldnn._reorder_linear_weight(torch.randn(hidden, cfg.width).to(dtype))
+        bias = torch.zeros(hidden, dtype=dtype)
+
+        def product(a=a, weight=weight, bias=bias):
+            return torch.ops.mkldnn._linear_pointwise(a, weight, bias, "none", [], "")
+
+        def tower(dtype=dtype):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                return model.encode_image(x)
+
+        t, _ = alternate({"gemm": product, "tower": tower}, repeats)
+        rate = gemm / (t["gemm"] / 1000)
+        floor = (dense + attention) / rate * 1000
+        print(
+            f"{name}: oneDNN GEMM {tokens}×{cfg.width}×{hidden} {t['gemm']:.2f} ms = "
+            f"{rate / 1e9:.0f} GFLOP/s → GEMM floor {floor:.0f} ms per window "
+            f"({2 * floor:.0f} ms for two); tower measured {t['tower']:.0f} ms"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--onnx", action="store_true", help="also compare ONNX Runtime")
-    ap.add_argument("--only", choices=["tower", "slide", "whole", "onnx"], default=None)
+    ap.add_argument("--only", choices=["tower", "slide", "whole", "onnx", "floor"], default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, {args.repeats} repeats")
@@ -279,6 +322,8 @@ def main() -> None:
             bench_slide(model, args.repeats, args.onnx)
         if args.only in (None, "whole"):
             bench_whole(model, args.repeats)
+        if args.only in (None, "floor"):
+            bench_floor(model, args.repeats)
     if args.onnx or args.only == "onnx":
         with torch.inference_mode():
             bench_onnx(model, args.repeats)
