@@ -13,9 +13,10 @@
 (c) predictor throughput at 512² (set_image + predict, one image at a time) fp32/bf16/fp16,
     and batched forward throughput with the fixed-iteration head;
 (d) end to end on a 375×500 photo (two windows): an original-style loop (open_clip attention
-    blocks, the verbatim original Sinkhorn, one window per call) vs our predictor, and our
-    serving path (windows batched, fixed iterations, tower and head in one CUDA graph);
-    label agreement with the original-style loop;
+    blocks, the verbatim original Sinkhorn, one window per call) vs our predictor, and
+    ``otseg.serving.SlideServer`` (windows batched, fixed iterations, tower and head in one
+    CUDA graph on CUDA, eager elsewhere), each from the photo to labels and probabilities on
+    the host; label agreement with the original-style loop;
 (e) training steps/s of the VOC inductive and COCO transductive ViT-B/16 presets on synthetic
     512² batches of 4, bf16 and fp32, fixed Sinkhorn iterations (``train.step_timer``: the
     step of a run).
@@ -44,9 +45,8 @@ import otseg.mps as mps  # noqa: E402
 from otseg.clip_image import ImageEmbedding  # noqa: E402
 from otseg.mpsa import fixed_sinkhorn  # noqa: E402
 from otseg.predictor import OTSegPredictor  # noqa: E402
-from otseg.preprocess import to_model_input  # noqa: E402
+from otseg.serving import SlideServer, capture_cuda_graph  # noqa: E402
 from otseg.sinkhorn import sinkhorn  # noqa: E402
-from otseg.slide import crops, slide_windows, window_probabilities  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -110,24 +110,6 @@ def build(quick: bool, device: torch.device):
     return vit_b16_model().to(device)
 
 
-def capture(fn, static_input: torch.Tensor, device: torch.device, dtype):
-    """``fn`` (tensor → tensor) as a replayable CUDA graph: returns (replay, static output)."""
-
-    def amp():
-        return torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else nullcontext()
-
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream), amp():
-        for _ in range(3):
-            fn(static_input)
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), amp():
-        out = fn(static_input)
-    return graph.replay, out
-
-
 def section_sinkhorn(device, repeats, quick) -> None:
     print("\n(a) Sinkhorn, one problem per call, mean ms; max |Δ| vs the original")
     print(
@@ -179,7 +161,7 @@ def section_head(model, device, repeats, iterations) -> None:
             def head(p):
                 return model.decode(ImageEmbedding(p, emb.cls), text).decoder
 
-            replay, out = capture(head, pixels, device, None)
+            replay, _, out = capture_cuda_graph(head, pixels)
             t_graph = timed(replay, device, repeats)
             row += f"   CUDA graph {t_graph:.2f} ({t_rule / t_graph:.1f}x vs rule)"
     print(row)
@@ -280,32 +262,14 @@ def section_end_to_end(model, device, repeats, iterations) -> None:
         f"our predictor bf16 {t_bf16:.1f} ({t_orig / t_bf16:.2f}x, labels "
         f"{(predict_bf16().labels == ref).mean():.4f})"
     )
-    if device.type != "cuda":
-        return
-    text = model.embed_text(names)
-    seen = torch.tensor([True] * len(names), device=device)
-    seen[list(cfg.unseen)] = False
-    x = to_model_input(photo, cfg.resize_short, cfg.pixel_mean, cfg.pixel_std).to(device)
-    boxes = slide_windows(x.shape[-2], x.shape[-1], cfg.test_crop, cfg.test_stride)
-    windows = crops(x, boxes)
-    for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        with fixed_sinkhorn(model, iterations):
-            replay, out = capture(
-                lambda w: model(w, text, seen=seen).scores, windows.clone(), device, dtype
-            )
-
-        def serve():
-            replay()
-            probs = window_probabilities(
-                list(out.float().split(1)), boxes, tuple(x.shape[-2:]), photo.shape[:2]
-            )
-            return probs[0].argmax(0)
-
-        t_serve = timed(serve, device, repeats)
-        agree = (serve().cpu().numpy() == ref).mean()
+    for precision in ("fp32", "bf16"):
+        server = SlideServer(model, names, iterations=iterations, precision=precision)
+        t_serve = timed(lambda server=server: server(photo), device, repeats)
+        agree = (server(photo).labels == ref).mean()
+        graph = "CUDA graph" if server.cuda_graph else "eager"
         print(
-            f"serving path {precision} (batched, {iterations} its, CUDA graph) {t_serve:.1f} "
-            f"({t_orig / t_serve:.2f}x vs original-style, labels {agree:.4f})"
+            f"otseg.serving.SlideServer {precision} (windows batched, {iterations} its, {graph}) "
+            f"{t_serve:.1f} ({t_orig / t_serve:.2f}x vs original-style, labels {agree:.4f})"
         )
 
 

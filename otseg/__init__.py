@@ -13,6 +13,7 @@ from .config import OTSegConfig, get_preset, tiny_config  # noqa: E402
 from .hub import from_pretrained  # noqa: E402
 from .model import OTSeg  # noqa: E402
 from .predictor import OTSegPredictor, Prediction, SegmentationModel, segment  # noqa: E402
+from .serving import SlideServer  # noqa: E402
 
 __all__ = [
     "OTSeg",
@@ -20,6 +21,7 @@ __all__ = [
     "OTSegPredictor",
     "Prediction",
     "SegmentationModel",
+    "SlideServer",
     "from_pretrained",
     "get_preset",
     "segment",

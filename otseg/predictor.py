@@ -26,10 +26,9 @@ from .ensemble import TokenMaps, WindowScores, resize
 from .errors import UserError
 from .preprocess import ImageLike, load_image, to_model_input
 from .slide import Box, crops, merge_windows, slide_windows, window_probabilities
-from .vocabulary import mark_seen
+from .vocabulary import check_names, mark_seen
 from .whole import whole_input
 
-MAX_CLASSES = 1000
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype
 # "slide": overlapping test_crop windows, as the original (the default and the parity path);
 # "whole": one pass over the whole test-scale image (otseg.whole), faster, not the original's.
@@ -202,19 +201,7 @@ class OTSegPredictor:
         when it matches one of the model's seen training classes, ignoring case, spaces,
         hyphens and underscores (:func:`otseg.vocabulary.mark_seen`).
         """
-        if isinstance(names, str):  # list("cat, dog") would be one name per character
-            raise UserError(f"give the class names as a list of strings, not one string: {names!r}")
-        names = list(names)
-        if not names:
-            raise UserError("the vocabulary is empty: give at least one class name")
-        if len(names) > MAX_CLASSES:
-            raise UserError(f"{len(names)} class names; at most {MAX_CLASSES} are supported")
-        bad = [n for n in names if not isinstance(n, str) or not n.strip()]
-        if bad:
-            raise UserError(f"class names must be non-empty strings, got {bad[:3]!r}")
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise UserError(f"duplicate class names: {dupes[:5]}")
+        names = check_names(names)
         if seen is None:
             cfg = self.model.config
             seen = mark_seen(names, cfg.class_names, cfg.seen)

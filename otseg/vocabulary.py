@@ -13,6 +13,26 @@ from collections.abc import Sequence
 from .errors import UserError
 
 _KEY_DROP = re.compile(r"[\s_\-]+")
+MAX_CLASSES = 1000
+
+
+def check_names(names: Sequence[str]) -> list[str]:
+    """The vocabulary as a list, or a UserError saying what is wrong with it (a single string,
+    empty, over ``MAX_CLASSES`` names, blank or non-string names, duplicates)."""
+    if isinstance(names, str):  # list("cat, dog") would be one name per character
+        raise UserError(f"give the class names as a list of strings, not one string: {names!r}")
+    names = list(names)
+    if not names:
+        raise UserError("the vocabulary is empty: give at least one class name")
+    if len(names) > MAX_CLASSES:
+        raise UserError(f"{len(names)} class names; at most {MAX_CLASSES} are supported")
+    bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+    if bad:
+        raise UserError(f"class names must be non-empty strings, got {bad[:3]!r}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"duplicate class names: {dupes[:5]}")
+    return names
 
 
 def match_key(name: str) -> str:
