@@ -34,8 +34,9 @@ class SlideServer:
         A graph keeps its input, output and activations allocated, and replays the weights it
         was captured with: build a new server after changing the model's weights.
 
-    The model must not be used by another thread while a server captures or runs eagerly:
-    the fixed iteration count is set on the model for the duration of the forward.
+    One call at a time: a graph's input and output buffers are shared by its replays, and the
+    fixed iteration count is set on the model for the duration of an eager forward or a
+    capture (so the model must not serve another thread meanwhile).
     """
 
     def __init__(
