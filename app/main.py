@@ -125,17 +125,14 @@ def check_device(device: str | None) -> str:
 
 
 def check_model(model: str | None) -> None:
-    """A one-line ``ValueError`` when ``model`` can be neither a local directory nor a Hub repo
-    id (a typo stops here instead of starting a demo without its model). Whether a Hub repo
+    """A one-line ``UserError`` when ``model`` is not a usable model reference: a missing local
+    path (otseg.hub's rule), a directory without config.json or an unknown ``original:``
+    setting; a typo stops here instead of starting a demo without its model. Whether a Hub repo
     exists is only known when loading: the demo then shows why it could not load it."""
     if not model:
         return
-    if Path(model).is_dir():
-        from otseg.hub import CONFIG_NAME
+    from otseg.hub import CONFIG_NAME, locate_model
 
-        if not (Path(model) / CONFIG_NAME).is_file():
-            raise UserError(f"--model {model}: the directory has no {CONFIG_NAME}; is it a model?")
-        return
     if model.startswith("original:"):
         from otseg.original import get_original
 
@@ -144,14 +141,12 @@ def check_model(model: str | None) -> None:
         except UserError as e:
             raise UserError(f"--model {model}: {e}") from None
         return
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     try:
-        validate_repo_id(model)
-    except HFValidationError:
-        raise UserError(
-            f"--model {model}: no such directory, and not a Hub repo id (like org/name)"
-        ) from None
+        where = locate_model(model)
+    except UserError as e:  # its message starts with the reference
+        raise UserError(f"--model {e}") from None
+    if isinstance(where, Path) and not (where / CONFIG_NAME).is_file():
+        raise UserError(f"--model {model}: the directory has no {CONFIG_NAME}; is it a model?")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

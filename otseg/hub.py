@@ -25,6 +25,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import load_file, safe_open, save_file
 
 from .config import OTSegConfig
@@ -47,7 +48,42 @@ class CheckpointError(UserError):
     """A file is not what it should be (wrong format, wrong or missing keys)."""
 
 
-# -- resolving files ------------------------------------------------------------------------
+# -- resolving references and files --------------------------------------------------------
+def locate_model(ref: str | Path) -> Path | str:
+    """Where a model reference points: an existing local directory (a ``Path``), else a Hub
+    repo id (the ``str``, resolved later from the cache or the Hub).
+
+    A reference that reads as a path must exist locally, else a one-line :class:`UserError`
+    names it and says what to do: a ``Path`` object, a string without an "org/" part, one that
+    fails huggingface_hub's repo id check (which refuses a leading ".", "/" or "~", a backslash
+    and more than one "/"), or one whose parent folder exists here ("runs/x" when runs/ does).
+    ``original:`` references are resolved by :func:`from_pretrained` before this.
+    """
+    text = str(ref).strip()
+    if not text:
+        raise UserError("empty model reference; give a model directory or a Hub id like org/name")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UserError(
+            f"{text}: a file, not a model directory; give the folder with {CONFIG_NAME}"
+        )
+    parent = text.rsplit("/", 1)[0] if "/" in text else ""
+    try:
+        validate_repo_id(text)
+        hub_id = not isinstance(ref, Path) and text.count("/") == 1
+    except HFValidationError:
+        hub_id = False
+    if hub_id and not Path(parent).is_dir():
+        return text
+    why = f" ({parent}/ exists here, so it is read as a path)" if hub_id else ""
+    raise UserError(
+        f"{text}: no such directory{why}; train or convert a model into it "
+        "(train.train --output-dir, otseg.convert --output), or give a Hub repo id like org/name"
+    )
+
+
 def _offline() -> bool:
     from huggingface_hub import constants
 
@@ -329,6 +365,7 @@ def from_pretrained(
         from .original import cached
 
         repo_or_dir = cached(str(repo_or_dir))
+    repo_or_dir = locate_model(repo_or_dir)
     kw = {"revision": revision, "cache_dir": cache_dir, "token": token}
     config, info = read_config(resolve_file(repo_or_dir, CONFIG_NAME, **kw))
     weights = resolve_file(repo_or_dir, WEIGHTS_NAME, **kw)

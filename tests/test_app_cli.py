@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ def test_app_py_exits_with_one_line_before_loading_any_weights():
 
 
 def test_model_that_cannot_exist_is_refused_before_loading(tmp_path):
-    with pytest.raises(ValueError, match=r"^--model does/not/exist: no such directory, and not a"):
+    with pytest.raises(ValueError, match=r"^--model does/not/exist: no such directory; train or"):
         check_model("does/not/exist")
     with pytest.raises(ValueError, match=r"^--model original:nope: unknown original setting"):
         check_model("original:nope")
@@ -55,6 +56,34 @@ def test_model_that_cannot_exist_is_refused_before_loading(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     for fine in (None, "", str(tmp_path), "org/name", "original:coco-transductive"):
         check_model(fine)  # whether the repo exists is only known when loading
+
+
+def test_a_missing_model_directory_stops_the_demo_at_start(tmp_path, monkeypatch, capsys):
+    """``runs/x`` with runs/ present is a path, not a Hub id: one line, exit 2, no page."""
+    from app.main import main
+
+    (tmp_path / "runs").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "--model", "runs/x", "--device", "cpu"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.startswith(
+        "error: --model runs/x: no such directory (runs/ exists here, so it is read as a path); "
+        "train or convert a model into it"
+    )
+    assert out.stderr.count("\n") == 1 and "Running on" not in out.stdout
+    monkeypatch.setenv("OTSEG_MODEL", "./my-model")  # the environment variable: the same rule
+    monkeypatch.setattr("app.main.load_model", lambda *a, **k: pytest.fail("loaded ./my-model"))
+    with pytest.raises(SystemExit) as e:
+        main(["--device", "cpu"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --model ./my-model: no such directory; ")
 
 
 def test_environment_settings_are_checked_like_flags(monkeypatch, capsys):

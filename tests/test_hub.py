@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from factories import fill_hf_cache, random_photo, save_tiny_clip, tiny_model
-from otseg.hub import CheckpointError, WeightsNotFoundError, from_pretrained, resolve_file
+from otseg.errors import UserError
+from otseg.hub import (
+    CheckpointError,
+    WeightsNotFoundError,
+    from_pretrained,
+    locate_model,
+    resolve_file,
+)
 from otseg.model import OTSeg
 from otseg.predictor import OTSegPredictor
 
@@ -70,15 +79,36 @@ def test_missing_weights_fail_fast_with_an_actionable_message(tmp_path):
     start = time.perf_counter()
     with pytest.raises(WeightsNotFoundError, match="HF_HUB_OFFLINE=1.*local directory"):
         from_pretrained("someone/not-downloaded", cache_dir=tmp_path)
-    with pytest.raises(
-        WeightsNotFoundError, match="neither a local directory nor a valid Hub repo id"
-    ):
+    with pytest.raises(UserError, match="^no such//dir: no such directory; train or convert"):
         from_pretrained("no such//dir")
     (tmp_path / "half").mkdir()
     with pytest.raises(WeightsNotFoundError, match="config.json is missing"):
         from_pretrained(tmp_path / "half")
     assert time.perf_counter() - start < 2.0
     assert resolve_file(tmp_path / "half", "x.json", required=False) is None
+
+
+def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """Only an org/name id with no local folder of that name goes to the Hub (here: the cache)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    model = tiny_model(seed=6)
+    model.save_pretrained(tmp_path / "runs" / "m")
+    hint = "no such directory.*; train or convert a model into it .* org/name$"
+    for ref in ("runs/x", "./x", "../x", "x", "/nonexistent/x", "~/no-such-otseg", "a/b/c",
+                r"runs\x", Path("org/name"), "org/name.git", "C:/x"):  # fmt: skip
+        with pytest.raises(UserError, match=f"^{re.escape(str(ref))}: {hint}"):
+            from_pretrained(ref)
+    with pytest.raises(UserError, match=r"^runs/x: no such directory \(runs/ exists here, so it"):
+        OTSegPredictor.from_pretrained("runs/x")
+    with pytest.raises(UserError, match="^runs/m/config.json: a file, not a model directory"):
+        from_pretrained("runs/m/config.json")
+    assert locate_model("runs/m") == Path("runs/m") == locate_model(Path("runs/m"))
+    assert locate_model("runs") == Path("runs")  # any existing folder is local (then files fail)
+    assert locate_model("org/name") == "org/name"  # no org/ folder here: a Hub id
+    with pytest.raises(WeightsNotFoundError, match=r"'org/name' is not in the Hugging Face cache"):
+        from_pretrained("org/name", cache_dir=tmp_path / "hub")  # HF_HUB_OFFLINE=1 in tests
+    assert isinstance(from_pretrained("runs/m"), OTSeg)
 
 
 def test_offline_error_without_hf_hub_offline_is_quick(tmp_path):

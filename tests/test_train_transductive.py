@@ -12,6 +12,7 @@ import torch
 from train_helpers import reset_accelerate, tiny_args
 
 from otseg.data.synthetic import SYNTHETIC_CLASSES, write_synthetic
+from otseg.errors import UserError
 from otseg.losses import IGNORE, pseudo_label, remap_labels
 from otseg.model import OTSeg
 from train.build import build_config, build_training_model
@@ -69,6 +70,13 @@ def test_init_from_loads_the_inductive_weights(data: Path, tmp_path: Path):
     model = build_training_model(recipe, build_config(recipe))
     for key, value in final.trained_state_dict().items():
         assert torch.equal(model.trained_state_dict()[key], value), key
+
+
+def test_a_missing_init_from_is_one_line_naming_it(tmp_path: Path):
+    from train.build import resolve_init
+
+    with pytest.raises(UserError, match=r"^init_from .*runs/x: no such directory; give the run"):
+        resolve_init(tmp_path / "runs" / "x", step=2)
 
 
 def test_keep_steps_survive_rotation(data: Path, tmp_path: Path):

@@ -88,6 +88,11 @@ def resolve_init(path: str | Path, step: int | None = None) -> Path:
     from train.checkpoint import META, checkpoint_dir, complete_checkpoints
 
     path = Path(path)
+    if not path.exists():  # local only: never a Hub id
+        raise UserError(
+            f"init_from {path}: no such directory; give the run, checkpoint or model directory "
+            "of the inductive training (train.train --output-dir) to start from"
+        )
     if _is_model_dir(path):
         return path
     if (path / META).is_file() and _is_model_dir(path / "model"):
