@@ -13,8 +13,6 @@ gradient is needed. Both equal open_clip's block to ~1e-6 in fp32 (see tests).
 from __future__ import annotations
 
 import math
-import threading
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import onednn
 from .config import VisionConfig
 from .errors import UserError
 
@@ -126,7 +125,7 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         and type(block.mlp.gelu).__name__ == "QuickGELU"
     ):
         return block(x)
-    dtype = _cpu_inference_dtype(x)
+    dtype = onednn.inference_dtype(x)
     if dtype is not None:
         return _cpu_block_forward(block, x, dtype)
     b, n, c = x.shape
@@ -143,31 +142,21 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + F.linear(y, block.mlp.c_proj.weight, block.mlp.c_proj.bias)
 
 
-# -- CPU inference through oneDNN ------------------------------------------------------------
-# oneDNN's GEMM runs at about twice the rate of F.linear's default CPU GEMM and of the GEMMs
-# inside CPU scaled_dot_product_attention on the AVX-512 machine we measure on; the whole
-# block is 2× faster (bench/bench_speed.py (a)). It has no autograd formula: inference only.
+# -- CPU inference through oneDNN (see otseg.onednn) ------------------------------------------
 
 _QUICK_GELU = 1.702  # QuickGELU(y) = y·σ(1.702·y) = swish(1.702·y) / 1.702
 
 
 @dataclass(frozen=True)
 class _PackedBlock:
-    """One block's weights reordered once into oneDNN's blocked layout, in the compute dtype,
-    with the attention scale folded into the query rows and QuickGELU's 1.702 folded into the
-    MLP (oneDNN fuses swish(y) = y·σ(y) into the GEMM, not y·σ(1.702·y))."""
+    """One block's weights in oneDNN's layout and the compute dtype, with the attention scale
+    folded into the query rows and QuickGELU's 1.702 folded into the MLP (oneDNN fuses
+    swish(y) = y·σ(y) into the GEMM, not y·σ(1.702·y)). Each field: (weight, bias)."""
 
-    key: tuple
     qkv: tuple[torch.Tensor, torch.Tensor]
     out: tuple[torch.Tensor, torch.Tensor]
     fc: tuple[torch.Tensor, torch.Tensor]
     proj: tuple[torch.Tensor, torch.Tensor]
-
-
-_PACKED: weakref.WeakKeyDictionary[nn.Module, dict[torch.dtype, _PackedBlock]] = (
-    weakref.WeakKeyDictionary()
-)
-_PACK_LOCK = threading.Lock()
 
 
 def _block_weights(block: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -184,63 +173,39 @@ def _block_weights(block: nn.Module) -> tuple[torch.Tensor, ...]:
     )
 
 
-def _packed(block: nn.Module, dtype: torch.dtype) -> _PackedBlock:
-    """The block's packed weights, rebuilt when a weight was replaced or modified in place."""
-    weights = _block_weights(block)
-    # Inference tensors have no version counter: for them only a replacement is noticed.
-    key = tuple((w.data_ptr(), None if w.is_inference() else w._version) for w in weights)
-    hit = _PACKED.get(block, {}).get(dtype)
-    if hit is not None and hit.key == key:
-        return hit
-    with _PACK_LOCK:
-        w_qkv, b_qkv, w_out, b_out, w_fc, b_fc, w_proj, b_proj = (
-            w.detach().float().clone() for w in weights
-        )
-        c = w_out.shape[0]
-        scale = (c // block.attn.num_heads) ** -0.5  # as scaled_dot_product_attention
-        w_qkv[:c] *= scale
-        b_qkv[:c] *= scale
+def _pack_block(block: nn.Module, dtype: torch.dtype) -> _PackedBlock:
+    w_qkv, b_qkv, w_out, b_out, w_fc, b_fc, w_proj, b_proj = (
+        w.detach().float().clone() for w in _block_weights(block)
+    )
+    c = w_out.shape[0]
+    scale = (c // block.attn.num_heads) ** -0.5  # as scaled_dot_product_attention
+    w_qkv[:c] *= scale
+    b_qkv[:c] *= scale
 
-        def pack(w: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            w = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype).contiguous())
-            return w, bias.to(dtype)
+    def packed(w: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return onednn.pack(w, dtype), bias.to(dtype)
 
-        packed = _PackedBlock(
-            key=key,
-            qkv=pack(w_qkv, b_qkv),
-            out=pack(w_out, b_out),
-            fc=pack(w_fc * _QUICK_GELU, b_fc * _QUICK_GELU),
-            proj=pack(w_proj / _QUICK_GELU, b_proj),
-        )
-        _PACKED.setdefault(block, {})[dtype] = packed
-    return packed
-
-
-def _linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor], act: str = "none"):
-    return torch.ops.mkldnn._linear_pointwise(x, weight[0], weight[1], act, [], "")
-
-
-def _linear_add(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor], residual):
-    """``residual + x @ W.T + b`` in one oneDNN call (fp32) or a GEMM and an add (bf16, so the
-    residual stream stays fp32 as under autocast)."""
-    if x.dtype == residual.dtype:
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, *weight, "add")
-    return residual + _linear(x, weight)
+    return _PackedBlock(
+        qkv=packed(w_qkv, b_qkv),
+        out=packed(w_out, b_out),
+        fc=packed(w_fc * _QUICK_GELU, b_fc * _QUICK_GELU),
+        proj=packed(w_proj / _QUICK_GELU, b_proj),
+    )
 
 
 def _cpu_block_forward(block: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """:func:`block_forward` for CPU inference: oneDNN GEMMs on prepacked weights with the
     bias, residual and QuickGELU fused, and attention as per-head oneDNN GEMMs and a softmax.
     x (B, L, W) → (B, L, W) fp32; ``dtype`` (fp32 or bf16) is the GEMMs' dtype."""
-    p = _packed(block, dtype)
+    p = onednn.cached(block, dtype, _block_weights(block), lambda: _pack_block(block, dtype))
     b, n, c = x.shape
     heads = block.attn.num_heads
     with torch.autocast("cpu", enabled=False):
         rows = x.reshape(b * n, c).float()
-        qkv = _linear(block.ln_1(rows).to(dtype), p.qkv).view(b, n, 3, heads, c // heads)
-        rows = _linear_add(_attention(qkv), p.out, rows)
-        y = _linear(block.ln_2(rows).to(dtype), p.fc, "swish")  # 1.702 · QuickGELU
-        rows = _linear_add(y, p.proj, rows)
+        qkv = onednn.linear(block.ln_1(rows).to(dtype), p.qkv)
+        rows = onednn.linear_add(_attention(qkv.view(b, n, 3, heads, c // heads)), p.out, rows)
+        y = onednn.linear(block.ln_2(rows).to(dtype), p.fc, "swish")  # 1.702 · QuickGELU
+        rows = onednn.linear_add(y, p.proj, rows)
     return rows.view(b, n, c)
 
 
@@ -254,51 +219,9 @@ def _attention(qkv: torch.Tensor) -> torch.Tensor:
     out = qkv.new_empty(b, n, heads, d)
     for i in range(b):
         for h in range(heads):
-            scores = torch.ops.mkldnn._linear_pointwise(q[i, h], k[i, h], None, "none", [], "")
-            weights = torch.softmax(scores, dim=-1)
-            out[i, :, h] = torch.ops.mkldnn._linear_pointwise(
-                weights, v_t[i, h], None, "none", [], ""
-            )
+            weights = torch.softmax(onednn.linear(q[i, h], (k[i, h], None)), dim=-1)
+            out[i, :, h] = onednn.linear(weights, (v_t[i, h], None))
     return out.view(b * n, heads * d)
-
-
-def _cpu_inference_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """fp32 or bf16 when ``x`` takes the oneDNN inference path, else None."""
-    if not (
-        _ONEDNN_LINEAR and x.device.type == "cpu" and not torch.is_grad_enabled() and not _tracing()
-    ):
-        return None
-    if torch.is_autocast_enabled("cpu"):
-        bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and _ONEDNN_BF16
-        return torch.bfloat16 if bf16 else None
-    return torch.float32 if x.dtype == torch.float32 else None
-
-
-def _tracing() -> bool:
-    """Under torch.compile or torch.export (ONNX export): keep the portable ``F.linear``."""
-    compiler = torch.compiler
-    exporting = getattr(compiler, "is_exporting", lambda: False)
-    return compiler.is_compiling() or exporting()
-
-
-def _has_onednn_linear() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and bool(
-            torch.ops.mkldnn._linear_pointwise and torch.ops.mkldnn._reorder_linear_weight
-        )
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _has_onednn_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_ONEDNN_LINEAR = _has_onednn_linear()
-_ONEDNN_BF16 = _ONEDNN_LINEAR and _has_onednn_bf16()
 
 
 def build_visual(cfg: VisionConfig) -> nn.Module:

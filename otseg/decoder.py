@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import onednn
 from .config import HeadConfig
 from .mps import Transport
 from .mpsa import PromptPixelAttention
@@ -26,8 +27,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, dim: int, cfg: HeadConfig) -> None:
         super().__init__()
         self.multihead_attn = PromptPixelAttention(dim, cfg)
-        self.linear1 = nn.Linear(dim, cfg.ffn_dim)
-        self.linear2 = nn.Linear(cfg.ffn_dim, dim)
+        self.linear1 = onednn.Linear(dim, cfg.ffn_dim)
+        self.linear2 = onednn.Linear(cfg.ffn_dim, dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(cfg.dropout)  # inside the FFN

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from . import onednn
 from .config import HeadConfig
 from .mps import Transport, cosine_similarity, transport_plan
 
@@ -22,10 +23,10 @@ class PromptPixelAttention(nn.Module):
     def __init__(self, dim: int, cfg: HeadConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.proj = nn.Linear(dim, dim)
+        self.q = onednn.Linear(dim, dim)
+        self.k = onednn.Linear(dim, dim)
+        self.v = onednn.Linear(dim, dim)
+        self.proj = onednn.Linear(dim, dim)
         self.attn_drop = nn.Dropout(cfg.attn_dropout)
 
     def forward(

@@ -1,0 +1,41 @@
+"""otseg.onednn.Linear: nn.Linear's result through oneDNN for CPU fp32 inference only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from otseg import onednn
+
+pytestmark = pytest.mark.skipif(not onednn.AVAILABLE, reason="this torch build has no oneDNN")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_equals_nn_linear_and_follows_its_weights(bias):
+    torch.manual_seed(0)
+    ours, ref = onednn.Linear(48, 80, bias=bias), nn.Linear(48, 80, bias=bias)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 7, 48)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=0)
+        with torch.no_grad():
+            ref.weight.mul_(-2.0)
+        ours.load_state_dict(ref.state_dict())  # an in-place copy: the packed weight is rebuilt
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=0)
+
+
+def test_linear_takes_onednn_only_for_cpu_fp32_inference(monkeypatch):
+    calls = []
+    real = onednn.linear
+    monkeypatch.setattr(onednn, "linear", lambda *a: calls.append(1) or real(*a))
+    layer = onednn.Linear(16, 16)
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).dtype == torch.bfloat16  # autocast's own bf16 GEMM
+    assert len(calls) == 1
+    y = layer(x.requires_grad_())
+    y.sum().backward()  # autograd: F.linear
+    assert len(calls) == 1 and layer.weight.grad is not None
