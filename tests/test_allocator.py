@@ -46,6 +46,7 @@ def run(env: dict[str, str]) -> tuple[str, int]:
     reason="mallopt thresholds exist in glibc only",
 )
 def test_freed_memory_stays_in_the_process():
-    assert run({"OTSEG_MALLOC": ""}) == ("True", 0)
+    enabled, released = run({"OTSEG_MALLOC": ""})
+    assert enabled == "True" and released < 16  # kept in the heap for the next activation
     enabled, released = run({"OTSEG_MALLOC": "default"})
     assert enabled == "False" and released >= 200  # glibc's default returns it at once
