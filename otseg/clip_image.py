@@ -107,12 +107,15 @@ class PromptedViT(FrozenClipTower):
         return ImageEmbedding(pixels=F.normalize(pixels, dim=1), cls=F.normalize(x[:, 0], dim=-1))
 
 
-def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def block_forward(
+    block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """open_clip ``ResidualAttentionBlock`` (pre-norm, QuickGELU MLP) on (B, L, W) tokens.
 
-    Same weights and result as ``block(x)``; any other block type runs as ``block(x)``. CPU
-    inference (fp32, or bf16 autocast) takes :func:`_cpu_block_forward`; autograd, GPUs and
-    export take the portable path below.
+    attn_mask: None, or an additive (L, L) float mask (the text tower's causal mask).
+    Same weights and result as ``block(x, attn_mask=attn_mask)``; any other block type runs
+    as itself. CPU inference (fp32, or bf16 autocast) takes :func:`_cpu_block_forward`;
+    autograd, GPUs and export take the portable path below.
     """
     attn = getattr(block, "attn", None)
     if not (
@@ -124,16 +127,16 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         and not hasattr(block, "ln_1_kv")
         and type(block.mlp.gelu).__name__ == "QuickGELU"
     ):
-        return block(x)
+        return block(x, attn_mask=attn_mask)
     dtype = onednn.inference_dtype(x)
     if dtype is not None:
-        return _cpu_block_forward(block, x, dtype)
+        return _cpu_block_forward(block, x, dtype, attn_mask)
     b, n, c = x.shape
     heads = attn.num_heads
     qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
     q, k, v = qkv.view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
-    x = x + F.linear(y, attn.out_proj.weight, attn.out_proj.bias)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    x = x + F.linear(y.transpose(1, 2).reshape(b, n, c), attn.out_proj.weight, attn.out_proj.bias)
     y = F.linear(block.ln_2(x), block.mlp.c_fc.weight, block.mlp.c_fc.bias)
     if torch.is_grad_enabled():
         y = y * torch.sigmoid(1.702 * y)  # QuickGELU
@@ -193,9 +196,11 @@ def _pack_block(block: nn.Module, dtype: torch.dtype) -> _PackedBlock:
     )
 
 
-def _cpu_block_forward(block: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _cpu_block_forward(
+    block: nn.Module, x: torch.Tensor, dtype: torch.dtype, attn_mask: torch.Tensor | None
+) -> torch.Tensor:
     """:func:`block_forward` for CPU inference: oneDNN GEMMs on prepacked weights with the
-    bias, residual and QuickGELU fused, and attention as per-head oneDNN GEMMs and a softmax.
+    bias, residual and QuickGELU fused, and :func:`_attention`.
     x (B, L, W) → (B, L, W) fp32; ``dtype`` (fp32 or bf16) is the GEMMs' dtype."""
     p = onednn.cached(block, dtype, _block_weights(block), lambda: _pack_block(block, dtype))
     b, n, c = x.shape
@@ -203,16 +208,26 @@ def _cpu_block_forward(block: nn.Module, x: torch.Tensor, dtype: torch.dtype) ->
     with torch.autocast("cpu", enabled=False):
         rows = x.reshape(b * n, c).float()
         qkv = onednn.linear(block.ln_1(rows).to(dtype), p.qkv)
-        rows = onednn.linear_add(_attention(qkv.view(b, n, 3, heads, c // heads)), p.out, rows)
+        y = _attention(qkv.view(b, n, 3, heads, c // heads), attn_mask)
+        rows = onednn.linear_add(y, p.out, rows)
         y = onednn.linear(block.ln_2(rows).to(dtype), p.fc, "swish")  # 1.702 · QuickGELU
         rows = onednn.linear_add(y, p.proj, rows)
     return rows.view(b, n, c)
 
 
-def _attention(qkv: torch.Tensor) -> torch.Tensor:
-    """Softmax attention, one head at a time. qkv (B, L, 3, heads, d), queries pre-scaled →
-    (B·L, heads·d). oneDNN needs contiguous operands (a strided one is ~1000× slower)."""
+def _attention(qkv: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention. qkv (B, L, 3, heads, d), queries pre-scaled → (B·L, heads·d).
+
+    Long sequences (image windows) run one head at a time as two oneDNN GEMMs and a softmax;
+    oneDNN needs contiguous operands (a strided one is ~1000× slower). Short ones (text
+    prompts: many sequences of a few tokens) run batched through
+    ``scaled_dot_product_attention``, where per-head calls would cost more than the work.
+    """
     b, n, _, heads, d = qkv.shape
+    if attn_mask is not None or n < _PER_HEAD_MIN_TOKENS:
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, L, d) each
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
+        return y.transpose(1, 2).reshape(b * n, heads * d)
     q = qkv[:, :, 0].transpose(1, 2).contiguous()  # (B, heads, L, d)
     k = qkv[:, :, 1].transpose(1, 2).contiguous()
     v_t = qkv[:, :, 2].permute(0, 2, 3, 1).contiguous()  # (B, heads, d, L)
@@ -222,6 +237,9 @@ def _attention(qkv: torch.Tensor) -> torch.Tensor:
             weights = torch.softmax(onednn.linear(q[i, h], (k[i, h], None)), dim=-1)
             out[i, :, h] = onednn.linear(weights, (v_t[i, h], None))
     return out.view(b * n, heads * d)
+
+
+_PER_HEAD_MIN_TOKENS = 128
 
 
 def build_visual(cfg: VisionConfig) -> nn.Module:

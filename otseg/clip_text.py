@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import onednn
+from .clip_image import block_forward
 from .errors import UserError
 from .prompts import fill
 
@@ -92,8 +94,14 @@ class TextTower(nn.Module):
         x = x + self.positional_embedding[:length]
         previous = getattr(self.transformer, "grad_checkpointing", False)
         self.transformer.grad_checkpointing = checkpointing and torch.is_grad_enabled()
+        mask = self.attn_mask[:length, :length]
         try:
-            x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
+            batch_first = getattr(self.transformer, "batch_first", True)
+            if batch_first and onednn.inference_dtype(x) is not None:  # CPU inference
+                for block in self.transformer.resblocks:
+                    x = block_forward(block, x, mask)
+            else:
+                x = self.transformer(x, attn_mask=mask)
         finally:
             self.transformer.grad_checkpointing = previous
         x = self.ln_final(x)[torch.arange(x.shape[0], device=x.device), eot]

@@ -27,6 +27,18 @@ def test_block_forward_equals_open_clip(block, tokens):
         torch.testing.assert_close(block_forward(block, x), block(x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("tokens", [9, 130])
+def test_masked_block_forward_equals_open_clip(block, tokens):
+    """The text tower's causal mask, in CPU inference and in the portable (autograd) path."""
+    mask = torch.full((tokens, tokens), float("-inf")).triu_(1)
+    x = torch.randn(3, tokens, 96)
+    with torch.inference_mode():
+        want = block(x, attn_mask=mask)
+        torch.testing.assert_close(block_forward(block, x, mask), want, atol=1e-5, rtol=0)
+    got = block_forward(block, x.clone().requires_grad_(), mask)
+    torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=0)
+
+
 def test_block_forward_gradients_equal_open_clip(block):
     x = torch.randn(1, 20, 96, requires_grad=True)
     (g_ours,) = torch.autograd.grad(block_forward(block, x).square().sum(), x)

@@ -26,6 +26,32 @@ def test_short_context_equals_open_clip_encode_text(clip):
     torch.testing.assert_close(tower(prompts), ref, atol=1e-6, rtol=1e-5)
 
 
+def test_cpu_inference_runs_our_masked_block_forward(clip, monkeypatch):
+    """Without autograd on a CPU the text blocks take the oneDNN path with the causal mask; with
+    autograd (learned prompts) open_clip's transformer runs; both equal open_clip."""
+    import otseg.clip_image as clip_image
+
+    model, tokenizer = clip
+    tower = TextTower(model, tokenizer)
+    masks = []
+    ours = clip_image._cpu_block_forward
+    monkeypatch.setattr(clip_image, "_cpu_block_forward", lambda *a: masks.append(a[3]) or ours(*a))
+    prompts = ["a photo of a cat.", "a bad photo of the dining table in the room."]
+    tokens = tokenizer(prompts)
+    with torch.no_grad():
+        ref = model.encode_text(tokens, normalize=True)
+        torch.testing.assert_close(tower(prompts), ref, atol=1e-6, rtol=1e-5)
+    length = int(tokens.argmax(-1).max()) + 1
+    assert len(masks) == len(model.transformer.resblocks)
+    assert all(m.shape == (length, length) and torch.isinf(m).any() for m in masks)
+    masks.clear()
+    x = model.token_embedding(tokens[:, :length]).requires_grad_()
+    got = tower.encode_embeddings(x, tokens.argmax(-1))
+    got.sum().backward()
+    assert not masks and x.grad is not None
+    torch.testing.assert_close(got.detach(), ref, atol=1e-6, rtol=1e-5)
+
+
 def test_embedder_caches_and_keeps_order(clip):
     model, tokenizer = clip
     tower = TextTower(model, tokenizer)
