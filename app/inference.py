@@ -22,6 +22,7 @@ from torch import nn
 
 from app import gpu, overlay, render, vocab
 from otseg.errors import UserError
+from otseg.hub import model_type
 from otseg.predictor import OTSegPredictor
 from otseg.preprocess import ImageError, load_image
 
@@ -64,7 +65,7 @@ class LoadedModel:
 
     @property
     def is_zegot(self) -> bool:
-        return getattr(self.model, "model_type", "otseg") == "zegot"
+        return self.model is not None and model_type(self.model) == "zegot"
 
     @property
     def model_name(self) -> str:
@@ -109,7 +110,7 @@ def load_model(
     Never raises for missing or wrong weights: the reason goes into ``status``. ``device`` must
     already be usable (see ``app.main.check_device``).
     """
-    from otseg.hub import WeightsNotFoundError, from_pretrained, model_type
+    from otseg.hub import WeightsNotFoundError, from_pretrained
     from otseg.training_free import build_training_free
 
     problem = ""

@@ -281,11 +281,21 @@ def _atomic(path: Path, write) -> None:
 MODEL_TYPES = ("otseg", "zegot")
 
 
-def model_type(model_or_config) -> str:
-    """Which model of the family a model or config is: ``"otseg"`` or ``"zegot"``."""
-    from .zegot import ZegOT, ZegOTConfig
+def model_type(model_or_config: Any) -> str:
+    """Which model of the family something is: ``"zegot"`` or ``"otseg"``. The one rule, for
+    models, configs and anything carrying a ``config`` (the demo's ``app.gpu.RemoteModel``,
+    training-free CLIP, which is OTSeg's head): the type of the config decides. A TypeError for
+    anything else, e.g. a DDP-wrapped model (unwrap it first)."""
+    from .zegot import ZegOTConfig
 
-    return "zegot" if isinstance(model_or_config, ZegOT | ZegOTConfig) else "otseg"
+    config = getattr(model_or_config, "config", model_or_config)
+    if isinstance(config, ZegOTConfig):
+        return "zegot"
+    if isinstance(config, OTSegConfig):
+        return "otseg"
+    raise TypeError(
+        f"model_type() takes an OTSeg or ZegOT model or config, got {type(model_or_config).__name__}"
+    )
 
 
 def build_any(config, **kwargs):

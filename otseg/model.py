@@ -51,7 +51,6 @@ class HeadMaps:
 class OTSeg(PostProcessing, Pretrained, nn.Module):
     """The OTSeg segmentor. Build with :func:`build_model` or ``otseg.hub.from_pretrained``."""
 
-    model_type = "otseg"
     attentions = ATTENTIONS
 
     def __init__(
@@ -172,6 +171,11 @@ class OTSeg(PostProcessing, Pretrained, nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the image tower's blocks in the backward pass of training forwards (the
+        path the prompt gradients take); saves activation memory. Off when built."""
+        self.image_encoder.grad_checkpointing = enabled
 
     @property
     def device(self) -> torch.device:

@@ -11,9 +11,9 @@ from .data.classes import DATASET_TITLES
 
 def render_model_card(config: OTSegConfig, card: dict[str, Any], has_text_bank: bool) -> str:
     """Markdown with Hub front matter: what the model is, its vocabulary, metrics, training."""
-    from .zegot import ZegOTConfig
+    from .hub import model_type
 
-    zegot = isinstance(config, ZegOTConfig)
+    zegot = model_type(config) == "zegot"
     dataset = DATASET_TITLES.get(config.dataset, config.dataset)
     about = (
         "Zero-shot semantic segmentation with learned text prompts and multi-prompt optimal\n"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -24,6 +25,8 @@ from torch import nn
 
 from app import gpu
 from app.inference import Handlers, LoadedModel, load_model
+from otseg.hub import model_type
+from otseg.zegot import build_zegot, zegot_tiny_config
 from tests.demo_helpers import client, pickling_gpu, served, tiny_dirs, write_photo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,3 +129,19 @@ def test_plain_cpu_model_registry_is_used_by_key(tmp_path):
     with pytest.raises(RuntimeError, match="no model is registered"):
         gpu.RemoteModel("nobody")
     assert isinstance(LoadedModel(None, "none", "x").key, type(None))
+
+
+@pytest.mark.parametrize("kind", ["otseg", "zegot"])
+def test_a_session_knows_which_model_it_runs(tmp_path, kind):
+    """The session's stand-in holds only the key and config; it is the same model type."""
+    if kind == "otseg":
+        _, model_dir = tiny_dirs(tmp_path)
+    else:
+        torch.manual_seed(0)
+        model_dir = build_zegot(zegot_tiny_config()).save_pretrained(tmp_path / "zegot")
+    loaded = load_model(str(model_dir))
+    remote = Handlers(loaded).new_session().predictor.model
+    assert isinstance(remote, gpu.RemoteModel)
+    assert model_type(remote) == model_type(loaded.model) == kind
+    assert loaded.is_zegot == (kind == "zegot")
+    assert LoadedModel(None, "none", "x").is_zegot is False

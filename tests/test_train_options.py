@@ -76,6 +76,24 @@ def test_push_to_hub_offline_warns_at_start_and_keeps_the_export(
     assert log.index("--push-to-hub me/tiny will fail") < log.index("step 1: saved")
 
 
+def test_gradient_checkpointing_flag_reaches_the_model(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from train.train import main
+
+    trained = []
+    switch = OTSeg.set_grad_checkpointing
+    monkeypatch.setattr(
+        OTSeg, "set_grad_checkpointing", lambda m, on=True: trained.append(m) or switch(m, on)
+    )
+    main(tiny_args(data, tmp_path / "run", "--max-iters", "1", "--no-eval"))
+    assert trained == []  # off unless asked
+    reset_accelerate()
+    main(tiny_args(data, tmp_path / "run2", "--max-iters", "1", "--no-eval",
+                   "--gradient-checkpointing"))  # fmt: skip
+    assert len(trained) == 1 and trained[0].image_encoder.grad_checkpointing
+
+
 def test_custom_label_beyond_the_classes_stops_at_start(tmp_path: Path):
     from train.train import main
 

@@ -24,12 +24,12 @@ from otseg.hub import (
     WEIGHTS_NAME,
     load_text_bank,
     load_weights,
+    model_type,
     read_config,
 )
 from otseg.model import OTSeg, build_model
 from otseg.mpsa import fixed_sinkhorn  # noqa: F401 - part of train.build's interface
-from otseg.zegot import ZegOTConfig, build_zegot
-from train.objective import is_zegot
+from otseg.zegot import build_zegot
 from train.recipe import Recipe
 
 
@@ -160,7 +160,7 @@ def build_training_model(recipe: Recipe, config: OTSegConfig) -> OTSeg:
     fresh prompts and decoder, or the weights of ``recipe.init_from`` (weights only)."""
     torch.manual_seed(recipe.seed)
     source = resolve_init(recipe.init_from, recipe.init_from_iter) if recipe.init_from else None
-    if isinstance(config, ZegOTConfig):  # random towers when clip_model is None
+    if model_type(config) == "zegot":  # random towers when clip_model is None
         clip = tokenizer = None
         if config.clip_model is not None:
             clip, tokenizer = load_frozen_clip(config, recipe.clip_weights)
@@ -192,7 +192,9 @@ def freeze_unreached(model: OTSeg) -> list[str]:
     """
     s = model.config.vision.image_size
     # ZegOT takes class names: its prompts are encoded with gradients inside the forward
-    text = model.training_class_names if is_zegot(model) else model.training_text.detach()
+    text = (
+        model.training_class_names if model_type(model) == "zegot" else model.training_text.detach()
+    )
     with torch.random.fork_rng(devices=[]):
         out = model(torch.zeros(1, 3, s, s, device=model.device), text)
         maps = [m for m in (out.decoder_map, out.score_map) if m is not None]

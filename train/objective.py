@@ -16,11 +16,8 @@ import copy
 import torch
 from torch import nn
 
+from otseg.hub import model_type
 from otseg.losses import otseg_losses, pseudo_label, remap_labels
-
-
-def is_zegot(model: nn.Module) -> bool:
-    return getattr(model, "model_type", "otseg") == "zegot"
 
 
 class OTSegObjective:
@@ -132,4 +129,6 @@ Objective = OTSegObjective | ZegOTObjective
 
 def build_objective(model: nn.Module, iterations: int) -> Objective:
     """The objective of the (unwrapped) model's type."""
-    return ZegOTObjective(model, iterations) if is_zegot(model) else OTSegObjective(model)
+    return (
+        ZegOTObjective(model, iterations) if model_type(model) == "zegot" else OTSegObjective(model)
+    )

@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 
 from otseg.config import OTSegConfig, get_preset
+from otseg.hub import model_type
 from otseg.model import build_model
 from otseg.zegot import ZegOTConfig, build_zegot
 from train.build import fixed_sinkhorn, freeze_unreached, random_text_bank, use_tf32
@@ -62,7 +63,7 @@ def time_training_step(
     config = get_preset(preset) if isinstance(preset, str) else preset
     config = config.replace(clip_model=None, clip_pretrained=None)
     torch.manual_seed(0)
-    if isinstance(config, ZegOTConfig):
+    if model_type(config) == "zegot":
         model = build_zegot(config)  # random towers of the preset's sizes
     else:
         model = build_model(config, text_bank=random_text_bank(config, 0))

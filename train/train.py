@@ -37,8 +37,8 @@ from accelerate.utils import (
 import otseg  # noqa: F401 - patches torchvision before open_clip/timm are imported
 from otseg.config import OTSegConfig
 from otseg.errors import UserError
+from otseg.hub import model_type
 from otseg.metrics import format_table
-from otseg.zegot import ZegOTConfig
 from train.build import (
     build_config,
     build_eval_loader,
@@ -292,17 +292,12 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     accelerator, per_device = build_accelerator(recipe, args, run_dir)
     with run_log(accelerator, run_dir):  # checks first: no folder when they fail
         config = build_config(recipe)
-        zegot = isinstance(config, ZegOTConfig)
         check_custom_labels(recipe, evaluate=not args.no_eval or recipe.eval_every > 0)
         if args.push_to_hub and accelerator.is_main_process:
             warn_if_push_fails(args.push_to_hub, run_dir / "model")
         model = build_training_model(recipe, config)
-        if zegot:
-            model.prompts.checkpointing = (
-                args.gradient_checkpointing or config.head.text_checkpointing
-            )
-        else:
-            model.image_encoder.grad_checkpointing = args.gradient_checkpointing
+        if args.gradient_checkpointing:  # else as built (ZegOT: config.head.text_checkpointing)
+            model.set_grad_checkpointing(True)
         unreached = freeze_unreached(model)
         loader = build_train_loader(
             recipe, config, per_device, pin_memory=accelerator.device.type == "cuda"
@@ -337,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         accumulation_steps=accelerator.gradient_accumulation_steps,
     )
     objective = build_objective(accelerator.unwrap_model(model), recipe.iterations)
-    if zegot:
+    if model_type(config) == "zegot":
         accelerator.register_for_checkpointing(objective)  # its frozen teacher, when taken
     state = resume(checkpoints, args.resume_from, fresh)
     evaluate_at = make_evaluator(accelerator, recipe, config, run_dir)

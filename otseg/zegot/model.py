@@ -56,7 +56,6 @@ class ZegOTOutput(WindowScores):
 class ZegOT(PostProcessing, Pretrained, nn.Module):
     """The ZegOT segmentor. Build with :func:`build_zegot` or ``otseg.hub.from_pretrained``."""
 
-    model_type = "zegot"
     embedding_type = LayeredEmbedding  # what encode_image returns
     attentions = TRANSPORTS
 
@@ -179,6 +178,12 @@ class ZegOT(PostProcessing, Pretrained, nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the text tower's blocks in the backward pass of training forwards (the
+        path the prompt gradients take; the image tower runs without gradients); saves
+        activation memory. Built as ``config.head.text_checkpointing`` says."""
+        self.prompts.checkpointing = enabled
 
     def prompt_parameters(self) -> list[nn.Parameter]:
         """The learned context vectors (their own learning rate in training)."""
