@@ -90,7 +90,7 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _hub_unreachable_reason() -> str | None:
+def hub_unreachable_reason() -> str | None:
     """Why the Hub endpoint cannot be reached (a 3 s TCP probe), or None.
 
     huggingface_hub retries a refused connection with back-off for ~23 s; probing first turns
@@ -151,7 +151,7 @@ def resolve_file(
             f"forbids downloading it; download it while online (e.g. `hf download {repo}`) "
             f"or pass a local directory"
         )
-    unreachable = _hub_unreachable_reason()
+    unreachable = hub_unreachable_reason()
     if unreachable:
         raise WeightsNotFoundError(
             f"{filename} of {repo!r} is not in the Hugging Face cache and {unreachable}; connect "

@@ -84,7 +84,7 @@ def test_first_online_run_downloads_one_weight_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hub, "hf_hub_download", fake_download)
     monkeypatch.setattr(hub, "_offline", lambda: False)
-    monkeypatch.setattr(hub, "_hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: None)
 
     available = {"open_clip_config.json", *hub.CLIP_WEIGHT_NAMES}
     assert hub._clip_weights(REPO, None).name == "open_clip_model.safetensors"

@@ -18,6 +18,7 @@ from otseg.hub import (
     CheckpointError,
     WeightsNotFoundError,
     from_pretrained,
+    hub_unreachable_reason,
     locate_model,
     resolve_file,
 )
@@ -130,6 +131,23 @@ def test_offline_error_without_hf_hub_offline_is_quick(tmp_path):
     )
     assert out.stdout.startswith("ERR"), out.stderr[-2000:]
     assert float(out.stdout.split()[1]) < 15
+
+
+def test_hub_unreachable_reason_probes_the_endpoint(monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # refused at once
+    assert hub_unreachable_reason().startswith("cannot reach http://127.0.0.1:9 (")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # the proxy decides: no probe
+    assert hub_unreachable_reason() is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert hub_unreachable_reason() is None
 
 
 def test_wrong_files_give_checkpoint_errors(tmp_path):

@@ -264,9 +264,9 @@ def test_push_problem_names_each_cause(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     assert "no Hugging Face token" in push_problem("me/x")
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_x")
-    monkeypatch.setattr(otseg.hub, "_hub_unreachable_reason", lambda: "cannot reach the Hub")
+    monkeypatch.setattr(otseg.hub, "hub_unreachable_reason", lambda: "cannot reach the Hub")
     assert push_problem("me/x") == "cannot reach the Hub"
-    monkeypatch.setattr(otseg.hub, "_hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(otseg.hub, "hub_unreachable_reason", lambda: None)
 
     def rejected(self):
         raise PermissionError("401 Unauthorized")
