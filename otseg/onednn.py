@@ -85,14 +85,20 @@ def cached(
 ) -> T:
     """``build()`` for ``owner`` and ``dtype``, reused while ``weights`` are the same tensors
     with the same contents version (inference tensors have no version counter: for them
-    only a replacement is noticed)."""
+    only a replacement is noticed). Concurrent first calls build once."""
     key = tuple((w.data_ptr(), None if w.is_inference() else w._version) for w in weights)
-    hit = _CACHE.get(owner, {}).get(dtype)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    with _LOCK:  # concurrent first calls (demo worker threads) build once each, not at once
-        value = build()
-        _CACHE.setdefault(owner, {})[dtype] = (key, value)
+
+    def lookup():
+        hit = _CACHE.get(owner, {}).get(dtype)
+        return hit[1] if hit is not None and hit[0] == key else None
+
+    value = lookup()
+    if value is None:
+        with _LOCK:
+            value = lookup()
+            if value is None:
+                value = build()
+                _CACHE.setdefault(owner, {})[dtype] = (key, value)
     return value
 
 

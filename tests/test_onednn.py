@@ -39,3 +39,30 @@ def test_linear_takes_onednn_only_for_cpu_fp32_inference(monkeypatch):
     y = layer(x.requires_grad_())
     y.sum().backward()  # autograd: F.linear
     assert len(calls) == 1 and layer.weight.grad is not None
+
+
+def test_concurrent_first_calls_build_once():
+    import threading
+    import time
+
+    owner, weight = nn.Linear(4, 4), torch.randn(4, 4)
+    builds, start = [], threading.Barrier(4)
+
+    def build():
+        builds.append(1)
+        time.sleep(0.05)  # every other thread arrives while this one builds
+        return "packed"
+
+    def call():
+        start.wait()
+        return onednn.cached(owner, torch.float32, [weight], build)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1
+    assert onednn.cached(owner, torch.float32, [weight], build) == "packed" and len(builds) == 1
+    weight.add_(1.0)  # contents changed: built again
+    assert onednn.cached(owner, torch.float32, [weight], build) == "packed" and len(builds) == 2
