@@ -83,8 +83,11 @@ class SegMetrics:
     hiou: float  # harmonic mean of miou_seen and miou_unseen
 
     def summary(self) -> dict[str, float]:
-        """The headline numbers in percent."""
+        """The headline numbers in percent. Without unseen classes (fully supervised, or
+        cross-dataset) mIoU(unseen) and hIoU do not exist and are left out."""
         keys = ("miou", "miou_seen", "miou_unseen", "hiou", "aacc")
+        if not self.unseen:
+            keys = ("miou", "miou_seen", "aacc")
         return {k: 100 * getattr(self, k) for k in keys}
 
 
@@ -118,20 +121,25 @@ def compute_metrics(
 
 
 def _pct(value: float) -> str:
-    return "   nan" if math.isnan(value) else f"{100 * value:6.2f}"
+    return "   n/a" if math.isnan(value) else f"{100 * value:6.2f}"
 
 
 def format_table(metrics: SegMetrics) -> str:
-    """A per-class table (IoU, Acc in %) followed by the summary line."""
+    """A per-class table (IoU, Acc in %; n/a where undefined, e.g. a class absent from the
+    labels) followed by the summary line."""
     width = max(10, *(len(n) for n in metrics.class_names))
     lines = [f"{'class':<{width}}  split    IoU    Acc", "-" * (width + 22)]
     for i, name in enumerate(metrics.class_names):
         split = "unseen" if i in metrics.unseen else "seen"
         lines.append(f"{name:<{width}}  {split:<6} {_pct(metrics.iou[i])} {_pct(metrics.acc[i])}")
     lines.append("-" * (width + 22))
+    unseen = (
+        f"mIoU(unseen) {_pct(metrics.miou_unseen)}  hIoU {_pct(metrics.hiou)}"
+        if metrics.unseen
+        else "hIoU n/a (no unseen classes)"
+    )
     lines.append(
-        f"mIoU {_pct(metrics.miou)}  mIoU(seen) {_pct(metrics.miou_seen)}  "
-        f"mIoU(unseen) {_pct(metrics.miou_unseen)}  hIoU {_pct(metrics.hiou)}  "
+        f"mIoU {_pct(metrics.miou)}  mIoU(seen) {_pct(metrics.miou_seen)}  {unseen}  "
         f"aAcc {_pct(metrics.aacc)}"
     )
     return "\n".join(lines)

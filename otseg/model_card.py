@@ -63,7 +63,9 @@ def render_model_card(config: OTSegConfig, card: dict[str, Any], has_text_bank: 
     if metrics:
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
         lines += [
-            f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |"
+            f"| {k} | {v:.2f} |"
+            if isinstance(v, float)
+            else f"| {k} | {'n/a' if v is None else v} |"
             for k, v in metrics.items()
             if not isinstance(v, dict | list)
         ]

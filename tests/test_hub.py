@@ -33,12 +33,13 @@ def outputs(model, x):
 
 def test_round_trip_without_clip_source(tmp_path):
     model = tiny_model(seed=3)
-    model.save_pretrained(tmp_path / "m", card={"metrics": {"mIoU": 12.5}})
+    model.save_pretrained(tmp_path / "m", card={"metrics": {"mIoU": 12.5, "hIoU": None}})
     files = sorted(p.name for p in (tmp_path / "m").iterdir())
     assert files == ["README.md", "config.json", "model.safetensors", "text_embeddings.safetensors"]
     info = json.loads((tmp_path / "m" / "config.json").read_text())
     assert info["format"] == "otseg" and info["card"]["metrics"]["mIoU"] == 12.5
-    assert "mIoU | 12.50" in (tmp_path / "m" / "README.md").read_text()
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "mIoU | 12.50" in card and "| hIoU | n/a |" in card  # undefined, e.g. no unseen class
     loaded = OTSeg.from_pretrained(tmp_path / "m")
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(outputs(loaded, x), outputs(model, x), atol=0, rtol=0)

@@ -87,8 +87,22 @@ def test_table_and_json():
     )
     table = format_table(m)
     assert "pottedplant" in table and "unseen" in table and "hIoU" in table
-    assert "100.00" in table and "nan" in table
+    assert "100.00" in table and "   n/a" in table and "nan" not in table
     data = json.loads(to_json(m))
     assert data["iou"] == [1.0, 1.0, None, None] and data["miou_unseen"] is None
     assert data["class_names"][2] == "pottedplant" and data["unseen"] == [2, 3]
     assert m.summary()["miou_seen"] == pytest.approx(100.0)
+
+
+def test_no_unseen_classes_leave_out_unseen_metrics():
+    """Fully supervised (or cross-dataset): mIoU(unseen) and hIoU are undefined, not NaN."""
+    m = compute_metrics(update(new_confusion(3), PRED, LABEL, 3), ["a", "b", "c"])
+    assert set(m.summary()) == {"miou", "miou_seen", "aacc"}
+    line = format_table(m).splitlines()[-1]
+    assert "hIoU n/a (no unseen classes)" in line and "unseen)" not in line and "nan" not in line
+
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} is not JSON")
+
+    data = json.loads(to_json(m), parse_constant=refuse)
+    assert data["hiou"] is None and data["miou_unseen"] is None and data["unseen"] == []

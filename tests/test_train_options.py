@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,38 @@ def test_eval_every_keeps_the_best_and_logs_at_the_right_step(
     assert best.get("hiou", best["miou"]) == max(scores)  # hIoU: tiny is inductive
     meta = json.loads((out / "checkpoints" / "checkpoint_00000004" / "meta.json").read_text())
     assert meta["best_step"] in (2, 4) and meta["best_score"] is not None
+
+
+def _strict_json(path: Path) -> dict:
+    def refuse(constant: str):
+        raise AssertionError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_fully_supervised_run_reports_no_unseen_metrics(
+    data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """No unseen classes: no mIoU(unseen) or hIoU, never "nan" in the log, null (not NaN) in
+    metrics.json, and the best model is chosen by mIoU."""
+    from train.train import main
+
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        summary = main(tiny_args(data, out, "--max-iters", "2", "--eval-every", "1",
+                                 "--set", "setting=fully"))  # fmt: skip
+    assert set(summary) == {"miou", "miou_seen", "aacc"}
+    log = caplog.text
+    assert "hIoU n/a (no unseen classes)" in log and "mIoU(unseen)" not in log
+    assert "nan" not in log.lower()
+    metrics = _strict_json(out / "metrics.json")
+    assert metrics["unseen"] == [] and metrics["hiou"] is None and metrics["miou"] is not None
+    card = _strict_json(out / "model" / "config.json")["card"]["metrics"]
+    assert card == summary and "hiou" not in (out / "model" / "README.md").read_text()
+    kept = [float(x) for x in re.findall(r"best so far \(([\d.]+)\)", log)]  # by mIoU
+    meta = _strict_json(out / "checkpoints" / "checkpoint_00000002" / "meta.json")
+    assert meta["best_step"] == 1 and meta["best_score"] == kept[0]  # saved before the final eval
+    assert _strict_json(out / "best" / "config.json")["card"]["metrics"]["miou"] == kept[-1]
 
 
 def test_push_to_hub_offline_warns_at_start_and_keeps_the_export(
