@@ -3,13 +3,16 @@
 oneDNN's GEMM runs at about twice the rate of the GEMM behind ``F.linear`` (and inside CPU
 ``scaled_dot_product_attention``) in fp32 on the AVX-512 machine we measure on
 (``bench/bench_speed.py``). It has no autograd formula, so only inference without gradients
-on a CPU takes it; training, GPUs and export (tracing) keep the portable ops. Weights are
-reordered once into oneDNN's blocked layout and cached beside their module (rebuilt when a
-weight is replaced or modified in place).
+on an x86-64 CPU takes it; training, GPUs, other CPUs and export (tracing) keep the portable
+ops, and so does everything with ``OTSEG_ONEDNN=0``. Weights are reordered once into oneDNN's
+blocked layout and cached beside their module (rebuilt when a weight is replaced or modified
+in place).
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -36,7 +39,15 @@ def _bf16_supported() -> bool:
         return False
 
 
-AVAILABLE = _available("_linear_pointwise") and _available("_reorder_linear_weight")
+def _wanted() -> bool:
+    """x86-64 only (where it was measured; ARM builds may run oneDNN's reference kernels), and
+    not when ``OTSEG_ONEDNN=0``."""
+    if os.environ.get("OTSEG_ONEDNN", "").strip() == "0":
+        return False
+    return platform.machine().lower() in {"x86_64", "amd64"}
+
+
+AVAILABLE = _wanted() and _available("_linear_pointwise") and _available("_reorder_linear_weight")
 BF16 = AVAILABLE and _bf16_supported()
 
 

@@ -66,3 +66,17 @@ def test_concurrent_first_calls_build_once():
     assert onednn.cached(owner, torch.float32, [weight], build) == "packed" and len(builds) == 1
     weight.add_(1.0)  # contents changed: built again
     assert onednn.cached(owner, torch.float32, [weight], build) == "packed" and len(builds) == 2
+
+
+def test_otseg_onednn_0_turns_the_path_off():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import otseg.onednn as o; print(o.AVAILABLE)"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = [sys.executable, "-c", code]
+    off = subprocess.run(run, env={**env, "OTSEG_ONEDNN": "0"}, capture_output=True, text=True)
+    on = subprocess.run(run, env={**env, "OTSEG_ONEDNN": ""}, capture_output=True, text=True)
+    assert off.stdout.strip() == "False" and on.stdout.strip() == str(onednn.AVAILABLE)
