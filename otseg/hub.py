@@ -56,7 +56,8 @@ def locate_model(ref: str | Path) -> Path | str:
     A reference that reads as a path must exist locally, else a one-line :class:`UserError`
     names it and says what to do: a ``Path`` object, a string without an "org/" part, one that
     fails huggingface_hub's repo id check (which refuses a leading ".", "/" or "~", a backslash
-    and more than one "/"), or one whose parent folder exists here ("runs/x" when runs/ does).
+    and more than one "/"), or one whose parent folder here holds models or runs ("runs/x"
+    when runs/ holds other runs).
     ``original:`` references are resolved by :func:`from_pretrained` before this.
     """
     text = str(ref).strip()
@@ -75,13 +76,31 @@ def locate_model(ref: str | Path) -> Path | str:
         hub_id = not isinstance(ref, Path) and text.count("/") == 1
     except HFValidationError:
         hub_id = False
-    if hub_id and not Path(parent).is_dir():
+    if hub_id and not _holds_models(Path(parent)):
         return text
-    why = f" ({parent}/ exists here, so it is read as a path)" if hub_id else ""
+    why = f" ({parent}/ here holds models or runs, so it is read as a path)" if hub_id else ""
     raise UserError(
         f"{text}: no such directory{why}; train or convert a model into it "
         "(train.train --output-dir, otseg.convert --output), or give a Hub repo id like org/name"
     )
+
+
+def _holds_models(folder: Path, limit: int = 200) -> bool:
+    """Whether ``folder`` exists and holds a model or training run (a subfolder with
+    config.json or checkpoints/): then "folder/name" means a path, even if it reads as an
+    org/name Hub id. A folder that merely shares the org's name (a source checkout's package
+    folder, say) does not count. Looks at the first ``limit`` entries only."""
+    if not folder.is_dir():
+        return False
+    try:
+        for i, child in enumerate(folder.iterdir()):
+            if i >= limit:
+                break
+            if (child / CONFIG_NAME).is_file() or (child / "checkpoints").is_dir():
+                return True
+    except OSError:
+        return False
+    return False
 
 
 def _offline() -> bool:

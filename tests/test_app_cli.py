@@ -59,10 +59,10 @@ def test_model_that_cannot_exist_is_refused_before_loading(tmp_path):
 
 
 def test_a_missing_model_directory_stops_the_demo_at_start(tmp_path, monkeypatch, capsys):
-    """``runs/x`` with runs/ present is a path, not a Hub id: one line, exit 2, no page."""
+    """``runs/x`` where runs/ holds a run is a path, not a Hub id: one line, exit 2, no page."""
     from app.main import main
 
-    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "earlier" / "checkpoints").mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, str(ROOT / "app.py"), "--model", "runs/x", "--device", "cpu"],
@@ -74,7 +74,8 @@ def test_a_missing_model_directory_stops_the_demo_at_start(tmp_path, monkeypatch
     )
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.startswith(
-        "error: --model runs/x: no such directory (runs/ exists here, so it is read as a path); "
+        "error: --model runs/x: no such directory (runs/ here holds models or runs, so it is read "
+        "as a path); "
         "train or convert a model into it"
     )
     assert out.stderr.count("\n") == 1 and "Running on" not in out.stdout

@@ -101,13 +101,16 @@ def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
                 r"runs\x", Path("org/name"), "org/name.git", "C:/x"):  # fmt: skip
         with pytest.raises(UserError, match=f"^{re.escape(str(ref))}: {hint}"):
             from_pretrained(ref)
-    with pytest.raises(UserError, match=r"^runs/x: no such directory \(runs/ exists here, so it"):
+    with pytest.raises(UserError, match=r"^runs/x: no such directory \(runs/ here holds models"):
         OTSegPredictor.from_pretrained("runs/x")
     with pytest.raises(UserError, match="^runs/m/config.json: a file, not a model directory"):
         from_pretrained("runs/m/config.json")
     assert locate_model("runs/m") == Path("runs/m") == locate_model(Path("runs/m"))
     assert locate_model("runs") == Path("runs")  # any existing folder is local (then files fail)
     assert locate_model("org/name") == "org/name"  # no org/ folder here: a Hub id
+    (tmp_path / "otseg").mkdir()  # a folder named like the org, holding no model (a checkout)
+    (tmp_path / "otseg" / "hub.py").write_text("")
+    assert locate_model("otseg/voc-inductive") == "otseg/voc-inductive"
     with pytest.raises(WeightsNotFoundError, match=r"'org/name' is not in the Hugging Face cache"):
         from_pretrained("org/name", cache_dir=tmp_path / "hub")  # HF_HUB_OFFLINE=1 in tests
     assert isinstance(from_pretrained("runs/m"), OTSeg)
