@@ -4,7 +4,7 @@ Settings (flag, then environment variable, then default):
     --model      OTSEG_MODEL      trained OTSeg: Hub repo id, local directory or original:<setting>
     --clip       OTSEG_CLIP       CLIP for the training-free mode ("ViT-B-16-quickgelu")
     --clip-pretrained OTSEG_CLIP_PRETRAINED  its weights tag or file ("openai"; "" for none)
-    --precision  OTSEG_PRECISION  "fp32" or "bf16" (bf16 autocast: ~1.35× faster than fp32 on
+    --precision  OTSEG_PRECISION  "fp32" or "bf16" (bf16 autocast: ~1.6× faster than fp32 on
                                   CPUs with AVX-512 BF16)
     --device     OTSEG_DEVICE     "cpu", "cuda" or "mps" (default: cuda when available)
     --host       OTSEG_HOST / GRADIO_SERVER_NAME   ("127.0.0.1")
