@@ -19,7 +19,8 @@ a CPU); run with ``OTSEG_MALLOC=default`` to measure glibc's default allocator i
     weights, so agreement measures the protocol difference only, not quality);
 (d) with --onnx: the exported image tower and fixed-iteration head in ONNX Runtime vs torch;
 (e) the floor: the GEMM FLOPs of one window's tower at the rate oneDNN's GEMM reaches here on
-    the tower's largest matrix product (fp32 and bf16), against the measured tower.
+    the tower's largest matrix product (fp32 and bf16; beside ``F.linear`` on the same product),
+    against the measured tower.
 """
 
 from __future__ import annotations
@@ -292,12 +293,19 @@ def bench_floor(model, repeats: int) -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 return model.encode_image(x)
 
-        t, _ = alternate({"gemm": product, "tower": tower}, repeats)
+        plain = torch.randn(hidden, cfg.width).to(dtype)
+
+        def default(a=a, plain=plain, bias=bias):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                return torch.nn.functional.linear(a, plain, bias)
+
+        t, _ = alternate({"gemm": product, "F.linear": default, "tower": tower}, repeats)
         rate = gemm / (t["gemm"] / 1000)
         floor = (dense + attention) / rate * 1000
         print(
             f"{name}: oneDNN GEMM {tokens}×{cfg.width}×{hidden} {t['gemm']:.2f} ms = "
-            f"{rate / 1e9:.0f} GFLOP/s → GEMM floor {floor:.0f} ms per window "
+            f"{rate / 1e9:.0f} GFLOP/s (F.linear {t['F.linear']:.2f} ms, "
+            f"{t['F.linear'] / t['gemm']:.2f}x slower) → GEMM floor {floor:.0f} ms per window "
             f"({2 * floor:.0f} ms for two); tower measured {t['tower']:.0f} ms"
         )
 
