@@ -19,16 +19,20 @@ PARITY_DIR = Path(
 )
 
 
-def parity_fixture(name: str) -> Path:
-    """A parity fixture directory; missing fixtures fail under CI (CI=true) and skip locally."""
+def skip_or_fail(message: str, *, allow_module_level: bool = False) -> None:
+    """Skip locally; under CI (CI=true) fail instead, so a skip never hides something CI lacks."""
     import pytest
 
+    if os.environ.get("CI"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message, allow_module_level=allow_module_level)
+
+
+def parity_fixture(name: str) -> Path:
+    """A parity fixture directory; missing fixtures fail under CI (CI=true) and skip locally."""
     path = PARITY_DIR / name
     if not (path / "fixture.json").is_file():
-        message = f"parity fixture {name!r} not found under {PARITY_DIR} (set OTSEG_PARITY_DIR)"
-        if os.environ.get("CI"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        skip_or_fail(f"parity fixture {name!r} not found under {PARITY_DIR} (set OTSEG_PARITY_DIR)")
     return path
 
 

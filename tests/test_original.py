@@ -21,6 +21,7 @@ from factories import (
     parity_fixture,
     random_photo,
     save_tiny_clip,
+    skip_or_fail,
     tiny_model,
 )
 from otseg import convert, original, publish
@@ -271,10 +272,7 @@ def test_pinned_embedding_files_fit_their_presets():
     (K, N, C) shape each preset expects."""
     folder = PARITY_DIR.parent / "original-text-embeddings"
     if not folder.is_dir():
-        message = f"{folder} not found (copies of the original .npy files)"
-        if os.environ.get("CI"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        skip_or_fail(f"{folder} not found (copies of the original .npy files)")
     for m in ORIGINALS.values():
         path = folder / m.embeddings
         data = path.read_bytes()

@@ -5,13 +5,12 @@ original's intermediate tensors (1e-5 abs), labels and training losses (1e-5 rel
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from factories import PARITY_DIR, fixture_config
+from factories import PARITY_DIR, fixture_config, skip_or_fail
 from otseg.convert import convert_checkpoint
 from otseg.losses import otseg_losses, pseudo_label, remap_labels
 from otseg.slide import slide_inference
@@ -27,9 +26,9 @@ SLIDE_FIXTURES = [  # fixtures of cross-dataset configs carry no slide output ("
 TRAIN_FIXTURES = [d for d in FIXTURES if (d / "train_outputs.pt").is_file()]
 
 if not FIXTURES:
-    if os.environ.get("CI"):
-        raise RuntimeError(f"no parity fixtures found under {PARITY_DIR} (set OTSEG_PARITY_DIR)")
-    pytest.skip(f"no parity fixtures under {PARITY_DIR}", allow_module_level=True)
+    skip_or_fail(
+        f"no parity fixtures under {PARITY_DIR} (set OTSEG_PARITY_DIR)", allow_module_level=True
+    )
 
 
 def load_case(d: Path):
