@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a plain checkout
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runs from a plain checkout
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -102,6 +103,27 @@ def vit_b16_model():
     clip = open_clip.create_model("ViT-B-16-quickgelu")  # random weights, no download
     tokenizer = open_clip.get_tokenizer("ViT-B-16-quickgelu")
     return build_model(get_preset("voc-inductive"), clip=clip, tokenizer=tokenizer).eval()
+
+
+def photo_375x500() -> np.ndarray:
+    """The chelsea example photo, 300×451, resized to 375×500 (two 512 windows at test scale)."""
+    from PIL import Image
+
+    photo = Image.open(REPO / "assets" / "chelsea.jpg").convert("RGB")
+    return np.asarray(photo.resize((500, 375)))
+
+
+def segmenter(model, photo: np.ndarray, precision: str = "fp32", **options):
+    """A zero-argument callable: ``set_image(photo)`` + ``predict()`` on a predictor of
+    ``model`` with its own class names (the end-to-end step every benchmark times)."""
+    p = OTSegPredictor(model, precision=precision, **options)
+    p.set_vocabulary(list(model.config.class_names))
+
+    def run():
+        p.set_image(photo)
+        return p.predict()
+
+    return run
 
 
 def bench_predictor(model, repeats: int) -> None:

@@ -38,13 +38,19 @@ sys.path.insert(0, str(REPO))  # runs from a plain checkout
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_core import clip_like_cost, original_sinkhorn, uptime, vit_b16_model  # noqa: E402
+from bench_core import (  # noqa: E402
+    clip_like_cost,
+    original_sinkhorn,
+    photo_375x500,
+    segmenter,
+    uptime,
+    vit_b16_model,
+)
 
 import otseg.clip_image as clip_image  # noqa: E402
 import otseg.mps as mps  # noqa: E402
 from otseg.clip_image import ImageEmbedding  # noqa: E402
 from otseg.mpsa import fixed_sinkhorn  # noqa: E402
-from otseg.predictor import OTSegPredictor  # noqa: E402
 from otseg.serving import SlideServer, capture_cuda_graph  # noqa: E402
 from otseg.sinkhorn import sinkhorn  # noqa: E402
 
@@ -208,14 +214,7 @@ def section_throughput(model, device, repeats, iterations, batch) -> None:
     x = torch.randn(batch, 3, s, s, device=device)
     text = model.embed_text(names)
     for precision, dtype in DTYPES.items():
-        p = OTSegPredictor(model, precision=precision)
-        p.set_vocabulary(names)
-
-        def one(p=p):
-            p.set_image(photo)
-            return p.predict()
-
-        t_pred = timed(one, device, repeats)
+        t_pred = timed(segmenter(model, photo, precision), device, repeats)
         amp = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
         with fixed_sinkhorn(model, iterations), amp:
             t_batch = timed(lambda: model(x, text).output, device, max(1, repeats // 2))
@@ -226,21 +225,10 @@ def section_throughput(model, device, repeats, iterations, batch) -> None:
 
 
 def section_end_to_end(model, device, repeats, iterations) -> None:
-    from PIL import Image
-
-    cfg = model.config
-    photo = np.asarray(
-        Image.open(REPO / "assets" / "chelsea.jpg").convert("RGB").resize((500, 375))
-    )
-    names = list(cfg.class_names)
+    photo = photo_375x500()
+    names = list(model.config.class_names)
     print("\n(d) end to end, 375×500 photo (2 windows), mean ms; label agreement")
-    p = OTSegPredictor(model, precision="fp32")
-    p.set_vocabulary(names)
-
-    def predict(p=p):
-        p.set_image(photo)
-        return p.predict()
-
+    predict = segmenter(model, photo, "fp32")
     with original_style():
         ref = predict().labels
         t_orig = timed(predict, device, repeats)
@@ -250,13 +238,7 @@ def section_end_to_end(model, device, repeats, iterations) -> None:
         f"original-style loop {t_orig:.1f}   our predictor fp32 {t_ours:.1f} "
         f"({t_orig / t_ours:.2f}x, labels {agree:.4f})"
     )
-    pb = OTSegPredictor(model, precision="bf16")
-    pb.set_vocabulary(names)
-
-    def predict_bf16():
-        pb.set_image(photo)
-        return pb.predict()
-
+    predict_bf16 = segmenter(model, photo, "bf16")
     t_bf16 = timed(predict_bf16, device, repeats)
     print(
         f"our predictor bf16 {t_bf16:.1f} ({t_orig / t_bf16:.2f}x, labels "

@@ -26,7 +26,6 @@ a CPU); run with ``OTSEG_MALLOC=default`` to measure glibc's default allocator i
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import sys
@@ -40,11 +39,10 @@ sys.path.insert(0, str(REPO))  # runs from a plain checkout
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_core import uptime, vit_b16_model  # noqa: E402
+from bench_core import photo_375x500, segmenter, uptime, vit_b16_model  # noqa: E402
 
 import otseg.clip_image as clip_image  # noqa: E402
 from otseg.allocator import keep_freed_memory  # noqa: E402
-from otseg.predictor import OTSegPredictor  # noqa: E402
 from otseg.preprocess import load_image, to_model_input  # noqa: E402
 from otseg.slide import slide_inference  # noqa: E402
 from otseg.whole import whole_inference  # noqa: E402
@@ -121,26 +119,13 @@ def bench_tower(model, repeats: int) -> None:
     print(f"max |ours - ours via open_clip blocks| = {delta:.1e}")
 
 
-def photo_375x500() -> np.ndarray:
-    """The chelsea example photo, 300×451, resized to 375×500 (two 512 windows at test scale)."""
-    from PIL import Image
-
-    return np.asarray(Image.open(REPO / "assets" / "chelsea.jpg").convert("RGB").resize((500, 375)))
-
-
 def bench_slide(model, repeats: int, onnx: bool = False) -> None:
     photo = photo_375x500()
-    names = list(model.config.class_names)
     print("\n(b) 375×500 photo, set_image + predict (2 slide windows), medians")
     for precision in ("fp32", "bf16"):
-        p = OTSegPredictor(model, precision=precision)
-        p.set_vocabulary(names)
+        run = segmenter(model, photo, precision)
 
-        def run(p=p):
-            p.set_image(photo)
-            return p.predict()
-
-        def previous():
+        def previous(run=run):
             with open_clip_blocks():
                 return run()
 
@@ -156,12 +141,10 @@ def bench_slide(model, repeats: int, onnx: bool = False) -> None:
         labels = {"previous": f"{precision} via open_clip blocks", "ours": f"{precision} ours"}
         ratios = [("previous", "ours")]
         if precision == "fp32" and onnx:
-            po = OTSegPredictor(model, precision=precision, backend="onnxruntime")
-            po.set_vocabulary(names)
-            variants["onnx"] = functools.partial(run, po)
+            variants["onnx"] = segmenter(model, photo, precision, backend="onnxruntime")
             labels["onnx"] = "fp32 ours, onnxruntime tower"
             ratios += [("previous", "onnx"), ("ours", "onnx")]
-            agree = (run(po).labels == run().labels).mean()
+            agree = (variants["onnx"]().labels == run().labels).mean()
         t, c = alternate(variants, repeats)
         table(t, c, labels, ratios)
         if precision == "fp32" and onnx:

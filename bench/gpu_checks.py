@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))  # runs from a plain checkout
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_core import uptime  # noqa: E402
+from bench_core import segmenter, uptime  # noqa: E402
 from bench_gpu import timed  # noqa: E402
 
 import otseg  # noqa: E402, F401 - torchvision patch before open_clip
@@ -146,16 +146,9 @@ def section_predictor(models: dict, device: torch.device, repeats: int) -> None:
         model = model.to(device)
         s = model.config.test_crop
         image = photo((s, s))
-        names = list(model.config.class_names)
         row = []
         for precision in ("fp32", "bf16"):
-            p = OTSegPredictor(model, precision=precision)
-            p.set_vocabulary(names)
-
-            def run(p=p):
-                p.set_image(image)
-                return p.predict()
-
+            run = segmenter(model, image, precision)
             row.append(f"{precision} {timed(run, device, repeats):.1f}")
         print(f"  {name}: " + ", ".join(row))
         model.to("cpu")
