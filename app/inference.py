@@ -328,7 +328,7 @@ class Handlers:
         session.labels = result.labels
         session.knobs = dict(knobs)
 
-    def is_current(self, session: Session | None, image, text: str, mode: str = "slide") -> bool:
+    def is_current(self, session: Session | None, image, text: str, mode: str) -> bool:
         """Whether ``session``'s result was computed for this image, these class names and this
         inference mode."""
         if session is None or session.labels is None or session.predictor.mode != mode:

@@ -220,8 +220,8 @@ def _wire_page(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
             return page_values(sess, opacity, segmented=False, redraw=True)
         return page_values(handlers.rerender(sess, knobs), opacity, segmented=False)
 
-    def on_inputs_changed(image, text, sess):
-        return "" if sess is None or handlers.is_current(sess, image, text) else STALE
+    def on_inputs_changed(image, text, speed, sess):
+        return "" if sess is None or handlers.is_current(sess, image, text, speed) else STALE
 
     @user_errors
     def on_preset(preset):
@@ -240,7 +240,7 @@ def _wire_page(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
     ins.lam.release(**live)
     ins.opacity.release(**live)
     ins.speed.input(**live)
-    changed = {"fn": on_inputs_changed, "inputs": [ins.image, ins.text, session],
+    changed = {"fn": on_inputs_changed, "inputs": [ins.image, ins.text, ins.speed, session],
                "outputs": ov.stale, "preprocess": False, "api_name": False,
                "concurrency_limit": None, "show_progress": "hidden",
                "trigger_mode": "always_last"}  # fmt: skip

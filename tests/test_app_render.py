@@ -143,3 +143,17 @@ def test_only_user_errors_become_toasts():
     with pytest.raises(ValueError, match="internal shape") as info:
         raising(ValueError("internal shape mismatch"))()
     assert not isinstance(info.value, gr.Error)
+
+
+def test_out_of_date_banner_follows_the_inference_mode_in_use(handlers, tmp_path):
+    """The banner under the inputs stays empty while image and names are those of the result,
+    also for a result of the fast (whole-image) mode."""
+    from app.ui import STALE, build
+
+    fns = [f.fn for f in build(handlers).fns.values()]
+    changed = next(fn for fn in fns if fn.__name__ == "on_inputs_changed")
+    photo = str(write_photo(tmp_path / "p.png"))
+    knobs = {"attention": "sinkhorn", "lam": 0.5, "use_mps": True}
+    session = handlers.segment(None, photo, "cat, dog", knobs, mode="whole")
+    assert changed(photo, "cat, dog", "whole", session) == ""
+    assert changed(photo, "cat, sky", "whole", session) == STALE
