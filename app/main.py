@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -100,7 +99,7 @@ def build_demo(loaded: LoadedModel) -> gr.Blocks:
 
 
 def check_device(device: str | None) -> str:
-    """The torch device to run on ("cuda" when available if None); a one-line ``ValueError``
+    """The torch device to run on ("cuda" when available if None); a one-line ``UserError``
     when the machine cannot provide it."""
     import torch
 
@@ -150,13 +149,11 @@ def check_model(model: str | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the settings, check them (a ``UserError`` for ``otseg.cli.run`` to print as one
+    line), load the model and serve the demo."""
     args = parse_args(argv)
-    try:
-        device = check_device(args.device)
-        check_model(args.model)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    device = check_device(args.device)
+    check_model(args.model)
     loaded = load_model(
         args.model,
         clip_model=args.clip,
