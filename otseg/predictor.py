@@ -26,7 +26,7 @@ from .ensemble import TokenMaps, WindowScores, resize
 from .errors import UserError
 from .preprocess import ImageLike, load_image, to_model_input
 from .slide import Box, crops, merge_windows, slide_windows, window_probabilities
-from .vocabulary import check_names, mark_seen
+from .vocabulary import check_vocabulary
 from .whole import whole_input
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype
@@ -200,15 +200,10 @@ class OTSegPredictor:
         when it matches one of the model's seen training classes, ignoring case, spaces,
         hyphens and underscores (:func:`otseg.vocabulary.mark_seen`).
         """
-        names = check_names(names)
-        if seen is None:
-            cfg = self.model.config
-            seen = mark_seen(names, cfg.class_names, cfg.seen)
-        elif len(seen) != len(names):
-            raise UserError(f"seen has {len(seen)} entries for {len(names)} class names")
+        names, seen = check_vocabulary(names, self.model.config, seen)
         self._text = self.model.embed_text(names)
         self._names = names
-        self._seen = torch.tensor(list(seen), dtype=torch.bool)
+        self._seen = torch.tensor(seen, dtype=torch.bool)
         self._maps = {}
 
     # -- prediction -------------------------------------------------------------------------

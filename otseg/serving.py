@@ -22,7 +22,7 @@ from .mpsa import fixed_sinkhorn
 from .predictor import PRECISIONS, Prediction, SegmentationModel, _channel_argmax
 from .preprocess import ImageLike, load_image, to_model_input
 from .slide import crops, slide_windows, window_probabilities
-from .vocabulary import check_names, mark_seen
+from .vocabulary import check_vocabulary
 
 
 class SlideServer:
@@ -62,13 +62,7 @@ class SlideServer:
             raise UserError(f"cuda_graph=True needs the model on a CUDA device, not {device}")
         if device.type == "cpu":
             keep_freed_memory()
-        self.names = check_names(names)
-        cfg = model.config
-        if seen is None:
-            seen = mark_seen(self.names, cfg.class_names, cfg.seen)
-        elif len(seen) != len(self.names):
-            raise UserError(f"seen has {len(seen)} entries for {len(self.names)} class names")
-        self.seen = list(seen)
+        self.names, self.seen = check_vocabulary(names, model.config, seen)
         self.lam = lam
         self.iterations = iterations
         self.dtype = PRECISIONS[precision]

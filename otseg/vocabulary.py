@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from .errors import UserError
 
@@ -67,3 +68,16 @@ def mark_seen(
         raise UserError(f"seen ids {bad} out of range for {len(train_names)} training classes")
     seen_keys = {match_key(train_names[i]) for i in seen_ids}
     return [match_key(name) in seen_keys for name in names]
+
+
+def check_vocabulary(
+    names: Sequence[str], config: Any, seen: Sequence[bool] | None = None
+) -> tuple[list[str], list[bool]]:
+    """The checked names (:func:`check_names`) and, per name, whether it is seen: as given, or
+    by default :func:`mark_seen` against ``config.class_names`` and ``config.seen``."""
+    names = check_names(names)
+    if seen is None:
+        return names, mark_seen(names, config.class_names, config.seen)
+    if len(seen) != len(names):
+        raise UserError(f"seen has {len(seen)} entries for {len(names)} class names")
+    return names, list(seen)

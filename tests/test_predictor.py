@@ -45,6 +45,10 @@ def test_predict_shapes_and_seen_marking(model):
     assert r.seen == [False, True, False, False]  # class1 is unseen in the tiny split
     assert r.prompt_maps.shape[:2] == (4, 3)
     assert r.class_names == ["cat", "class0", "class1", "tree"]
+    p.set_vocabulary(["cat", "class0", "class1", "tree"], seen=(True, False, True, False))
+    assert p.predict().seen == [True, False, True, False]  # given: kept as is
+    with pytest.raises(ValueError, match="seen has 3 entries for 4 class names"):
+        p.set_vocabulary(["cat", "class0", "class1", "tree"], seen=[True] * 3)
 
 
 def test_relambda_and_attention_switch_reuse_cached_work(model):
