@@ -12,7 +12,7 @@ from torch import nn
 
 from . import onednn
 from .config import HeadConfig
-from .mps import Transport, cosine_similarity, transport_plan
+from .mps import Transport, mps_score
 
 ATTENTIONS = ("sinkhorn", "softmax")
 
@@ -40,17 +40,19 @@ class PromptPixelAttention(nn.Module):
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
 
     def _sinkhorn(self, queries, pixels):
-        v = self.v(pixels)
-        sim = cosine_similarity(self.k(pixels), self.q(queries))
         c = self.cfg
-        plan = transport_plan(
-            sim, "sinkhorn", eps=c.sinkhorn_eps, max_iter=c.sinkhorn_max_iter, tol=c.sinkhorn_thresh
+        mask, tr = mps_score(
+            self.k(pixels),
+            self.q(queries),
+            "sinkhorn",
+            eps=c.sinkhorn_eps,
+            max_iter=c.sinkhorn_max_iter,
+            tol=c.sinkhorn_thresh,
         )
-        m, n = sim.shape[-2:]
-        mask = (m * n * sim * plan).sum(-1)
+        v = self.v(pixels)
         # The plan is not rescaled: each query's weights over pixels sum to 1/N, as the original.
-        out = torch.einsum("bkmn,bmc->bknc", self.attn_drop(plan).to(v.dtype), v)
-        return self.proj(out), mask, Transport(similarity=sim, plan=plan)
+        out = torch.einsum("bkmn,bmc->bknc", self.attn_drop(tr.plan).to(v.dtype), v)
+        return self.proj(out), mask, tr
 
     def _softmax(self, queries, pixels):
         b, k, n, c = queries.shape
