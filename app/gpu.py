@@ -144,10 +144,7 @@ class RemoteModel(PostProcessing):
         *,
         attention: str = "sinkhorn",
         use_mps: bool = True,
-        mask_combine: str | None = None,
     ) -> HeadMaps:
-        if mask_combine is not None:
-            raise ValueError("the demo always uses the attention's default mask_combine")
         fields = {f.name: getattr(emb, f.name) for f in dataclasses.fields(emb)}
         decoder, score, prompt_maps = decode(self.key, fields, text, attention, use_mps)
         return HeadMaps(
