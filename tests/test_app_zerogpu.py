@@ -145,3 +145,20 @@ def test_a_session_knows_which_model_it_runs(tmp_path, kind):
     assert model_type(remote) == model_type(loaded.model) == kind
     assert loaded.is_zegot == (kind == "zegot")
     assert LoadedModel(None, "none", "x").is_zegot is False
+
+
+def test_only_new_class_names_cross_to_the_text_tower(tmp_path, monkeypatch):
+    """A session's text cache: a name is embedded once, whatever vocabulary it comes back in."""
+    _, model_dir = tiny_dirs(tmp_path)
+    handlers = Handlers(load_model(str(model_dir)), tmp_path / "dl")
+    sent: list[list[str]] = []
+    embed = gpu.embed_text
+    monkeypatch.setattr(
+        gpu, "embed_text", lambda key, names: sent.append(names) or embed(key, names)
+    )
+    knobs = {"attention": "sinkhorn", "lam": 0.5, "use_mps": True}
+    photo = str(write_photo(tmp_path / "p.png"))
+    session = handlers.segment(None, photo, "cat, dog", knobs)
+    handlers.segment(session, photo, "dog, sky, cat", knobs)
+    handlers.segment(session, str(write_photo(tmp_path / "q.png", seed=1)), "sky, cat", knobs)
+    assert sent == [["cat", "dog"], ["sky"]]
