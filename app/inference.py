@@ -50,8 +50,7 @@ class LoadedModel:
     model: nn.Module | None  # OTSeg, ZegOT or TrainingFreeOTSeg; None when nothing was loaded
     mode: str  # "trained" | "training-free" | "none"
     status: str  # Markdown shown at the top of the page
-    precision: str = "fp32"
-    device: str = "cpu"
+    precision: str = "fp32"  # of the towers and head, applied inside app.gpu
     key: str | None = field(default=None, init=False)  # app.gpu registry key
 
     def __post_init__(self) -> None:
@@ -125,7 +124,7 @@ def load_model(
                 f"({len(cfg.seen)} seen of {len(cfg.class_names)} classes). Names of its seen "
                 "classes get a **seen** badge, all others **novel**."
             )
-            return LoadedModel(net.to(device), "trained", status, precision, device)
+            return LoadedModel(net.to(device), "trained", status, precision)
         except (WeightsNotFoundError, UserError) as e:  # CheckpointError is a UserError
             problem = f"⚠️ Could not load `{model}`: {_first_line(e)}\n\n"
     try:
@@ -137,14 +136,14 @@ def load_model(
             "access so they are cached, or point `--clip`/`OTSEG_CLIP` at a local open_clip "
             f"directory (`local-dir:/path`). {HOW_TO_TRAINED}"
         )
-        return LoadedModel(None, "none", status, precision, device)
+        return LoadedModel(None, "none", status, precision)
     status = (
         f"{problem}**Training-free mode** — no OTSeg checkpoint is configured, so this runs the "
         f"frozen CLIP `{clip_model}` (MaskCLIP-style dense features) scored against "
         f"{net.config.num_prompts} prompts per class with MPS; masks are coarse and every name "
         f"is novel. {HOW_TO_TRAINED}"
     )
-    return LoadedModel(net.to(device), "training-free", status, precision, device)
+    return LoadedModel(net.to(device), "training-free", status, precision)
 
 
 def _first_line(error: BaseException) -> str:
