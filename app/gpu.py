@@ -24,18 +24,20 @@ from otseg.clip_image import ImageEmbedding
 from otseg.ensemble import PostProcessing
 from otseg.errors import UserError
 from otseg.model import HeadMaps
+from otseg.predictor import PRECISIONS as AUTOCAST_DTYPES
 
 GPU_SECONDS = 60  # ZeroGPU time limit per call; a call is one window or up to 16 class names
 TEXT_CACHE = 1024  # class names whose embeddings one session keeps
 GPU_FUNCTIONS = ("encode_image", "embed_text", "decode")
+PRECISIONS = ("fp32", "bf16")  # the demo's choices of the predictor's precisions
 
 _MODELS: dict[str, tuple[nn.Module, str]] = {}  # key → (model on its device, precision)
 
 
 def register(model: nn.Module, precision: str = "fp32") -> str:
     """Make ``model`` (already on its device, in eval mode) callable through this boundary."""
-    if precision not in ("fp32", "bf16"):
-        raise UserError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     key = f"{type(model).__name__}-{len(_MODELS)}"
     _MODELS[key] = (model.eval(), precision)
     return key
@@ -56,9 +58,10 @@ def _on_gpu(fn):
 
 
 def _autocast(model: nn.Module, precision: str):
-    if precision == "bf16":
-        return torch.autocast(model.device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    dtype = AUTOCAST_DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(model.device.type, dtype=dtype)
 
 
 def _embedding_type(model: nn.Module) -> type:

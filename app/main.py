@@ -21,6 +21,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from app.gpu import PRECISIONS
 from app.inference import Handlers, LoadedModel, load_model
 from app.ui import CSS, build
 from otseg.errors import UserError
@@ -59,7 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--precision",
-        choices=("fp32", "bf16"),
+        choices=PRECISIONS,
         default=_env("OTSEG_PRECISION", default="fp32"),
         help="bf16: autocast towers (default: %(default)s) [OTSEG_PRECISION]",
     )
@@ -86,8 +87,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="public gradio.live link [OTSEG_SHARE=1]",
     )
     args = p.parse_args(argv)
-    if args.precision not in ("fp32", "bf16"):  # choices are not applied to an environment default
-        p.error(f"OTSEG_PRECISION={args.precision}: use fp32 or bf16")
+    if args.precision not in PRECISIONS:  # choices are not applied to an environment default
+        p.error(f"OTSEG_PRECISION={args.precision}: use {' or '.join(PRECISIONS)}")
     return args
 
 

@@ -162,3 +162,16 @@ def test_only_new_class_names_cross_to_the_text_tower(tmp_path, monkeypatch):
     handlers.segment(session, photo, "dog, sky, cat", knobs)
     handlers.segment(session, str(write_photo(tmp_path / "q.png", seed=1)), "sky, cat", knobs)
     assert sent == [["cat", "dog"], ["sky"]]
+
+
+def test_bf16_runs_the_towers_under_autocast_inside_the_boundary(tmp_path):
+    """--precision bf16: autocast is entered in the GPU worker, where the model runs."""
+    _, model_dir = tiny_dirs(tmp_path)
+    model = load_model(str(model_dir)).model
+    crop = model.config.test_crop
+    windows = torch.randn(1, 3, crop, crop)
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        emb = gpu.encode_image(gpu.register(model, precision), windows)
+        assert emb["pixels"].dtype == dtype, precision
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16'\)"):
+        gpu.register(model, "fp16")
