@@ -26,7 +26,8 @@ from otseg.errors import UserError
 from otseg.model import HeadMaps
 from otseg.predictor import PRECISIONS as AUTOCAST_DTYPES
 
-GPU_SECONDS = 60  # ZeroGPU time limit per call; a call is one window or up to 16 class names
+GPU_SECONDS = 60  # ZeroGPU time limit per call; a call is one window or up to TEXT_BATCH names
+TEXT_BATCH = 16  # class names per text-tower call (app.inference sends new names in such steps)
 TEXT_CACHE = 1024  # class names whose embeddings one session keeps
 GPU_FUNCTIONS = ("encode_image", "embed_text", "decode")
 PRECISIONS = ("fp32", "bf16")  # the demo's choices of the predictor's precisions

@@ -301,10 +301,10 @@ class Handlers:
                 session.labels = None
             session.image_path, session.image_name = upload.path, Path(upload.name).stem
             if names != session.names:
-                for i in range(0, len(names), 16):  # the text tower in steps, for progress
+                for i in range(0, len(names), gpu.TEXT_BATCH):  # in steps, for progress
                     step(0.4 + 0.4 * i / len(names), desc=f"Encoding {len(names)} class names")
                     try:
-                        pred.model.embed_text(names[i : i + 16])
+                        pred.model.embed_text(names[i : i + gpu.TEXT_BATCH])
                     except UserError as e:  # e.g. a name too long for CLIP's text context
                         raise UserError(_first_line(e)) from None
                 seen = self.loaded.mark_seen(names)

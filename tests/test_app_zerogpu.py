@@ -162,6 +162,9 @@ def test_only_new_class_names_cross_to_the_text_tower(tmp_path, monkeypatch):
     handlers.segment(session, photo, "dog, sky, cat", knobs)
     handlers.segment(session, str(write_photo(tmp_path / "q.png", seed=1)), "sky, cat", knobs)
     assert sent == [["cat", "dog"], ["sky"]]
+    many = [f"thing {i}" for i in range(gpu.TEXT_BATCH + 4)]  # a bounded GPU call per batch
+    handlers.segment(session, photo, ", ".join(["cat", *many]), knobs)
+    assert sent[2:] == [many[: gpu.TEXT_BATCH - 1], many[gpu.TEXT_BATCH - 1 :]]
 
 
 def test_bf16_runs_the_towers_under_autocast_inside_the_boundary(tmp_path):
