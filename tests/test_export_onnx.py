@@ -80,6 +80,18 @@ def test_onnx_exports_share_the_otseg_cache(tmp_path, monkeypatch):
     assert cache_dir() == tmp_path / "c" / "onnx"
 
 
+def test_onnx_cache_key_follows_the_tower_weights_and_size():
+    """A fine-tuned copy must not reuse another model's exported tower."""
+    from otseg.onnx_backend import tower_key
+
+    model, same = tiny_model(seed=0), tiny_model(seed=0)
+    key = tower_key(model, 64)
+    assert tower_key(same, 64) == key and tower_key(model, 80) != key
+    with torch.no_grad():
+        model.image_encoder.prompt_embeddings.add_(1e-3)
+    assert tower_key(model, 64) != key
+
+
 def test_missing_onnx_packages_raise_a_user_error_not_system_exit(tmp_path, monkeypatch):
     """The predictor's ONNX backend exports through this path: it must not exit the process."""
     import sys
