@@ -111,6 +111,9 @@ def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
     (tmp_path / "otseg").mkdir()  # a folder named like the org, holding no model (a checkout)
     (tmp_path / "otseg" / "hub.py").write_text("")
     assert locate_model("otseg/voc-inductive") == "otseg/voc-inductive"
+    (tmp_path / "out" / "run1" / "checkpoints").mkdir(parents=True)  # a run, no config.json yet
+    with pytest.raises(UserError, match=r"^out/x: no such directory \(out/ here holds models"):
+        locate_model("out/x")
     with pytest.raises(WeightsNotFoundError, match=r"'org/name' is not in the Hugging Face cache"):
         from_pretrained("org/name", cache_dir=tmp_path / "hub")  # HF_HUB_OFFLINE=1 in tests
     assert isinstance(from_pretrained("runs/m"), OTSeg)
