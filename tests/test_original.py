@@ -27,7 +27,7 @@ from factories import (
 from otseg import convert, original, publish
 from otseg.config import get_preset
 from otseg.convert import read_text_embeddings
-from otseg.download import DownloadError
+from otseg.download import DownloadError, download
 from otseg.hub import CheckpointError
 from otseg.model import OTSeg
 from otseg.original import ORIGINALS, OriginalModel, cached, get_original
@@ -133,6 +133,16 @@ def test_bad_downloads_fail_clearly_and_leave_no_cache_entry(
     assert cache_entries(tmp_path) == []
     mirror.modes.clear()  # the next try succeeds
     assert (cached(NAME, quiet=True) / "config.json").is_file()
+
+
+@pytest.mark.parametrize("mode", ["", "truncate"])
+def test_download_leaves_nothing_behind_when_a_check_or_the_transfer_fails(tmp_path, mode):
+    """``download`` on its own (no temporary folder around it): a failure leaves no file."""
+    with serve({"f.bin": b"x" * 100}) as m:
+        m.modes["f.bin"] = mode
+        with pytest.raises(DownloadError, match="expected 101" if not mode else "broke off"):
+            download(tmp_path / "f.bin", url=f"{m.url}/f.bin", what="f", size=101, quiet=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_wrong_or_missing_files(mirror, tmp_path):
