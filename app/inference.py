@@ -25,6 +25,7 @@ from otseg.errors import UserError
 from otseg.hub import model_type
 from otseg.predictor import OTSegPredictor
 from otseg.preprocess import ImageError, load_image
+from otseg.vocabulary import mark_seen
 
 ATTENTION_LABELS = {"sinkhorn": "Sinkhorn (OTSeg: MPS + MPSA)", "softmax": "Softmax (baseline)"}
 ZEGOT_ATTENTION_LABELS = {  # ZegOT's transport between its learned prompts and the pixels
@@ -92,7 +93,7 @@ class LoadedModel:
         if self.mode != "trained":
             return None
         cfg = self.model.config
-        return vocab.mark_seen(names, cfg.class_names, cfg.seen)
+        return mark_seen(names, cfg.class_names, cfg.seen)
 
 
 def load_model(

@@ -16,7 +16,6 @@ import re
 
 from otseg.data.classes import CLASS_NAMES, DATASET_TITLES
 from otseg.errors import UserError
-from otseg.vocabulary import mark_seen, match_key  # noqa: F401 - the library's one seen rule
 
 MAX_CLASSES = 200  # each class costs N prompts of the text tower (~40 ms each on 2 CPU cores)
 MAX_NAME_LENGTH = 60  # characters, after trimming; CLIP's context is 77 tokens per prompt
@@ -80,9 +79,7 @@ def _check_name(name: str) -> None:
 
 @functools.cache
 def _clip_tokenizer():
-    from open_clip.tokenizer import (
-        SimpleTokenizer,
-    )  # after otseg's torchvision fix (imported above)
+    from open_clip.tokenizer import SimpleTokenizer  # after otseg's torchvision fix (above)
 
     return SimpleTokenizer()
 

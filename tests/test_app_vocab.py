@@ -12,13 +12,12 @@ from app.vocab import (
     MAX_CLASSES,
     MAX_NAME_LENGTH,
     PRESETS,
-    mark_seen,
-    match_key,
     parse_vocabulary,
     preset_text,
     preset_title,
 )
 from otseg.data.classes import CLASS_NAMES, seen_ids
+from otseg.vocabulary import mark_seen, match_key
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
