@@ -17,7 +17,7 @@ import re
 from otseg.data.classes import CLASS_NAMES, DATASET_TITLES
 from otseg.errors import UserError
 
-MAX_CLASSES = 200  # each class costs N prompts of the text tower (~40 ms each on 2 CPU cores)
+MAX_CLASSES = 200  # each costs N prompts of the text tower (10 classes: ~130 ms, bench_core (d))
 MAX_NAME_LENGTH = 60  # characters, after trimming; CLIP's context is 77 tokens per prompt
 # CLIP BPE tokens per name: the 77-token context also holds the start/end tokens and the
 # template words (OTSeg, ≤ 5) or learned context vectors (ZegOT, 8). Checked here, before the
