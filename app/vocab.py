@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import re
 
-from otseg.data.classes import CLASS_NAMES, DATASET_TITLES
+from otseg.data.classes import CLASS_NAMES
 from otseg.errors import UserError
 
 MAX_CLASSES = 200  # each costs N prompts of the text tower (10 classes: ~130 ms, bench_core (d))
@@ -128,8 +128,3 @@ def preset_text(preset: str) -> str:
             f"Unknown preset {_quoted(str(preset))}; choose one of {', '.join(PRESETS)}."
         )
     return ", ".join(CLASS_NAMES[dataset])
-
-
-def preset_title(preset: str) -> str:
-    """Human-readable dataset title of a preset, e.g. ``"PASCAL VOC 2012 (20 classes)"``."""
-    return DATASET_TITLES[PRESETS.get(preset, preset)]
