@@ -20,6 +20,9 @@ from PIL import Image
 from app import overlay
 
 MAX_SIDE = 1024  # images are shown and segmented at most this large (the model sees ≤ 512)
+DOWNLOAD_AGE_S = 3600.0  # download folders older than this are removed ...
+PRUNE_EVERY_S = 60.0  # ... by at most one scan of the download directory this often
+_pruned_at: dict[Path, float] = {}  # download directory → time.time() of its last scan
 
 
 def stored_size(data: bytes) -> tuple[int, int] | None:
@@ -88,13 +91,17 @@ def write_downloads(
     """Write the palette label map (pixel value = class id) and the class list as JSON.
 
     Files go to a fresh sub-folder of ``directory``, named ``<stem>-labels.png`` and
-    ``<stem>.json`` (``stem`` made file-name safe); sub-folders older than an hour are removed
-    first, so a long-running server does not fill its disk.
+    ``<stem>.json`` (``stem`` made file-name safe). Sub-folders older than an hour are removed,
+    at most once a minute (every re-render writes here), so a long-running server does not fill
+    its disk.
 
     Returns:
         ``[label_png_path, classes_json_path]``.
     """
-    _prune(directory, max_age_s=3600.0)
+    now = time.time()
+    if now - _pruned_at.get(directory, 0.0) >= PRUNE_EVERY_S:
+        _pruned_at[directory] = now
+        _prune(directory, max_age_s=DOWNLOAD_AGE_S)
     folder = directory / uuid.uuid4().hex
     folder.mkdir(parents=True)
     stem = re.sub(r"[^\w.-]+", "_", stem).strip("._")[:80] or "otseg"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +158,26 @@ def test_out_of_date_banner_follows_the_inference_mode_in_use(handlers, tmp_path
     session = handlers.segment(None, photo, "cat, dog", knobs, mode="whole")
     assert changed(photo, "cat, dog", "whole", session) == ""
     assert changed(photo, "cat, sky", "whole", session) == STALE
+
+
+def test_old_download_folders_are_pruned_at_most_once_a_minute(tmp_path, monkeypatch):
+    labels, colors = np.zeros((2, 2), np.int32), np.zeros((1, 3), np.uint8)
+    clock = [1e9]
+    monkeypatch.setattr(render.time, "time", lambda: clock[0])
+
+    def old_folder(name: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "x.png").write_bytes(b"")
+        os.utime(folder, (clock[0] - render.DOWNLOAD_AGE_S - 1,) * 2)
+        return folder
+
+    first = old_folder("first")
+    render.write_downloads(tmp_path, labels, colors, {})
+    assert not first.exists()
+    second = old_folder("second")
+    render.write_downloads(tmp_path, labels, colors, {})  # within the minute: no scan
+    assert second.exists()
+    clock[0] += render.PRUNE_EVERY_S
+    render.write_downloads(tmp_path, labels, colors, {})
+    assert not second.exists() and len(list(tmp_path.iterdir())) == 3
