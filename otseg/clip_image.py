@@ -107,6 +107,10 @@ class PromptedViT(FrozenClipTower):
         return ImageEmbedding(pixels=F.normalize(pixels, dim=1), cls=F.normalize(x[:, 0], dim=-1))
 
 
+_QUICK_GELU = 1.702  # QuickGELU(y) = y·σ(1.702·y) = swish(1.702·y) / 1.702
+_PER_HEAD_MIN_TOKENS = 128  # CPU attention runs per head from this sequence length on
+
+
 def block_forward(
     block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -139,15 +143,13 @@ def block_forward(
     x = x + F.linear(y.transpose(1, 2).reshape(b, n, c), attn.out_proj.weight, attn.out_proj.bias)
     y = F.linear(block.ln_2(x), block.mlp.c_fc.weight, block.mlp.c_fc.bias)
     if torch.is_grad_enabled():
-        y = y * torch.sigmoid(1.702 * y)  # QuickGELU
+        y = y * torch.sigmoid(_QUICK_GELU * y)
     else:
-        y.mul_(torch.sigmoid(1.702 * y))
+        y.mul_(torch.sigmoid(_QUICK_GELU * y))
     return x + F.linear(y, block.mlp.c_proj.weight, block.mlp.c_proj.bias)
 
 
 # -- CPU inference through oneDNN (see otseg.onednn) ------------------------------------------
-
-_QUICK_GELU = 1.702  # QuickGELU(y) = y·σ(1.702·y) = swish(1.702·y) / 1.702
 
 
 @dataclass(frozen=True)
@@ -237,9 +239,6 @@ def _attention(qkv: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tenso
             weights = torch.softmax(onednn.linear(q[i, h], (k[i, h], None)), dim=-1)
             out[i, :, h] = onednn.linear(weights, (v_t[i, h], None))
     return out.view(b * n, heads * d)
-
-
-_PER_HEAD_MIN_TOKENS = 128
 
 
 def build_visual(cfg: VisionConfig) -> nn.Module:
