@@ -15,32 +15,22 @@ Set ``OTSEG_MALLOC=default`` to leave the allocator alone (for instance under
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
-import threading
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters from glibc's <malloc.h>
 _M_MMAP_THRESHOLD = -3
 _THRESHOLD = 1 << 30  # 1 GiB: larger than any activation of a ViT-B/16 window
 
-_lock = threading.Lock()
-_done: bool | None = None
 
-
+@functools.cache
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process, once.
 
     Returns True when they are set (now or before); False on other C libraries, when
     ``OTSEG_MALLOC=default`` or when ``mallopt`` refuses.
     """
-    global _done
-    with _lock:
-        if _done is None:
-            _done = _set_thresholds()
-        return _done
-
-
-def _set_thresholds() -> bool:
     if os.environ.get("OTSEG_MALLOC", "").strip().lower() == "default":
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
