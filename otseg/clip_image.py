@@ -77,17 +77,8 @@ class PromptedViT(FrozenClipTower):
 
     def forward(self, images: torch.Tensor) -> ImageEmbedding:
         """images: (B, 3, H, W) normalised, H and W multiples of the patch size."""
-        x = self.conv1(images)  # (B, W, h, w)
-        b, _, h, w = x.shape
-        x = x.flatten(2).transpose(1, 2)
-        pos = self.positional_embedding.to(x.dtype)
-        cls_pos = pos[:1] + self.class_embedding.to(x.dtype)
-        spatial = resize_positions(pos, (h, w))[1:]
-        # As the original: the class embedding is added as the token and again in its position.
-        cls = self.class_embedding.to(x.dtype).expand(b, 1, -1)
-        x = torch.cat([cls, x], dim=1) + torch.cat([cls_pos, spatial], dim=0)
-        x = self.ln_pre(x)
-        p = self.cfg.num_prompt_tokens
+        x, h, w = clip_tokens(self, images, class_in_position=True)
+        b, p = x.shape[0], self.cfg.num_prompt_tokens
         x = torch.cat([x[:, :1], self._prompts(self.prompt_embeddings, b), x[:, 1:]], dim=1)
         deep = self.deep_prompt_embeddings.shape[0]
         grad = torch.is_grad_enabled()
@@ -279,16 +270,24 @@ def check_visual(visual: nn.Module, cfg: VisionConfig) -> None:
         )
 
 
-def clip_tokens(visual: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """CLIP's own input tokens (no prompts): patch embedding, class token, positions resized to
-    the grid, ``ln_pre``. ``visual``: an open_clip ``VisionTransformer`` or a
-    :class:`FrozenClipTower`. images (B, 3, H, W) → tokens (B, 1 + h·w, W), h, w."""
+def clip_tokens(
+    visual: nn.Module, images: torch.Tensor, *, class_in_position: bool = False
+) -> tuple[torch.Tensor, int, int]:
+    """CLIP's input tokens (no prompts): patch embedding, class token, positions resized to the
+    grid, ``ln_pre``. ``visual``: an open_clip ``VisionTransformer`` or a
+    :class:`FrozenClipTower`. images (B, 3, H, W) → tokens (B, 1 + h·w, W), h, w.
+
+    class_in_position: also add the class embedding to the class token's position, as the
+    original OTSeg does (so the class token carries it twice).
+    """
     x = visual.conv1(images)  # (B, W, h, w)
     b, _, h, w = x.shape
     x = x.flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.to(x.dtype)
     pos = resize_positions(visual.positional_embedding.to(x.dtype), (h, w))
-    cls = visual.class_embedding.to(x.dtype).expand(b, 1, -1)
-    return visual.ln_pre(torch.cat([cls, x], dim=1) + pos), h, w
+    if class_in_position:
+        pos = torch.cat([pos[:1] + cls, pos[1:]], dim=0)
+    return visual.ln_pre(torch.cat([cls.expand(b, 1, -1), x], dim=1) + pos), h, w
 
 
 def resize_positions(pos: torch.Tensor, grid: int | tuple[int, int]) -> torch.Tensor:
