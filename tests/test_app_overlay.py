@@ -187,3 +187,18 @@ def test_captions_draw_cjk_or_leave_the_name_out():
     scores = np.random.default_rng(0).random((1, 2, 4, 4)).astype(np.float32)
     grid = prompt_score_grid(scores, 0, ["a {}.", "the {}."], "猫", tile=80)
     assert grid.width == 2 * 84 + 4
+    placeholder = prompt_score_grid(scores, 0, ["a {}.", "the {}."], "(class)", tile=80)
+    assert not np.array_equal(np.asarray(grid), np.asarray(placeholder))  # 猫 was drawn
+
+
+def test_captions_leave_out_a_name_the_font_cannot_draw(monkeypatch):
+    from PIL import ImageFont
+
+    import app.overlay
+
+    monkeypatch.setattr(app.overlay, "caption_font", ImageFont.load_default)  # Latin only
+    assert not can_draw(ImageFont.load_default(12), "猫")
+    scores = np.random.default_rng(0).random((1, 2, 4, 4)).astype(np.float32)
+    grids = [prompt_score_grid(scores, 0, ["a {}.", "the {}."], name, tile=80)
+             for name in ("猫", "(class)")]  # fmt: skip
+    assert np.array_equal(np.asarray(grids[0]), np.asarray(grids[1]))  # no boxes drawn
