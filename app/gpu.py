@@ -27,7 +27,7 @@ from otseg.model import HeadMaps
 from otseg.predictor import PRECISIONS as AUTOCAST_DTYPES
 
 GPU_SECONDS = 60  # ZeroGPU time limit per call; a call is one window or up to TEXT_BATCH names
-TEXT_BATCH = 16  # class names per text-tower call (app.inference sends new names in such steps)
+TEXT_BATCH = 16  # class names per text-tower call at most
 TEXT_CACHE = 1024  # class names whose embeddings one session keeps
 GPU_FUNCTIONS = ("encode_image", "embed_text", "decode")
 PRECISIONS = ("fp32", "bf16")  # the demo's choices of the predictor's precisions
@@ -132,13 +132,15 @@ class RemoteModel(PostProcessing):
         return self._embedding(**encode_image(self.key, images.cpu()))
 
     def embed_text(self, names: Sequence[str]) -> torch.Tensor:
-        """K names → (K, N, C); only names this session has not seen yet cross the boundary."""
+        """K names → (K, N, C); only names this session has not seen yet cross the boundary,
+        ``TEXT_BATCH`` per call."""
         missing = [n for n in dict.fromkeys(names) if n not in self._text]
-        if missing:
-            self._text.update(zip(missing, embed_text(self.key, missing), strict=True))
-            for old in list(self._text)[: max(0, len(self._text) - TEXT_CACHE)]:
-                if old not in names:
-                    del self._text[old]
+        for i in range(0, len(missing), TEXT_BATCH):
+            batch = missing[i : i + TEXT_BATCH]
+            self._text.update(zip(batch, embed_text(self.key, batch), strict=True))
+        for old in list(self._text)[: max(0, len(self._text) - TEXT_CACHE)]:
+            if old not in names:
+                del self._text[old]
         return torch.stack([self._text[n] for n in names])
 
     def decode(

@@ -302,7 +302,7 @@ class Handlers:
                 session.labels = None
             session.image_path, session.image_name = upload.path, Path(upload.name).stem
             if names != session.names:
-                for i in range(0, len(names), gpu.TEXT_BATCH):  # in steps, for progress
+                for i in range(0, len(names), gpu.TEXT_BATCH):  # one call per step: progress
                     step(0.4 + 0.4 * i / len(names), desc=f"Encoding {len(names)} class names")
                     try:
                         pred.model.embed_text(names[i : i + gpu.TEXT_BATCH])

@@ -165,6 +165,9 @@ def test_only_new_class_names_cross_to_the_text_tower(tmp_path, monkeypatch):
     many = [f"thing {i}" for i in range(gpu.TEXT_BATCH + 4)]  # a bounded GPU call per batch
     handlers.segment(session, photo, ", ".join(["cat", *many]), knobs)
     assert sent[2:] == [many[: gpu.TEXT_BATCH - 1], many[gpu.TEXT_BATCH - 1 :]]
+    sent.clear()  # any caller of the session's model: a bounded GPU call per batch
+    session.predictor.model.embed_text([f"other {i}" for i in range(gpu.TEXT_BATCH + 1)])
+    assert [len(names) for names in sent] == [gpu.TEXT_BATCH, 1]
 
 
 def test_bf16_runs_the_towers_under_autocast_inside_the_boundary(tmp_path):
