@@ -130,8 +130,12 @@ class OTSegPredictor:
         self.mode = mode
         self._onnx_tower = None
         if backend == "onnxruntime":
-            if precision != "fp32" or mode != "slide":
-                raise UserError("backend='onnxruntime' runs fp32 slide windows only")
+            device = self.model.device
+            if precision != "fp32" or mode != "slide" or device.type != "cpu":
+                raise UserError(
+                    "backend='onnxruntime' runs fp32 slide windows on the CPU only, got "
+                    f"precision={precision!r}, mode={mode!r} on {device}"
+                )
             from .onnx_backend import onnx_tower
 
             self._onnx_tower = onnx_tower(self.model)

@@ -3,6 +3,8 @@ same outputs as torch (any number of classes)."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnxruntime as ort
 import torch
@@ -66,8 +68,11 @@ def test_predictor_onnxruntime_backend_equals_torch(tmp_path, monkeypatch):
     assert len(list((tmp_path / "onnx").iterdir())) == 1
     import pytest
 
-    with pytest.raises(ValueError, match="fp32 slide"):
+    with pytest.raises(ValueError, match="fp32 slide windows on the CPU only, .*mode='whole'"):
         OTSegPredictor(model, backend="onnxruntime", mode="whole")
+    elsewhere = copy.deepcopy(model).to("meta")  # any non-CPU device: the tower's output is CPU
+    with pytest.raises(ValueError, match="on the CPU only, .* on meta$"):
+        OTSegPredictor(elsewhere, backend="onnxruntime")
 
 
 def test_onnx_exports_share_the_otseg_cache(tmp_path, monkeypatch):
