@@ -57,7 +57,8 @@ class SegmentationModel(Protocol):
     def eval(self) -> Any: ...
 
     def encode_image(self, images: torch.Tensor) -> Any:
-        """(1, 3, c, c) normalised crop → an embedding that ``decode`` takes back."""
+        """(1, 3, H, W) normalised slide window, or the whole image in ``mode="whole"``
+        → an embedding that ``decode`` takes back."""
 
     def embed_text(self, names: Sequence[str]) -> torch.Tensor:
         """K class names → (K, N, C) prompt embeddings."""

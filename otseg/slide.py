@@ -54,9 +54,9 @@ def window_probabilities(
     size: tuple[int, int],
     out_size: tuple[int, int],
 ) -> torch.Tensor:
-    """Per-window scores (each (1, K, c, c), see ``PostProcessing.postprocess``) of an image
-    of ``size`` at the test scale → (1, K, *out_size) probabilities: average over windows,
-    resize to the original size, softmax over classes."""
+    """Per-window scores (each (1, K, h, w), the size of its box; see
+    ``PostProcessing.postprocess``) of an image of ``size`` at the test scale → (1, K, *out_size)
+    probabilities: average over windows, resize to the original size, softmax over classes."""
     return to_probabilities(merge_windows(outputs, boxes, size), out_size)
 
 
