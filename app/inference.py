@@ -366,15 +366,14 @@ class Handlers:
         """What the overlay tab shows for the session's last prediction (drawing only)."""
         drawn = self.draw(session, opacity)
         colors = session.colors
+        rows = overlay.legend_rows(session.names, colors, session.labels, session.seen)
         facts = {"mode": self.loaded.mode, **session.knobs, "inference": session.predictor.mode,
                  "note": session.note}  # fmt: skip
-        info = render.summary(session.names, session.labels, colors, session.seen, **facts)
+        info = render.summary(rows, session.labels.shape, **facts)
         stem = f"{session.image_name}-otseg-{len(session.names)}-classes"
         return {
             "overlay": drawn,
-            "legend": overlay.legend_html(
-                overlay.legend_rows(session.names, colors, session.labels, session.seen)
-            ),
+            "legend": overlay.legend_html(rows),
             "summary": info,
             "files": render.write_downloads(self.download_dir, session.labels, colors, info, stem),
         }

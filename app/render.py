@@ -64,25 +64,23 @@ def fit_image(
     )
 
 
-def summary(
-    names: Sequence[str],
-    labels: np.ndarray,
-    colors: np.ndarray,
-    seen: Sequence[bool] | None,
-    **facts,
-) -> dict:
-    """JSON-able description of one result: the classes in order with colour, seen flag, share.
+def summary(rows: Sequence[overlay.LegendRow], image_size: tuple[int, int], **facts) -> dict:
+    """JSON-able description of one result: the classes (``overlay.legend_rows``, in order)
+    with colour, seen flag (None without a training split) and share.
 
-    ``facts`` (mode, attention, lam, ...) are copied in front of ``"classes"``.
+    ``image_size`` is the label map's ``(H, W)``; ``facts`` (mode, attention, lam, ...) are
+    copied in front of ``"classes"``.
     """
-    rows = overlay.legend_rows(names, colors, labels, seen)
-    h, w = labels.shape
+    h, w = image_size
     classes = [
-        {"id": i, "name": r.name, "color": r.color, "seen": None if seen is None else bool(seen[i]),
+        {"id": i, "name": r.name, "color": r.color, "seen": _SEEN.get(r.badge),
          "share": round(r.share, 2)}
         for i, r in enumerate(rows)
     ]  # fmt: skip
     return {**facts, "image_size": [w, h], "classes": classes}
+
+
+_SEEN = {"seen": True, "novel": False}  # legend badge → JSON seen flag ("" → None)
 
 
 def write_downloads(

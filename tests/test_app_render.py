@@ -12,6 +12,7 @@ from PIL import Image
 
 from app import render
 from app.inference import Handlers, LoadedModel
+from app.overlay import legend_rows
 from otseg.errors import UserError
 from tests.demo_helpers import write_photo
 from tests.factories import save_tiny_clip, tiny_model
@@ -44,7 +45,8 @@ def test_stored_size_reads_the_header_with_exif_rotation(tmp_path):
 def test_summary_and_downloads(tmp_path):
     labels = np.array([[0, 0, 1, 1]], np.int32)
     colors = np.array([[255, 0, 0], [0, 0, 255]], np.uint8)
-    info = render.summary(["cat", "<dog>"], labels, colors, [True, False], mode="trained")
+    rows = legend_rows(["cat", "<dog>"], colors, labels, [True, False])
+    info = render.summary(rows, labels.shape, mode="trained")
     assert info["mode"] == "trained" and info["image_size"] == [4, 1]
     assert info["classes"][1] == {
         "id": 1,
@@ -53,7 +55,8 @@ def test_summary_and_downloads(tmp_path):
         "seen": False,
         "share": 50.0,
     }
-    assert render.summary(["a", "b"], labels, colors, None)["classes"][0]["seen"] is None
+    no_split = legend_rows(["a", "b"], colors, labels)
+    assert render.summary(no_split, labels.shape)["classes"][0]["seen"] is None
     png, js = render.write_downloads(tmp_path, labels, colors, info, "my photo-otseg-2-classes")
     assert Path(png).name == "my_photo-otseg-2-classes-labels.png"
     assert Path(js).name == "my_photo-otseg-2-classes.json"
@@ -181,3 +184,19 @@ def test_old_download_folders_are_pruned_at_most_once_a_minute(tmp_path, monkeyp
     clock[0] += render.PRUNE_EVERY_S
     render.write_downloads(tmp_path, labels, colors, {})
     assert not second.exists() and len(list(tmp_path.iterdir())) == 3
+
+
+def test_overlay_outputs_count_the_pixels_once(handlers, tmp_path, monkeypatch):
+    """Legend and summary JSON share one pass of class shares over the label map."""
+    from app import overlay
+
+    knobs = {"attention": "sinkhorn", "lam": 0.5, "use_mps": True}
+    session = handlers.segment(None, str(write_photo(tmp_path / "p.png")), "cat, dog", knobs)
+    calls = []
+    shares = overlay.class_shares
+    monkeypatch.setattr(overlay, "class_shares", lambda *a: calls.append(1) or shares(*a))
+    out = handlers.outputs(session, 0.5)
+    assert len(calls) == 1
+    assert [c["share"] for c in out["summary"]["classes"]] == [
+        round(float(s), 2) for s in shares(session.labels, 2)
+    ]
