@@ -7,7 +7,8 @@ activation is page-faulted in again: about a fifth of a CPU forward here
 heap for reuse, as jemalloc or tcmalloc would. The price: the process keeps its peak memory
 after a forward instead of shrinking back.
 
-:class:`otseg.OTSegPredictor` calls :func:`keep_freed_memory` once when it runs on the CPU.
+:class:`otseg.OTSegPredictor` and :class:`otseg.SlideServer` call :func:`keep_freed_memory`
+when they run on the CPU (it acts once per process).
 Set ``OTSEG_MALLOC=default`` to leave the allocator alone (for instance under
 ``LD_PRELOAD=libjemalloc.so``).
 """
