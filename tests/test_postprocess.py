@@ -114,3 +114,17 @@ def test_evaluation_applies_the_seen_calibration(model, photo):
     assert math.isfinite(want.hiou) and want.miou < 1.0
     for key, value in want.summary().items():
         assert got.summary()[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_calibration_argument_overrides_the_config(model):
+    """``calibration=`` replaces the config's value, on the seen classes only."""
+    text = model.embed_text(NAMES)
+    seen = torch.tensor([True, False, True, False])
+    crop = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        plain = model(crop, text).output
+        default = model(crop, text, seen=seen).output
+        custom = model(crop, text, seen=seen, calibration=0.05).output
+    shift = torch.tensor([0.05, 0.0, 0.05, 0.0])[None, :, None, None]
+    torch.testing.assert_close(custom, plain - shift)
+    torch.testing.assert_close(default, plain - 6 * shift)  # the config's 0.3
