@@ -73,9 +73,12 @@ def test_first_online_run_downloads_one_weight_file(tmp_path, monkeypatch):
     when the repo lacks the first."""
     clip_dir = save_tiny_clip(tmp_path / "clip")
     downloads: list[str] = []
+    cached: set[str] = set()
 
     def fake_download(repo, filename, *, local_files_only=False, cache_dir=None, **kw):
         if local_files_only:
+            if filename in cached:
+                return str(clip_dir / filename)
             raise LocalEntryNotFoundError(f"{filename} not cached")
         if filename not in available:
             raise EntryNotFoundError(f"{repo} has no {filename}")
@@ -98,3 +101,22 @@ def test_first_online_run_downloads_one_weight_file(tmp_path, monkeypatch):
     available = {"open_clip_config.json"}
     with pytest.raises(hub.WeightsNotFoundError, match="has none of"):
         hub._clip_weights(REPO, None)
+
+    # the second format already cached: used as is, the first is not fetched beside it
+    available = {"open_clip_config.json", *hub.CLIP_WEIGHT_NAMES}
+    cached = {"open_clip_pytorch_model.bin"}
+    downloads.clear()
+    assert hub._clip_weights(REPO, None).name == "open_clip_pytorch_model.bin"
+    assert downloads == []
+
+
+def test_clip_files_from_two_cached_revisions_are_refused(tmp_path, monkeypatch):
+    """open_clip's local-dir: needs the config and the weights in one snapshot folder."""
+
+    def cached_file(repo, filename, cache_dir):
+        snapshot = "rev1" if filename == "open_clip_config.json" else "rev2"
+        return tmp_path / snapshot / filename
+
+    monkeypatch.setattr(hub, "_cached_file", cached_file)
+    with pytest.raises(hub.WeightsNotFoundError, match="come from different revisions"):
+        hub.load_clip(f"hf-hub:{REPO}")
