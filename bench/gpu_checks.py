@@ -192,12 +192,10 @@ def _tensors(out) -> list[torch.Tensor]:
 
 def demo_sequence(gpu, model, precision: str, image: np.ndarray, names: list[str]):
     """What the demo's Segment does: register, a user's predictor around ``RemoteModel``,
-    image tower, text in steps of 16 names, vocabulary, predict."""
+    image tower, vocabulary (``RemoteModel`` sends the names in batches), predict."""
     key = gpu.register(model, precision)
     predictor = OTSegPredictor(gpu.RemoteModel(key), mode="slide")
     predictor.set_image(image)
-    for i in range(0, len(names), 16):
-        predictor.model.embed_text(names[i : i + 16])
     predictor.set_vocabulary(names)
     return predictor.predict()
 
