@@ -66,6 +66,7 @@ def test_bf16_is_close_to_fp32(model):
     fp32 = SlideServer(model, names)(PHOTO)
     bf16 = SlideServer(model, names, precision="bf16")(PHOTO)
     assert (fp32.labels == bf16.labels).mean() > 0.9
+    assert 0 < np.abs(fp32.probs - bf16.probs).max() < 0.01  # bf16 really ran, and stayed close
 
 
 def test_bad_arguments_are_one_line_errors():
