@@ -36,6 +36,13 @@ MODES = ("slide", "whole")
 PROMPT_MAP_STRIDE = 8  # per-prompt maps are returned at 1/8 of the test-scale image
 
 
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a precision name (None for ``"fp32"``: no autocast)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision]
+
+
 @runtime_checkable
 class SegmentationModel(Protocol):
     """What :class:`OTSegPredictor` needs from a model. :class:`otseg.model.OTSeg`,
@@ -114,8 +121,7 @@ class OTSegPredictor:
         mode: str = "slide",
         backend: str = "torch",
     ) -> None:
-        if precision not in PRECISIONS:
-            raise UserError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+        self._dtype = autocast_dtype(precision)
         if mode not in MODES:
             raise UserError(f"mode must be one of {MODES}, got {mode!r}")
         self.model = model.eval()
@@ -170,9 +176,8 @@ class OTSegPredictor:
         return self.original_size is not None
 
     def _autocast(self):
-        dtype = PRECISIONS[self.precision]
-        if dtype is not None:
-            return torch.autocast(self.model.device.type, dtype=dtype)
+        if self._dtype is not None:
+            return torch.autocast(self.model.device.type, dtype=self._dtype)
         return contextlib.nullcontext()
 
     @torch.inference_mode()

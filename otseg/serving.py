@@ -19,7 +19,7 @@ import torch
 from .allocator import keep_freed_memory
 from .errors import UserError
 from .mpsa import fixed_sinkhorn
-from .predictor import PRECISIONS, Prediction, SegmentationModel, _channel_argmax
+from .predictor import Prediction, SegmentationModel, _channel_argmax, autocast_dtype
 from .preprocess import ImageLike, load_image, to_model_input
 from .slide import crops, slide_windows, window_probabilities
 from .vocabulary import check_vocabulary
@@ -50,8 +50,7 @@ class SlideServer:
         precision: str = "fp32",
         cuda_graph: bool | None = None,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise UserError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+        self.dtype = autocast_dtype(precision)
         if iterations < 1:
             raise UserError(f"iterations must be at least 1, got {iterations}")
         self.model = model.eval()
@@ -65,7 +64,6 @@ class SlideServer:
         self.names, self.seen = check_vocabulary(names, model.config, seen)
         self.lam = lam
         self.iterations = iterations
-        self.dtype = PRECISIONS[precision]
         self.cuda_graph = cuda_graph
         with torch.inference_mode():
             self._text = model.embed_text(self.names)

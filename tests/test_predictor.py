@@ -101,6 +101,8 @@ def test_misuse_and_bad_input(model):
         p.set_vocabulary(["cat", "dog", "cat"])
     with pytest.raises(ValueError, match="non-empty"):
         p.set_vocabulary(["cat", "  "])
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16', 'fp16'\)"):
+        OTSegPredictor(model, precision="int8")
     with pytest.raises(ValueError, match="device 'cuda:99' is not usable here: "):
         OTSegPredictor(model, device="cuda:99")
     with pytest.raises(ValueError, match="a list of strings, not one string"):
