@@ -144,6 +144,7 @@ def test_label_values_beyond_the_classes_are_named(tmp_path: Path):
     Image.fromarray(label).save(path)
     with pytest.raises(ValueError, match=r"train_00001.png: label value 7 but only 4 classes"):
         check_label_values(build_dataset("custom", root, "train"))
+    check_label_values(build_dataset("custom", root, "train", ignore_index=7))  # 7 is ignored
     # with reduce_zero_label the stored 7 is class 6: still out of range; stored 4 → 3 is fine
     label[0, 0] = 4
     Image.fromarray(label).save(path)

@@ -118,16 +118,22 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def load(self, index: int) -> Sample:
-        """The raw sample ``index``: image, label (dataset ids, 255 ignore) and path."""
-        image_path, label_path = self.pairs[index]
-        image, label = read_image(image_path), read_label(label_path)
-        if image.shape[:2] != label.shape:
-            raise UserError(f"{label_path}: label {label.shape} vs image {image.shape[:2]}")
+    def load_label(self, index: int) -> np.ndarray:
+        """Label ``index`` as uint8 (H, W) dataset ids (``reduce_zero_label`` and
+        ``ignore_index`` applied: 255 = ignore)."""
+        label = read_label(self.pairs[index][1])
         if self.reduce_zero_label:
             label = reduce_zero(label)
         if self.ignore_index != 255:
             label = np.where(label == self.ignore_index, 255, label).astype(np.uint8)
+        return label
+
+    def load(self, index: int) -> Sample:
+        """The raw sample ``index``: image, label (dataset ids, 255 ignore) and path."""
+        image_path, label_path = self.pairs[index]
+        image, label = read_image(image_path), self.load_label(index)
+        if image.shape[:2] != label.shape:
+            raise UserError(f"{label_path}: label {label.shape} vs image {image.shape[:2]}")
         return {"image": image, "label": label, "path": str(image_path)}
 
     def __getitem__(self, index: int) -> Sample:
@@ -335,12 +341,9 @@ def check_label_values(dataset: SegmentationDataset) -> None:
     """Stop with the file and value when a label (after ``reduce_zero_label`` / ``ignore_index``)
     is neither a class id 0..K−1 nor 255; reads every label file once."""
     k = len(dataset.class_names)
-    for _, label_path in dataset.pairs:
-        label = read_label(label_path)
-        if dataset.reduce_zero_label:
-            label = reduce_zero(label)
-        values = np.unique(label)
-        bad = values[(values >= k) & (values != 255) & (values != dataset.ignore_index)]
+    for index, (_, label_path) in enumerate(dataset.pairs):
+        values = np.unique(dataset.load_label(index))
+        bad = values[(values >= k) & (values != 255)]
         if bad.size:
             raise UserError(
                 f"{label_path}: label value {int(bad[0])} but only {k} classes (ids 0..{k - 1}, "
