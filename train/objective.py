@@ -65,27 +65,23 @@ class ZegOTObjective:
             return "seen"
         return "frozen" if step < self.until else "self"
 
+    def _config(self, step: int):
+        """The config whose vocabulary and split the step trains on (seen-only: inductive)."""
+        return self.inductive_config if self.phase(step) == "seen" else self.config
+
     def forward_text(self, step: int) -> tuple[str, ...]:
-        names = self.config.class_names
-        if self.phase(step) == "seen":
-            names = [names[i] for i in self.inductive_config.training_class_ids]
-        else:
-            names = [names[i] for i in self.config.training_class_ids]
-        return tuple(names)
+        cfg = self._config(step)
+        return tuple(cfg.class_names[i] for i in cfg.training_class_ids)
 
     def targets(self, labels: torch.Tensor, output, step: int) -> torch.Tensor:
-        phase = self.phase(step)
-        if phase == "seen":
-            return pseudo_label(
-                remap_labels(labels, self.inductive_config), output, self.inductive_config
-            )
-        if phase == "frozen":
+        if self.phase(step) == "frozen":
             teacher = self._teacher()
             with torch.no_grad():  # the frozen image tower is shared: reuse the step's embedding
                 output = teacher(output.embedding, teacher.embed_text(self.forward_text(step)))
         elif self.teacher is not None:
             self.teacher = None  # the frozen window is over
-        return pseudo_label(remap_labels(labels, self.config), output, self.config)
+        cfg = self._config(step)
+        return pseudo_label(remap_labels(labels, cfg), output, cfg)
 
     def losses(self, output, targets: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
         return self._losses(output, targets, **kwargs)
