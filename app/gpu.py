@@ -13,7 +13,6 @@ key, the config and that user's text embeddings, so a whole predictor pickles in
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Sequence
 
@@ -24,7 +23,7 @@ from otseg.clip_image import ImageEmbedding
 from otseg.ensemble import PostProcessing
 from otseg.errors import UserError
 from otseg.model import HeadMaps
-from otseg.predictor import PRECISIONS as AUTOCAST_DTYPES
+from otseg.predictor import precision_context
 
 GPU_SECONDS = 60  # ZeroGPU time limit per call; a call is one window or up to TEXT_BATCH names
 TEXT_BATCH = 16  # class names per text-tower call at most
@@ -58,13 +57,6 @@ def _on_gpu(fn):
     return spaces.GPU(duration=GPU_SECONDS)(fn)
 
 
-def _autocast(model: nn.Module, precision: str):
-    dtype = AUTOCAST_DTYPES[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(model.device.type, dtype=dtype)
-
-
 def _embedding_type(model: nn.Module) -> type:
     """The dataclass ``model.encode_image`` returns (ZegOT's carries every block's pixels)."""
     return getattr(model, "embedding_type", ImageEmbedding)
@@ -79,7 +71,7 @@ def encode_image(key: str, windows: torch.Tensor) -> dict[str, torch.Tensor]:
     """Image tower. windows: (B, 3, c, c) normalised crops → the embedding's tensors by field
     name: pixels (B, C, h, w), cls (B, C) (ZegOT also every block's pixels)."""
     model, precision = _lookup(key)
-    with torch.inference_mode(), _autocast(model, precision):
+    with torch.inference_mode(), precision_context(model.device, precision):
         emb = model.encode_image(windows.to(model.device))
     return {f.name: _cpu(getattr(emb, f.name)) for f in dataclasses.fields(emb)}
 
@@ -106,7 +98,7 @@ def decode(
     model, precision = _lookup(key)
     device = model.device
     emb = _embedding_type(model)(**{k: v.to(device) for k, v in embedding.items()})
-    with torch.inference_mode(), _autocast(model, precision):
+    with torch.inference_mode(), precision_context(model.device, precision):
         maps = model.decode(emb, text.to(device), attention=attention, use_mps=bool(use_mps))
     return _cpu(maps.decoder), _cpu(maps.score), _cpu(maps.prompt_maps)
 

@@ -43,6 +43,20 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return PRECISIONS[precision]
 
 
+def precision_context(
+    device: torch.device | str, precision: str, *, cache_enabled: bool = True
+) -> contextlib.AbstractContextManager:
+    """Autocast to ``precision`` on ``device``'s type, or nothing for ``"fp32"``.
+
+    cache_enabled=False: no weight-cast cache (a CUDA graph must not capture casts that
+    outlive the capture)."""
+    dtype = autocast_dtype(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=dtype, cache_enabled=cache_enabled)
+
+
 @runtime_checkable
 class SegmentationModel(Protocol):
     """What :class:`OTSegPredictor` needs from a model. :class:`otseg.model.OTSeg`,
@@ -121,7 +135,7 @@ class OTSegPredictor:
         mode: str = "slide",
         backend: str = "torch",
     ) -> None:
-        self._dtype = autocast_dtype(precision)
+        autocast_dtype(precision)  # a bad name fails here, before any work
         if mode not in MODES:
             raise UserError(f"mode must be one of {MODES}, got {mode!r}")
         self.model = model.eval()
@@ -176,9 +190,7 @@ class OTSegPredictor:
         return self.original_size is not None
 
     def _autocast(self):
-        if self._dtype is not None:
-            return torch.autocast(self.model.device.type, dtype=self._dtype)
-        return contextlib.nullcontext()
+        return precision_context(self.model.device, self.precision)
 
     @torch.inference_mode()
     def set_image(self, image: ImageLike) -> None:

@@ -19,7 +19,13 @@ import torch
 from .allocator import keep_freed_memory
 from .errors import UserError
 from .mpsa import fixed_sinkhorn
-from .predictor import Prediction, SegmentationModel, _channel_argmax, autocast_dtype
+from .predictor import (
+    Prediction,
+    SegmentationModel,
+    _channel_argmax,
+    autocast_dtype,
+    precision_context,
+)
 from .preprocess import ImageLike, load_image, to_model_input
 from .slide import crops, slide_windows, window_probabilities
 from .vocabulary import check_vocabulary
@@ -50,7 +56,8 @@ class SlideServer:
         precision: str = "fp32",
         cuda_graph: bool | None = None,
     ) -> None:
-        self.dtype = autocast_dtype(precision)
+        autocast_dtype(precision)  # a bad name fails here, before any work
+        self.precision = precision
         if iterations < 1:
             raise UserError(f"iterations must be at least 1, got {iterations}")
         self.model = model.eval()
@@ -77,10 +84,7 @@ class SlideServer:
         return out.scores
 
     def _autocast(self):
-        if self.dtype is None:
-            return nullcontext()
-        # No weight-cast cache: a CUDA graph must not capture casts that outlive the capture.
-        return torch.autocast(self.model.device.type, dtype=self.dtype, cache_enabled=False)
+        return precision_context(self.model.device, self.precision, cache_enabled=False)
 
     def _replay(self, windows: torch.Tensor) -> torch.Tensor:
         n = windows.shape[0]
