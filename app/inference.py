@@ -423,9 +423,8 @@ def parse_names(text) -> list[str]:
 
 
 def _explain(error: ImageError) -> str:
-    """The reader's message as one sentence, without Python object reprs."""
-    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-f]+>", " the file", str(error))
-    return text.rstrip(".") + "."
+    """The reader's message as one sentence."""
+    return str(error).rstrip(".") + "."
 
 
 def _read(path: str) -> bytes:

@@ -69,9 +69,14 @@ def load_image(image: ImageLike, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             f"the image has {size}; the limit is {max_pixels / 1e6:.0f} MP — downscale it first"
         ) from None
     except UnidentifiedImageError as e:
-        raise ImageError(f"not a readable image ({e})") from None
+        raise ImageError(f"not a readable image ({_without_reprs(e)})") from None
     except OSError as e:
-        raise ImageError(f"the image file is corrupt or truncated ({e})") from None
+        raise ImageError(f"the image file is corrupt or truncated ({_without_reprs(e)})") from None
+
+
+def _without_reprs(error: Exception) -> str:
+    """Pillow's message without Python object reprs (``<_io.BytesIO object at 0x…>``)."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-f]+>", "", str(error)).strip()
 
 
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:

@@ -102,3 +102,11 @@ def test_slide_windows_cover_the_image_as_mmseg():
     merged = merge_windows([torch.ones(1, 2, 64, 64) * i for i in range(4)], boxes, (80, 112))
     assert merged[0, 0, 0, 0] == 0 and merged[0, 0, 79, 111] == 3
     assert merged[0, 0, 20, 50] == pytest.approx(1.5)  # covered by all four windows
+
+
+def test_unreadable_bytes_name_no_python_object():
+    from otseg.preprocess import ImageError, load_image
+
+    with pytest.raises(ImageError, match="not a readable image") as error:
+        load_image(b"this is not an image")
+    assert " at 0x" not in str(error.value)
