@@ -81,6 +81,7 @@ def our_grads(model, config, images, labels, per_device: int) -> dict[str, torch
         with fixed_sinkhorn(model, ITERS):
             logs = train_step(accelerator, model, optimizer, scheduler, batch, objective, 0, window)
     assert logs is not None and logs["num_masks"].item() == 6  # 1 + 3 + 0 + 2
+    assert type(logs["lr"]) is float  # known on the host: never copied to the device
     reset_accelerate()
     return received
 
@@ -95,18 +96,22 @@ def test_one_process_with_accumulation_optimises_the_original_4_gpu_objective(se
             torch.testing.assert_close(ours[name], grad, rtol=1e-3, atol=1e-6)
 
 
-def test_window_logs_the_step_normalised_losses():
+def test_window_logs_the_step_normalised_losses(monkeypatch: pytest.MonkeyPatch):
     window = StepWindow()
 
     class Single:
         device = torch.device("cpu")
+        num_processes = 1
 
         def reduce(self, tensor, op):
             return tensor
 
     window.add({"loss": torch.tensor(6.0), "acc_seg": torch.tensor(50.0)}, torch.tensor(1.0))
     window.add({"loss": torch.tensor(2.0), "acc_seg": torch.tensor(100.0)}, torch.tensor(3.0))
-    logs = window.reduce(Single(), min_masks=1.0)
+    with monkeypatch.context() as m:  # no value read back or copied in from the host (a sync)
+        for name in ("item", "tolist", "new_tensor", "__bool__", "__float__", "__int__"):
+            m.setattr(torch.Tensor, name, lambda *a, name=name, **k: pytest.fail(f"Tensor.{name}"))
+        logs = window.reduce(Single(), min_masks=1.0)
     assert logs["loss"].item() == 2.0 and logs["acc_seg"].item() == 75.0  # 8 / 4 masks
     assert logs["num_masks"].item() == 4.0 and window.count == 0
 

@@ -38,12 +38,19 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_eval_every_keeps_the_best_and_logs_at_the_right_step(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
+    import train.engine
     from train.train import main
 
     logged: list[tuple[int, dict]] = []
     monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, **kw: logged.append((step, values)))  # fmt: skip
+    reads = []  # the step logs are read from the device in batches, not once per step
+    log_steps = train.engine.log_steps
+    monkeypatch.setattr(
+        train.engine, "log_steps", lambda acc, pending: reads.append(len(pending)) or log_steps(acc, pending)
+    )  # fmt: skip
     out = tmp_path / "run"
     main(tiny_args(data, out, "--max-iters", "4", "--eval-every", "2", "--checkpoint-every", "2"))
+    assert reads == [4]  # fewer steps than LOG_EVERY: one read, at the end
     lrs = {step: v["train/lr"] for step, v in logged if "train/lr" in v}
     recipe = load_recipe("tiny")
     assert sorted(lrs) == [1, 2, 3, 4]

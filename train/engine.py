@@ -19,6 +19,7 @@ from train.checkpoint import TrainState
 from train.objective import Objective
 
 logger = get_logger("train")
+LOG_EVERY = 10  # optimizer steps whose logs are read from the device at once
 
 
 class StepWindow:
@@ -37,13 +38,13 @@ class StepWindow:
 
     def reduce(self, accelerator: Accelerator, min_masks: float) -> dict[str, torch.Tensor]:
         """One all-reduce: the step's loss components normalised by its total mask count
-        (at least ``min_masks``), accuracies averaged over micro-batches, and ``num_masks``."""
+        (at least ``min_masks``), accuracies averaged over micro-batches, and ``num_masks``;
+        no host synchronisation (the micro-batch count is the same on every process)."""
         keys = sorted(self.sums)
         masks = torch.as_tensor(self.masks, dtype=torch.float32, device=accelerator.device)
-        local = torch.stack([self.sums[k] for k in keys] + [masks, masks.new_tensor(self.count)])
-        total = accelerator.reduce(local, "sum")
-        masks, micro = total[-2], total[-1]
-        norm = masks.clamp(min=min_masks)
+        total = accelerator.reduce(torch.stack([self.sums[k] for k in keys] + [masks]), "sum")
+        micro = self.count * accelerator.num_processes
+        norm = total[-1].clamp(min=min_masks)
         out = {k: v / (micro if "acc" in k else norm) for k, v in zip(keys, total, strict=False)}
         out["num_masks"] = norm
         self.sums, self.masks, self.count = {}, 0.0, 0
@@ -75,8 +76,9 @@ def train_step(
     objective: the model's text, targets and losses (see ``train.objective``); step: optimizer
     steps done (the objective's schedule reads it).
     Returns None inside an accumulation window; at its end the step's loss components
-    (``loss``, ``{decode,score}.{loss_mask,loss_dice,acc_seg}``), ``num_masks`` and ``lr``
-    (the rate this step used), as 0-d tensors on the device.
+    (``loss``, ``{decode,score}.{loss_mask,loss_dice,acc_seg}``) and ``num_masks`` as 0-d
+    tensors on the device (not read back: no host synchronisation) and ``lr`` (the rate this
+    step used) as a float.
     """
     logs = None
     with accelerator.accumulate(model):
@@ -91,7 +93,7 @@ def train_step(
             scale = accelerator.num_processes * accelerator.gradient_accumulation_steps
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             torch._foreach_mul_(grads, scale / logs["num_masks"])
-            logs["lr"] = logs["loss"].new_tensor(scheduler.get_last_lr()[0])
+            logs["lr"] = scheduler.get_last_lr()[0]
         optimizer.step()  # a no-op inside an accumulation window (Accelerate)
         if accelerator.sync_gradients:
             scheduler.step()  # per iteration, whatever the number of processes
@@ -113,13 +115,16 @@ def train_loop(
     after_step: Callable[[TrainState], object],
     min_masks: float = 1.0,
     sinkhorn_iters: int | None = None,
+    log_every: int = LOG_EVERY,
 ) -> TrainState:
     """Run optimizer steps ``state.step + 1 .. iterations``.
 
     The data position is ``state.micro_step`` batches of this process's loader: the epoch
     (shuffle order and augmentation stream) and the batches of it already seen, which a resumed
     run skips with ``skip_first_batches``. ``after_step(state)`` runs after every optimizer
-    step on every process (periodic evaluation and checkpoints are collective).
+    step on every process (periodic evaluation and checkpoints are collective). The step
+    logs are read from the device every ``log_every`` steps (one host synchronisation) and
+    then logged, each at its own step.
     ``sinkhorn_iters``: run the training forward with that many Sinkhorn iterations and no
     early stop (no host synchronisation); None keeps the model's (the original) rule.
     """
@@ -135,7 +140,7 @@ def train_loop(
         dynamic_ncols=True,
         disable=not accelerator.is_local_main_process,
     )
-    window = StepWindow()
+    window, pending = StepWindow(), []
     while state.step < iterations:
         epoch, seen = divmod(state.micro_step, per_epoch)
         set_epoch(loader, sampler, epoch)
@@ -150,19 +155,31 @@ def train_loop(
             if logs is None:
                 continue
             state.step += 1
-            keys = sorted(logs)
-            values = dict(zip(keys, torch.stack([logs[k] for k in keys]).tolist(), strict=True))
-            accelerator.log({f"train/{k}": v for k, v in values.items()}, step=state.step)
             bar.update(1)
-            bar.set_postfix(
-                loss=f"{values['loss']:.3f}",
-                mask=f"{values['decode.loss_mask']:.3f}",
-                dice=f"{values['decode.loss_dice']:.3f}",
-                acc=f"{values['decode.acc_seg']:.1f}",
-                epoch=epoch,
-            )
+            pending.append((state.step, logs))
+            if len(pending) == log_every or state.step >= iterations:
+                values = log_steps(accelerator, pending)
+                pending.clear()
+                bar.set_postfix(
+                    loss=f"{values['loss']:.3f}",
+                    mask=f"{values['decode.loss_mask']:.3f}",
+                    dice=f"{values['decode.loss_dice']:.3f}",
+                    acc=f"{values['decode.acc_seg']:.1f}",
+                    epoch=epoch,
+                )
             after_step(state)
             if state.step >= iterations:
                 break
     bar.close()
     return state
+
+
+def log_steps(accelerator: Accelerator, pending: list[tuple[int, dict]]) -> dict[str, float]:
+    """Log ``train/*`` of each (step, logs of :func:`train_step`) at its step, reading every
+    device value in one transfer; returns the values of the last step."""
+    keys = sorted(k for k, v in pending[0][1].items() if isinstance(v, torch.Tensor))
+    rows = torch.stack([torch.stack([logs[k] for k in keys]) for _, logs in pending]).tolist()
+    for (step, logs), row in zip(pending, rows, strict=True):
+        values = {**logs, **dict(zip(keys, row, strict=True))}  # floats (lr) as they are
+        accelerator.log({f"train/{k}": v for k, v in values.items()}, step=step)
+    return values
