@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_helpers import reset_accelerate
+from train_helpers import reset_accelerate, tiny_args
 
 from otseg.config import IMAGENET_MEAN, get_preset
 from otseg.data.augment import normalize, resize_image
@@ -65,9 +65,7 @@ def test_evaluate_with_a_protocol(tmp_path: Path, caplog: pytest.LogCaptureFixtu
 
     data = write_synthetic(tmp_path / "voc", "voc", num_train=4, num_val=1)
     ade = write_synthetic(tmp_path / "ade", "ade", num_train=1, num_val=1)
-    train_main(["--config", "tiny", "--data-root", str(data), "--output-dir",
-                str(tmp_path / "run"), "--log-with", "none", "--cpu", "--max-iters", "1",
-                "--no-eval"])  # fmt: skip
+    train_main(tiny_args(data, tmp_path / "run", "--max-iters", "1", "--no-eval"))
     reset_accelerate()
     names = "class0,class1,class2,class3,class4"  # the tiny model has no text tower
     with caplog.at_level(logging.INFO):

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from train_helpers import tiny_args
 
 from otseg.hub import model_type
 from otseg.losses import IGNORE
@@ -141,8 +142,7 @@ def shapes(tmp_path_factory):
 
 
 def _zegot_args(data, out, *extra):
-    return ["--config", "zegot-tiny", "--data-root", str(data), "--output-dir", str(out),
-            "--log-with", "none", "--cpu", *extra]  # fmt: skip
+    return tiny_args(data, out, *extra, config="zegot-tiny")
 
 
 def test_inductive_run_keeps_unseen_pixels_and_names_out(
@@ -239,8 +239,7 @@ def test_tiny_zegot_learns_far_above_chance(tmp_path):
 
     data = write_synthetic(tmp_path / "data", "voc", num_train=64, num_val=16, seed=1)
     out = tmp_path / "run"
-    run(TRAIN + ["--config", "zegot-tiny-fully", "--data-root", str(data), "--output-dir", str(out),
-                 "--cpu", "--log-with", "none"], timeout=300)  # fmt: skip
+    run(TRAIN + tiny_args(data, out, config="zegot-tiny-fully"), timeout=300)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["miou"] > 0.5, metrics  # chance: ≈ 0.04–0.1 for 5 classes
     predictor = OTSegPredictor.from_pretrained(str(out / "model"))

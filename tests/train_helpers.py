@@ -28,9 +28,12 @@ def env(**extra: str) -> dict[str, str]:
     return out
 
 
-def tiny_args(data: Path, out: Path, *extra: str, cpu: bool = True) -> list[str]:
-    """Arguments of a tiny-preset run on ``data`` writing to ``out``."""
-    args = ["--config", "tiny", "--data-root", str(data), "--output-dir", str(out)]
+def tiny_args(
+    data: Path, out: Path, *extra: str, cpu: bool = True, config: str = "tiny"
+) -> list[str]:
+    """Arguments of a run of the tiny recipe ``config`` (``zegot-tiny``, ...) on ``data``
+    writing to ``out``."""
+    args = ["--config", config, "--data-root", str(data), "--output-dir", str(out)]
     return args + ["--log-with", "none"] + (["--cpu"] if cpu else []) + list(extra)
 
 
