@@ -163,3 +163,31 @@ def test_fixed_sinkhorn_runs_exactly_n_iterations_and_restores(setup):
     with torch.no_grad():
         converged = model(images[:1], model.training_text).decoder_map
     assert not torch.equal(fixed, converged)  # 3 iterations are not the converged plan
+
+
+def test_only_parameters_no_training_map_reaches_are_frozen():
+    """OTSeg's last decoder layer updates queries nobody reads: its value, output projection,
+    FFN and norms are frozen, nothing else; every trainable ZegOT parameter (the prompt vectors,
+    reached through the text) keeps training."""
+    from factories import tiny_model
+    from otseg.zegot import build_zegot, zegot_tiny_config
+    from train.build import freeze_unreached
+
+    model = tiny_model().train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    unreached = freeze_unreached(model)
+    last = f"decoder.layers.{len(model.decoder.layers) - 1}."
+    assert all(n.startswith(last) for n in unreached)
+    parts = {n.removeprefix(last).rsplit(".", 1)[0] for n in unreached}
+    assert parts == {
+        "multihead_attn.v",
+        "multihead_attn.proj",
+        "linear1",
+        "linear2",
+        "norm2",
+        "norm3",
+    }
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable - set(unreached)
+    assert all(p.grad is None for p in model.parameters())
+    zegot = build_zegot(zegot_tiny_config(setting="transductive")).train()
+    assert freeze_unreached(zegot) == [] and zegot.prompts.ctx.requires_grad

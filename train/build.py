@@ -191,12 +191,8 @@ def freeze_unreached(model: OTSeg) -> list[str]:
     forward/backward pass on a blank crop (global RNG untouched).
     """
     s = model.config.vision.image_size
-    # ZegOT takes class names: its prompts are encoded with gradients inside the forward
-    text = (
-        model.training_class_names if model_type(model) == "zegot" else model.training_text.detach()
-    )
-    with torch.random.fork_rng(devices=[]):
-        out = model(torch.zeros(1, 3, s, s, device=model.device), text)
+    with torch.random.fork_rng(devices=[]):  # ZegOT's training_text carries prompt gradients
+        out = model(torch.zeros(1, 3, s, s, device=model.device), model.training_text)
         maps = [m for m in (out.decoder_map, out.score_map) if m is not None]
         torch.stack([m.float().sum() for m in maps]).sum().backward()
     unreached = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
