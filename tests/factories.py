@@ -13,6 +13,7 @@ import torch
 import otseg  # noqa: F401 - applies the torchvision patch before open_clip
 from otseg.config import OTSegConfig, tiny_config
 from otseg.model import OTSeg, build_model
+from otseg.zegot import ZegOT
 
 PARITY_DIR = Path(
     os.environ.get("OTSEG_PARITY_DIR", Path(__file__).resolve().parents[2] / "shared" / "parity")
@@ -89,6 +90,14 @@ def tiny_model(seed: int = 0, clip: str | None = None, **changes) -> OTSeg:
     cfg = cfg.replace(clip_model=clip, clip_pretrained=None)
     model, tokenizer = load_clip(clip)
     return build_model(cfg, clip=model, tokenizer=tokenizer).eval()
+
+
+def tiny_zegot(seed: int = 0, **changes) -> ZegOT:
+    """A tiny ZegOT (``zegot_tiny_config(**changes)``, random towers), in eval mode."""
+    from otseg.zegot import build_zegot, zegot_tiny_config
+
+    torch.manual_seed(seed)
+    return build_zegot(zegot_tiny_config(**changes)).eval()
 
 
 def fixture_config(fixture_dir: Path) -> OTSegConfig:

@@ -9,8 +9,7 @@ import io
 import pytest
 import torch
 
-from factories import tiny_model
-from otseg.zegot import build_zegot, zegot_tiny_config
+from factories import tiny_model, tiny_zegot
 
 
 def _roundtrip(model):
@@ -23,8 +22,7 @@ def _roundtrip(model):
 @pytest.mark.parametrize("kind", ["otseg", "zegot"])
 @pytest.mark.parametrize("clone", [copy.deepcopy, _roundtrip])
 def test_copy_and_pickle_give_an_equal_model_with_its_own_lock(kind, clone):
-    torch.manual_seed(0)
-    model = tiny_model() if kind == "otseg" else build_zegot(zegot_tiny_config())
+    model = tiny_model() if kind == "otseg" else tiny_zegot()
     model.eval()
     names = list(model.config.class_names)
     cache = model.text if kind == "otseg" else model.prompts

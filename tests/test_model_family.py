@@ -7,15 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from factories import tiny_model
+from factories import tiny_model, tiny_zegot
 from otseg.config import tiny_config
 from otseg.hub import model_type
-from otseg.zegot import build_zegot, zegot_tiny_config
+from otseg.zegot import zegot_tiny_config
 
 
 def _build(kind: str) -> nn.Module:
-    torch.manual_seed(0)
-    return tiny_model() if kind == "otseg" else build_zegot(zegot_tiny_config())
+    return tiny_model() if kind == "otseg" else tiny_zegot()
 
 
 def test_model_type_of_models_configs_and_config_holders():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from factories import tiny_zegot
 from otseg.config import get_preset
 from otseg.errors import UserError
 from otseg.hub import CheckpointError, from_pretrained
@@ -18,8 +19,7 @@ from otseg.zegot.mpot import block_similarities, geometric_mean, mpot, refine
 
 @pytest.fixture(scope="module")
 def model() -> ZegOT:
-    torch.manual_seed(0)
-    return build_zegot(zegot_tiny_config()).eval()
+    return tiny_zegot()
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,7 @@ def test_permuting_classes_permutes_every_output(model, images, attention):
 
 
 def test_gradients_reach_prompts_ga_and_decoder_only(images):
-    torch.manual_seed(0)
-    m = build_zegot(zegot_tiny_config()).train()
+    m = tiny_zegot().train()
     out = m(images, list(m.training_class_names))
     (out.decoder_map.sum() + out.score_map.sum()).backward()
     with_grad = {
@@ -138,16 +137,14 @@ def test_too_long_names_are_named_in_the_error(model):
 def test_text_checkpointing_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
-        torch.manual_seed(0)
-        m = build_zegot(zegot_tiny_config(head={"text_checkpointing": checkpointing})).train()
+        m = tiny_zegot(head={"text_checkpointing": checkpointing}).train()
         m.embed_text(["cat", "dog"]).sum().backward()
         grads.append(m.prompts.ctx.grad)
     torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_training_steps_tokenise_a_name_list_once():
-    torch.manual_seed(0)
-    m = build_zegot(zegot_tiny_config()).train()
+    m = tiny_zegot().train()
     calls = []
     tokenizer = m.prompts.tower.tokenizer
     m.prompts.tower.tokenizer = lambda prompts: calls.append(list(prompts)) or tokenizer(prompts)
@@ -251,9 +248,8 @@ def test_push_to_hub_uploads_a_zegot_directory(model, monkeypatch):
 def test_hand_crafted_prompt_ablation(images, tmp_path):
     from otseg.prompts import fill
 
-    torch.manual_seed(0)
-    cfg = zegot_tiny_config(head={"prompt_source": "templates"})
-    m = build_zegot(cfg).train()
+    m = tiny_zegot(head={"prompt_source": "templates"}).train()
+    cfg = m.config
     assert cfg.templates == cfg.head.hand_crafted and len(cfg.templates) == 4
     with torch.no_grad():
         expected = m.prompts.tower(fill(cfg.head.hand_crafted, "sofa")).reshape(1, 4, -1)

@@ -6,22 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from gradio_client.exceptions import AppError
 from PIL import Image
 
 from app import overlay
 from app.inference import ZEGOT_ATTENTION_LABELS, load_model
-from otseg.zegot import build_zegot, zegot_tiny_config
+from factories import tiny_zegot
 from tests.demo_helpers import client, served
 from tests.test_app_e2e import CAT, label_map, page_config, segment
 
 
 @pytest.fixture(scope="module")
 def zegot_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("zegot") / "model"
-    build_zegot(zegot_tiny_config()).save_pretrained(directory)
+    tiny_zegot().save_pretrained(directory)
     return directory
 
 

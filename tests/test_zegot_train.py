@@ -10,6 +10,7 @@ import pytest
 import torch
 from train_helpers import tiny_args
 
+from factories import tiny_zegot
 from otseg.hub import model_type
 from otseg.losses import IGNORE
 from otseg.predictor import OTSegPredictor
@@ -20,9 +21,7 @@ SEEN, UNSEEN = (0, 2, 4), (1, 3)
 
 
 def _model(**changes):
-    torch.manual_seed(0)
-    cfg = zegot_tiny_config(**{"setting": "transductive", "frozen_teacher_until": 0.5, **changes})
-    return build_zegot(cfg).train()
+    return tiny_zegot(**{"setting": "transductive", "frozen_teacher_until": 0.5, **changes}).train()
 
 
 def _labels() -> torch.Tensor:
@@ -100,8 +99,7 @@ def test_voc_labels_with_the_current_model_from_the_switch():
 
 
 def test_inductive_and_fully_never_pseudo_label():
-    torch.manual_seed(0)
-    model = build_zegot(zegot_tiny_config())
+    model = tiny_zegot().train()
     obj = build_objective(model, 10)
     labels = _labels()
     assert obj.forward_text(5) == ("class0", "class2", "class4")
@@ -311,8 +309,7 @@ def test_two_processes_train_as_one_accumulating_two(tmp_path):
     assert "2 per device × 1 process × 2 gradient-accumulation steps" in one.stderr
     a = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
     b = load_file(str(two / "model" / "model.safetensors"))
-    torch.manual_seed(0)  # the recipe's seed: the start of both runs
-    init = build_zegot(zegot_tiny_config())
+    init = tiny_zegot(seed=0)  # the recipe's seed: the start of both runs
     assert (a["prompts.ctx"] - init.prompts.ctx).abs().max() > 1e-3  # the prompts trained
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
