@@ -63,7 +63,37 @@ def test_eval_every_keeps_the_best_and_logs_at_the_right_step(
     best = json.loads((out / "best" / "config.json").read_text())["card"]["metrics"]
     assert best.get("hiou", best["miou"]) == max(scores)  # hIoU: tiny is inductive
     meta = json.loads((out / "checkpoints" / "checkpoint_00000004" / "meta.json").read_text())
-    assert meta["best_step"] in (2, 4) and meta["best_score"] is not None
+    # the last checkpoint is saved before the final evaluation: the best is still step 2's
+    assert meta["best_step"] == 2 and meta["best_score"] == scores[0]
+
+
+def test_resume_keeps_the_best_score_even_when_the_batch_layout_changes():
+    """A resumed run compares its evaluations with the best before the interruption (else it
+    would overwrite ``<run>/best`` with a worse model)."""
+    from accelerate import PartialState
+
+    from train.checkpoint import TrainState
+    from train.train import resume
+
+    PartialState(cpu=True)  # Accelerate's logger needs it
+    saved = TrainState(step=4, micro_step=8, per_device_batch=2, accumulation_steps=2,
+                       best_score=55.0, best_step=2)  # fmt: skip
+
+    class Checkpoints:
+        folder = Path("run/checkpoints")
+
+        def resolve(self, resume_from):
+            return self.folder / "checkpoint_00000004"
+
+        def load(self, path):
+            return saved
+
+    same = TrainState(per_device_batch=2, accumulation_steps=2)
+    assert resume(Checkpoints(), "latest", same) == saved
+    other = TrainState(num_processes=2, per_device_batch=2, accumulation_steps=1)
+    state = resume(Checkpoints(), "latest", other)
+    assert (state.step, state.micro_step, state.num_processes) == (4, 4, 2)
+    assert (state.best_score, state.best_step) == (55.0, 2)
 
 
 def _strict_json(path: Path) -> dict:
