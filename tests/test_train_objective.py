@@ -10,7 +10,8 @@ from train_helpers import reset_accelerate
 
 from otseg.losses import IGNORE, count_masks, otseg_losses, pseudo_label, remap_labels
 from otseg.mps import cosine_similarity
-from train.build import build_config, build_training_model, fixed_sinkhorn
+from otseg.mpsa import fixed_sinkhorn
+from train.build import build_config, build_training_model
 from train.engine import StepWindow, train_step
 from train.objective import OTSegObjective
 from train.recipe import load_recipe

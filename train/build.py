@@ -28,7 +28,6 @@ from otseg.hub import (
     read_config,
 )
 from otseg.model import OTSeg, build_model
-from otseg.mpsa import fixed_sinkhorn  # noqa: F401 - part of train.build's interface
 from otseg.zegot import build_zegot
 from train.recipe import Recipe
 

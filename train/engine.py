@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from otseg.errors import UserError
 from otseg.losses import count_masks
-from train.build import EpochSampler, fixed_sinkhorn, set_epoch
+from otseg.mpsa import fixed_sinkhorn
+from train.build import EpochSampler, set_epoch
 from train.checkpoint import TrainState
 from train.objective import Objective
 

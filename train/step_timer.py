@@ -22,8 +22,9 @@ from accelerate import Accelerator
 from otseg.config import OTSegConfig, get_preset
 from otseg.hub import model_type
 from otseg.model import build_model
+from otseg.mpsa import fixed_sinkhorn
 from otseg.zegot import ZegOTConfig, build_zegot
-from train.build import fixed_sinkhorn, freeze_unreached, random_text_bank, use_tf32
+from train.build import freeze_unreached, random_text_bank, use_tf32
 from train.engine import StepWindow, train_step
 from train.objective import build_objective
 from train.optim import build_optimizer, build_scheduler
