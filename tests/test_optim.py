@@ -94,8 +94,9 @@ def test_every_preset_has_a_recipe_matching_the_spec():
             assert r.img_scale == ((520, 520) if dataset == "context" else (2048, 512))
             assert r.global_batch == 16 and r.lr == 2e-4 and r.warmup_iters == 1500
             assert r.checkpoint_interval == (1000 if count == 10000 else 10000)
-            assert r.requires_init_from == (setting == "transductive")
             if setting == "transductive":  # its start checkpoint survives the inductive run
+                with pytest.raises(ValueError, match="starts from an inductive model"):
+                    r.validate()
                 start = load_recipe(f"{dataset}-inductive")
                 assert start.keep_steps == (r.init_from_iter,) == (count,)
                 assert r.init_from_iter % start.checkpoint_interval == 0
@@ -134,7 +135,7 @@ def test_overrides_are_typed():
     )
     assert r.lr == 1e-4 and r.img_scale == (96, 48) and r.data_root == "/data/x y"
     assert r.per_device_batch == 1 and r.betas == (0.8, 0.9) and r.init_from is None
-    assert parse_override("requires_init_from=true") == ("requires_init_from", True)
+    assert parse_override("tf32=false") == ("tf32", False)
     for bad in ("nope=1", "lr", "iterations=1.5", "iterations=0"):
         with pytest.raises(ValueError):
             load_recipe("tiny", [bad])

@@ -50,7 +50,6 @@ class Recipe:
     power: float = 0.9  # poly exponent
     ratio_range: tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
-    requires_init_from: bool = False  # transductive: must start from an inductive checkpoint
     init_from: str | None = None  # weights to start from (fresh optimizer and schedule)
     init_from_iter: int | None = None  # inductive step the original ST runs started from;
     # ``init_from`` = an inductive run directory picks its checkpoint of this step
@@ -102,8 +101,7 @@ class Recipe:
         preset = get_preset(self.preset)
         # OTSeg's transductive stage continues an inductive model (ZegOT's schedule is one run)
         transductive = (self.setting or preset.setting) == "transductive"
-        otseg_st = transductive and model_type(preset) == "otseg"
-        if (self.requires_init_from or otseg_st) and not self.init_from:
+        if transductive and model_type(preset) == "otseg" and not self.init_from:
             step = ""
             if self.init_from_iter:
                 step = f", which picks its checkpoint of step {self.init_from_iter}"
