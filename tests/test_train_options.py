@@ -48,9 +48,10 @@ def test_eval_every_keeps_the_best_and_logs_at_the_right_step(
     monkeypatch.setattr(
         train.engine, "log_steps", lambda acc, pending: reads.append(len(pending)) or log_steps(acc, pending)
     )  # fmt: skip
+    monkeypatch.setattr(train.engine, "LOG_EVERY", 3)
     out = tmp_path / "run"
     main(tiny_args(data, out, "--max-iters", "4", "--eval-every", "2", "--checkpoint-every", "2"))
-    assert reads == [4]  # fewer steps than LOG_EVERY: one read, at the end
+    assert reads == [3, 1]  # at step 3 (a multiple of LOG_EVERY), then at the end
     lrs = {step: v["train/lr"] for step, v in logged if "train/lr" in v}
     recipe = load_recipe("tiny")
     assert sorted(lrs) == [1, 2, 3, 4]
@@ -65,6 +66,12 @@ def test_eval_every_keeps_the_best_and_logs_at_the_right_step(
     meta = json.loads((out / "checkpoints" / "checkpoint_00000004" / "meta.json").read_text())
     # the last checkpoint is saved before the final evaluation: the best is still step 2's
     assert meta["best_step"] == 2 and meta["best_score"] == scores[0]
+    reset_accelerate()  # resumed at step 2: reads stay at multiples of LOG_EVERY
+    reads.clear()
+    ckpt = out / "checkpoints" / "checkpoint_00000002"
+    main(tiny_args(data, tmp_path / "resumed", "--max-iters", "4", "--no-eval",
+                   "--resume-from", str(ckpt)))  # fmt: skip
+    assert reads == [1, 1]
 
 
 def test_resume_keeps_the_best_score_even_when_the_batch_layout_changes():

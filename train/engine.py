@@ -20,7 +20,7 @@ from train.checkpoint import TrainState
 from train.objective import Objective
 
 logger = get_logger("train")
-LOG_EVERY = 10  # optimizer steps whose logs are read from the device at once
+LOG_EVERY = 10  # the step logs are read from the device at the steps that are multiples of it
 
 
 class StepWindow:
@@ -116,7 +116,6 @@ def train_loop(
     after_step: Callable[[TrainState], object],
     min_masks: float = 1.0,
     sinkhorn_iters: int | None = None,
-    log_every: int = LOG_EVERY,
 ) -> TrainState:
     """Run optimizer steps ``state.step + 1 .. iterations``.
 
@@ -124,8 +123,9 @@ def train_loop(
     (shuffle order and augmentation stream) and the batches of it already seen, which a resumed
     run skips with ``skip_first_batches``. ``after_step(state)`` runs after every optimizer
     step on every process (periodic evaluation and checkpoints are collective). The step
-    logs are read from the device every ``log_every`` steps (one host synchronisation) and
-    then logged, each at its own step.
+    logs are read from the device (one host synchronisation) at the steps that are multiples
+    of ``LOG_EVERY`` and at the end, then logged, each at its own step: a checkpoint at such
+    a step leaves nothing unlogged, so a resumed run's log has no gap.
     ``sinkhorn_iters``: run the training forward with that many Sinkhorn iterations and no
     early stop (no host synchronisation); None keeps the model's (the original) rule.
     """
@@ -158,7 +158,7 @@ def train_loop(
             state.step += 1
             bar.update(1)
             pending.append((state.step, logs))
-            if len(pending) == log_every or state.step >= iterations:
+            if state.step % LOG_EVERY == 0 or state.step >= iterations:
                 values = log_steps(accelerator, pending)
                 pending.clear()
                 bar.set_postfix(
