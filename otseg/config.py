@@ -76,6 +76,11 @@ class SplitConfigMixin:
             return self.seen
         return tuple(range(len(self.class_names)))
 
+    @property
+    def training_class_names(self) -> tuple[str, ...]:
+        """The names of :attr:`training_class_ids`, in that order."""
+        return tuple(self.class_names[i] for i in self.training_class_ids)
+
     def check_split(self) -> None:
         if self.setting not in SETTINGS:
             raise UserError(f"setting must be one of {SETTINGS}, got {self.setting!r}")

@@ -79,8 +79,7 @@ class OTSeg(PostProcessing, Pretrained, nn.Module):
     @property
     def training_text(self) -> torch.Tensor:
         """(K', N, C) embeddings of the classes supervised in training."""
-        names = [self.config.class_names[i] for i in self.config.training_class_ids]
-        return self.embed_text(names)
+        return self.embed_text(list(self.config.training_class_names))
 
     # -- the head ---------------------------------------------------------------------------
     def decode(

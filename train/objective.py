@@ -70,8 +70,7 @@ class ZegOTObjective:
         return self.inductive_config if self.phase(step) == "seen" else self.config
 
     def forward_text(self, step: int) -> tuple[str, ...]:
-        cfg = self._config(step)
-        return tuple(cfg.class_names[i] for i in cfg.training_class_ids)
+        return self._config(step).training_class_names
 
     def targets(self, labels: torch.Tensor, output, step: int) -> torch.Tensor:
         if self.phase(step) == "frozen":

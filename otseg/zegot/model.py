@@ -88,7 +88,7 @@ class ZegOT(PostProcessing, Pretrained, nn.Module):
 
     @property
     def training_class_names(self) -> tuple[str, ...]:
-        return tuple(self.config.class_names[i] for i in self.config.training_class_ids)
+        return self.config.training_class_names
 
     @property
     def training_text(self) -> torch.Tensor:
