@@ -144,12 +144,16 @@ def section_sinkhorn(device, repeats, quick) -> None:
         )
 
 
+def two_windows(model, device):
+    """The head's inputs for two random crops: (text (K, N, C), their image embedding)."""
+    s = model.config.test_crop
+    text = model.embed_text(list(model.config.class_names))
+    return text, model.encode_image(torch.randn(2, 3, s, s, device=device))
+
+
 def section_head(model, device, repeats, iterations) -> None:
     cfg = model.config
-    s = cfg.test_crop
-    text = model.embed_text(list(cfg.class_names))
-    x = torch.randn(2, 3, s, s, device=device)
-    emb = model.encode_image(x)
+    text, emb = two_windows(model, device)
     one = [ImageEmbedding(emb.pixels[i : i + 1], emb.cls[i : i + 1]) for i in range(2)]
     print(f"\n(b) head on 2 windows ({len(cfg.class_names)} classes), mean ms")
     t_rule = timed(lambda: [model.decode(e, text) for e in one], device, repeats)
@@ -179,10 +183,7 @@ def section_head(model, device, repeats, iterations) -> None:
 
 def section_compile(model, device, repeats, iterations) -> None:
     """``torch.compile(mode="reduce-overhead")`` on the fixed-iteration head (last: slow)."""
-    cfg = model.config
-    s = cfg.test_crop
-    text = model.embed_text(list(cfg.class_names))
-    emb = model.encode_image(torch.randn(2, 3, s, s, device=device))
+    text, emb = two_windows(model, device)
     with fixed_sinkhorn(model, iterations):
 
         def head(p):
