@@ -19,11 +19,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from otseg.clip_image import ImageEmbedding
-from otseg.ensemble import PostProcessing
 from otseg.errors import UserError
-from otseg.model import HeadMaps
-from otseg.predictor import precision_context
+from otseg.inference.predictor import precision_context
+from otseg.models.otseg import HeadMaps
+from otseg.nn.clip_image import ImageEmbedding
+from otseg.nn.ensemble import PostProcessing
 
 GPU_SECONDS = 60  # ZeroGPU time limit per call; a call is one window or up to TEXT_BATCH names
 TEXT_BATCH = 16  # class names per text-tower call at most

@@ -22,10 +22,10 @@ from torch import nn
 
 from app import gpu, overlay, render, vocab
 from otseg.errors import UserError
-from otseg.hub import model_type
-from otseg.predictor import OTSegPredictor
-from otseg.preprocess import ImageError, load_image
+from otseg.inference.predictor import OTSegPredictor
+from otseg.inference.preprocess import ImageError, load_image
 from otseg.vocabulary import mark_seen
+from otseg.weights.hub import model_type
 
 ATTENTION_LABELS = {"sinkhorn": "Sinkhorn (OTSeg: MPS + MPSA)", "softmax": "Softmax (baseline)"}
 ZEGOT_ATTENTION_LABELS = {  # ZegOT's transport between its learned prompts and the pixels
@@ -110,8 +110,8 @@ def load_model(
     Never raises for missing or wrong weights: the reason goes into ``status``. ``device`` must
     already be usable (see ``app.main.check_device``).
     """
-    from otseg.hub import WeightsNotFoundError, from_pretrained
-    from otseg.training_free import build_training_free
+    from otseg.models.training_free import build_training_free
+    from otseg.weights.hub import WeightsNotFoundError, from_pretrained
 
     problem = ""
     if model:

@@ -126,15 +126,15 @@ def check_device(device: str | None) -> str:
 
 def check_model(model: str | None) -> None:
     """A one-line ``UserError`` when ``model`` is not a usable model reference: a missing local
-    path (otseg.hub's rule), a directory without config.json or an unknown ``original:``
+    path (otseg.weights.hub's rule), a directory without config.json or an unknown ``original:``
     setting; a typo stops here instead of starting a demo without its model. Whether a Hub repo
     exists is only known when loading: the demo then shows why it could not load it."""
     if not model:
         return
-    from otseg.hub import CONFIG_NAME, locate_model
+    from otseg.weights.hub import CONFIG_NAME, locate_model
 
     if model.startswith("original:"):
-        from otseg.original import get_original
+        from otseg.weights.original import get_original
 
         try:
             get_original(model)  # an unknown or refused setting

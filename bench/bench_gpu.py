@@ -14,7 +14,7 @@
     and batched forward throughput with the fixed-iteration head;
 (d) end to end on a 375×500 photo (two windows): an original-style loop (open_clip attention
     blocks, the verbatim original Sinkhorn, one window per call) vs our predictor, and
-    ``otseg.serving.SlideServer`` (windows batched, fixed iterations, tower and head in one
+    ``otseg.inference.serving.SlideServer`` (windows batched, fixed iterations, tower and head in one
     CUDA graph on CUDA, eager elsewhere), each from the photo to labels and probabilities on
     the host; label agreement with the original-style loop;
 (e) training steps/s of the VOC inductive and COCO transductive ViT-B/16 presets on synthetic
@@ -47,12 +47,12 @@ from bench_core import (  # noqa: E402
     vit_b16_model,
 )
 
-import otseg.clip_image as clip_image  # noqa: E402
-import otseg.mps as mps  # noqa: E402
-from otseg.clip_image import ImageEmbedding  # noqa: E402
-from otseg.mpsa import fixed_sinkhorn  # noqa: E402
-from otseg.serving import SlideServer, capture_cuda_graph  # noqa: E402
-from otseg.sinkhorn import sinkhorn  # noqa: E402
+import otseg.nn.clip_image as clip_image  # noqa: E402
+import otseg.nn.mps as mps  # noqa: E402
+from otseg.inference.serving import SlideServer, capture_cuda_graph  # noqa: E402
+from otseg.nn.clip_image import ImageEmbedding  # noqa: E402
+from otseg.nn.mpsa import fixed_sinkhorn  # noqa: E402
+from otseg.nn.sinkhorn import sinkhorn  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -251,7 +251,7 @@ def section_end_to_end(model, device, repeats, iterations) -> None:
         agree = (server(photo).labels == ref).mean()
         graph = "CUDA graph" if server.cuda_graph else "eager"
         print(
-            f"otseg.serving.SlideServer {precision} (windows batched, {iterations} its, {graph}) "
+            f"otseg.inference.serving.SlideServer {precision} (windows batched, {iterations} its, {graph}) "
             f"{t_serve:.1f} ({t_orig / t_serve:.2f}x vs original-style, labels {agree:.4f})"
         )
 

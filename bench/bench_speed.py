@@ -5,7 +5,7 @@
 ViT-B/16 dimensions (VOC preset, randomly initialised open_clip ``ViT-B-16-quickgelu``, no
 download), fp32 unless stated. Variants are alternated within each repeat, so machine load
 hits them alike; the ratios are what to compare. ``uptime`` is printed before and after.
-Every variant runs with :func:`otseg.allocator.keep_freed_memory` (as the predictor sets it on
+Every variant runs with :func:`otseg.inference.allocator.keep_freed_memory` (as the predictor sets it on
 a CPU); run with ``OTSEG_MALLOC=default`` to measure glibc's default allocator instead.
 
 (a) image tower per 512 window: open_clip's own ``VisionTransformer.forward`` (1025 tokens),
@@ -41,11 +41,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from bench_core import photo_375x500, segmenter, uptime, vit_b16_model  # noqa: E402
 
-import otseg.clip_image as clip_image  # noqa: E402
-from otseg.allocator import keep_freed_memory  # noqa: E402
-from otseg.preprocess import load_image, to_model_input  # noqa: E402
-from otseg.slide import slide_inference  # noqa: E402
-from otseg.whole import whole_inference  # noqa: E402
+import otseg.nn.clip_image as clip_image  # noqa: E402
+from otseg.inference.allocator import keep_freed_memory  # noqa: E402
+from otseg.inference.preprocess import load_image, to_model_input  # noqa: E402
+from otseg.inference.slide import slide_inference  # noqa: E402
+from otseg.inference.whole import whole_inference  # noqa: E402
 
 
 def alternate(variants: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -89,7 +89,7 @@ def open_clip_blocks():
 
 
 def bench_tower(model, repeats: int) -> None:
-    from otseg.clip_image import build_visual
+    from otseg.nn.clip_image import build_visual
 
     enc = model.image_encoder
     cfg = model.config.vision
@@ -191,8 +191,13 @@ def bench_onnx(model, repeats: int) -> None:
 
     import onnxruntime as ort
 
-    from otseg.export_onnx import HEAD_ITERATIONS, export_head, export_tower, fixed_head_inputs
-    from otseg.mpsa import fixed_sinkhorn
+    from otseg.inference.export_onnx import (
+        HEAD_ITERATIONS,
+        export_head,
+        export_tower,
+        fixed_head_inputs,
+    )
+    from otseg.nn.mpsa import fixed_sinkhorn
 
     cfg = model.config
     x = torch.randn(1, 3, cfg.test_crop, cfg.test_crop)
@@ -303,7 +308,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, {args.repeats} repeats")
     # As the predictor does on a CPU; every variant below shares it (OTSEG_MALLOC=default: off).
-    print(f"glibc keeps freed memory (otseg.allocator): {keep_freed_memory()}")
+    print(f"glibc keeps freed memory (otseg.inference.allocator): {keep_freed_memory()}")
     print(f"uptime: {uptime()}")
     model = vit_b16_model()
     with torch.inference_mode():

@@ -61,7 +61,7 @@ def bf16_plan(npy: Path) -> None:
     import torch
     import torch.nn.functional as F
 
-    from otseg.mps import cosine_similarity, transport_plan
+    from otseg.nn.mps import cosine_similarity, transport_plan
 
     text = torch.from_numpy(np.load(npy)).float()  # (20, 6, 512), stored as fp16
     g = torch.Generator().manual_seed(0)

@@ -23,10 +23,10 @@ import torch
 
 import otseg  # noqa: F401 - torchvision patch before open_clip
 from otseg.config import get_preset
-from otseg.model import build_model
-from otseg.predictor import OTSegPredictor
-from otseg.zegot import build_zegot
-from otseg.zegot.towers import build_random_clip
+from otseg.inference.predictor import OTSegPredictor
+from otseg.models.otseg import build_model
+from otseg.models.zegot import build_zegot
+from otseg.models.zegot.towers import build_random_clip
 
 NEW_NAMES = ["giraffe", "kettle", "skateboard", "lighthouse", "cactus",
              "accordion", "wheelbarrow", "pelican", "chandelier", "canoe"]  # fmt: skip

@@ -1,6 +1,6 @@
 """One way for every command-line entry point to fail on bad input.
 
-``python -m otseg.convert``, ``otseg.publish``, ``otseg.export_onnx``, ``train.train``,
+``python -m otseg.weights.convert``, ``otseg.weights.publish``, ``otseg.inference.export_onnx``, ``train.train``,
 ``train.evaluate`` and ``python app.py`` end with ``run(main)``: a problem with what the user
 gave (arguments, files, data) prints one line, ``error: <what and what to do>``, on stderr and
 exits with code 2, without a traceback. Anything else is a bug and keeps its traceback;

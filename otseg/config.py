@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .data.classes import CLASS_NAMES, UNSEEN
+from .data.prompts import TEMPLATES_6, TEMPLATES_8
 from .errors import UserError
-from .prompts import TEMPLATES_6, TEMPLATES_8
 
 SETTINGS = ("inductive", "transductive", "fully")
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -209,7 +209,7 @@ PRESETS["tiny"] = tiny_config()
 def get_preset(name: str):
     """A named preset: ``{voc,context,coco}-{inductive,transductive,fully}`` or ``tiny`` (OTSeg),
     ``zegot-{voc,context,coco}-{inductive,transductive}`` or ``zegot-tiny`` (ZegOT)."""
-    from .zegot.config import PRESETS as ZEGOT_PRESETS
+    from .models.zegot.config import PRESETS as ZEGOT_PRESETS
 
     presets = {**PRESETS, **ZEGOT_PRESETS}
     try:

@@ -12,8 +12,8 @@ import torch
 
 import otseg  # noqa: F401 - applies the torchvision patch before open_clip
 from otseg.config import OTSegConfig, tiny_config
-from otseg.model import OTSeg, build_model
-from otseg.zegot import ZegOT
+from otseg.models.otseg import OTSeg, build_model
+from otseg.models.zegot import ZegOT
 
 PARITY_DIR = Path(
     os.environ.get("OTSEG_PARITY_DIR", Path(__file__).resolve().parents[2] / "shared" / "parity")
@@ -76,7 +76,7 @@ def save_tiny_clip(directory: Path, seed: int = 0) -> Path:
 
 def tiny_model(seed: int = 0, clip: str | None = None, **changes) -> OTSeg:
     """A tiny OTSeg; with ``clip`` (an open_clip name such as 'local-dir:/x') it has a text tower."""
-    from otseg.hub import load_clip
+    from otseg.weights.hub import load_clip
 
     torch.manual_seed(seed)
     cfg = tiny_config(**changes)
@@ -94,7 +94,7 @@ def tiny_model(seed: int = 0, clip: str | None = None, **changes) -> OTSeg:
 
 def tiny_zegot(seed: int = 0, **changes) -> ZegOT:
     """A tiny ZegOT (``zegot_tiny_config(**changes)``, random towers), in eval mode."""
-    from otseg.zegot import build_zegot, zegot_tiny_config
+    from otseg.models.zegot import build_zegot, zegot_tiny_config
 
     torch.manual_seed(seed)
     return build_zegot(zegot_tiny_config(**changes)).eval()

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent(
     """
     import os
-    from otseg.allocator import keep_freed_memory
+    from otseg.inference.allocator import keep_freed_memory
 
     def rss():
         with open("/proc/self/statm") as f:

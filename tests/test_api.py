@@ -8,7 +8,7 @@ import pytest
 import otseg
 from app.inference import LoadedModel
 from factories import random_photo, save_tiny_clip, tiny_model
-from otseg.predictor import OTSegPredictor, SegmentationModel
+from otseg.inference.predictor import OTSegPredictor, SegmentationModel
 from otseg.vocabulary import mark_seen
 
 
@@ -25,8 +25,8 @@ def model(clip_dir):
 def test_public_names():
     for name in ("OTSegPredictor", "Prediction", "OTSeg", "from_pretrained", "segment"):
         assert name in otseg.__all__ and hasattr(otseg, name)
-    assert otseg.from_pretrained is otseg.hub.from_pretrained
-    assert otseg.OTSeg is otseg.model.OTSeg
+    assert otseg.from_pretrained is otseg.weights.hub.from_pretrained
+    assert otseg.OTSeg is otseg.models.otseg.OTSeg
 
 
 def test_segment_one_call_equals_the_predictor(model, tmp_path):
@@ -46,8 +46,8 @@ def test_segment_one_call_equals_the_predictor(model, tmp_path):
 
 
 def test_models_satisfy_the_protocol(model, clip_dir):
-    from otseg.training_free import build_training_free
-    from otseg.zegot import build_zegot, zegot_tiny_config
+    from otseg.models.training_free import build_training_free
+    from otseg.models.zegot import build_zegot, zegot_tiny_config
 
     free = build_training_free(f"local-dir:{clip_dir}", None, resize_short=64, test_crop=64)
     for m in (model, free, build_zegot(zegot_tiny_config()).eval()):

@@ -12,7 +12,7 @@ import pytest
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
 from factories import fill_hf_cache, save_tiny_clip
-from otseg import hub
+from otseg.weights import hub
 
 REPO = "otseg-test/tiny-clip"
 
@@ -21,7 +21,7 @@ REPO = "otseg-test/tiny-clip"
 LOAD = """
 import json, sys, time
 import otseg, open_clip
-from otseg.hub import load_clip
+from otseg.weights.hub import load_clip
 cache, name, tag, config = sys.argv[1:5]
 # a built-in-style name whose pretrained tag points at the cached Hub repo
 open_clip.factory._MODEL_CONFIGS[name] = json.load(open(config))["model_cfg"]

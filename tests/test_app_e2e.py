@@ -262,7 +262,7 @@ def test_fast_inference_is_one_pass_and_switches_back(trained_url):
 
 def test_internal_errors_keep_their_traceback(dirs, capfd):
     """Only bad input becomes a message for the user; a bug is logged with its traceback."""
-    from otseg.model import OTSeg
+    from otseg.models.otseg import OTSeg
 
     loaded = load_model(str(dirs[1]))
 

@@ -11,8 +11,8 @@ import pytest
 
 from otseg.cli import run
 from otseg.errors import UserError
-from otseg.hub import CheckpointError
-from otseg.preprocess import ImageError
+from otseg.inference.preprocess import ImageError
+from otseg.weights.hub import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,14 +84,14 @@ def test_a_malformed_recipe_file_is_one_line(tmp_path, capsys):
 
 COMMANDS = {
     "convert": [
-        "-m", "otseg.convert", "/nonexistent.pth", "--text-embeddings", "/nonexistent.npy",
+        "-m", "otseg.weights.convert", "/nonexistent.pth", "--text-embeddings", "/nonexistent.npy",
         "--preset", "voc-inductive", "--output", "OUT",
     ],
-    "convert --original": ["-m", "otseg.convert", "--original", "voc-fully", "--output", "OUT"],
-    "publish": ["-m", "otseg.publish", "ORG", "--only", "coco", "--output", "OUT"],
+    "convert --original": ["-m", "otseg.weights.convert", "--original", "voc-fully", "--output", "OUT"],
+    "publish": ["-m", "otseg.weights.publish", "ORG", "--only", "coco", "--output", "OUT"],
     "train": ["-m", "train.train", "--config", "/nonexistent.toml"],
     "evaluate": ["-m", "train.evaluate", "--model", "OUT", "--dataset", "voc", "--data-root", "OUT"],
-    "export_onnx": ["-m", "otseg.export_onnx", "/nonexistent/model", "OUT"],
+    "export_onnx": ["-m", "otseg.inference.export_onnx", "/nonexistent/model", "OUT"],
     "app": ["app.py", "--device", "cuda:7"],
     "app --model": ["app.py", "--model", "does/not/exist"],
     "app --model original:": ["app.py", "--model", "original:nope"],

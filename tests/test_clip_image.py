@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import otseg.clip_image as clip_image
+import otseg.nn.clip_image as clip_image
 from factories import tiny_model
-from otseg.clip_image import block_forward
+from otseg.nn.clip_image import block_forward
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +134,8 @@ def test_onednn_path_from_several_threads(block):
 
 
 def test_zegot_tower_equals_open_clip_blocks(monkeypatch):
-    import otseg.zegot.towers as towers
-    from otseg.zegot import build_zegot, zegot_tiny_config
+    import otseg.models.zegot.towers as towers
+    from otseg.models.zegot import build_zegot, zegot_tiny_config
 
     encoder = build_zegot(zegot_tiny_config()).eval().image_encoder
     images = torch.randn(2, 3, 64, 80)
@@ -151,9 +151,9 @@ def test_zegot_tower_global_embedding_equals_open_clip_visual():
     ZegOT's tower equal open_clip's own ``VisionTransformer`` forward on the same weights."""
     import torch.nn.functional as F
 
-    from otseg.clip_image import build_visual
-    from otseg.zegot import zegot_tiny_config
-    from otseg.zegot.towers import FrozenViT
+    from otseg.models.zegot import zegot_tiny_config
+    from otseg.models.zegot.towers import FrozenViT
+    from otseg.nn.clip_image import build_visual
 
     cfg = zegot_tiny_config().vision
     torch.manual_seed(0)

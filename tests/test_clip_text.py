@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from factories import save_tiny_clip
-from otseg.clip_text import PromptEmbedder, TextTower
-from otseg.hub import load_clip
-from otseg.prompts import TEMPLATES_6, fill
+from otseg.data.prompts import TEMPLATES_6, fill
+from otseg.nn.clip_text import PromptEmbedder, TextTower
+from otseg.weights.hub import load_clip
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_short_context_equals_open_clip_encode_text(clip):
 def test_cpu_inference_runs_our_masked_block_forward(clip, monkeypatch):
     """Without autograd on a CPU the text blocks take the oneDNN path with the causal mask; with
     autograd (learned prompts) open_clip's transformer runs; both equal open_clip."""
-    import otseg.clip_image as clip_image
+    import otseg.nn.clip_image as clip_image
 
     model, tokenizer = clip
     tower = TextTower(model, tokenizer)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from factories import fixture_config, parity_fixture
-from otseg.convert import main, map_keys
-from otseg.model import OTSeg
+from otseg.models.otseg import OTSeg
+from otseg.weights.convert import main, map_keys
 
 
 @pytest.fixture(scope="module")

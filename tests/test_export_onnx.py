@@ -10,8 +10,8 @@ import onnxruntime as ort
 import torch
 
 from factories import tiny_model
-from otseg.export_onnx import export_head, export_tower, fixed_head_inputs, main
-from otseg.mpsa import fixed_sinkhorn
+from otseg.inference.export_onnx import export_head, export_tower, fixed_head_inputs, main
+from otseg.nn.mpsa import fixed_sinkhorn
 
 
 def session(path):
@@ -50,7 +50,7 @@ def test_command_line_writes_both_files(tmp_path, capsys):
 
 def test_predictor_onnxruntime_backend_equals_torch(tmp_path, monkeypatch):
     from factories import random_photo
-    from otseg.predictor import OTSegPredictor
+    from otseg.inference.predictor import OTSegPredictor
 
     monkeypatch.setenv("OTSEG_CACHE", str(tmp_path))
     model = tiny_model().eval()
@@ -76,7 +76,7 @@ def test_predictor_onnxruntime_backend_equals_torch(tmp_path, monkeypatch):
 
 
 def test_onnx_exports_share_the_otseg_cache(tmp_path, monkeypatch):
-    from otseg.onnx_backend import cache_dir
+    from otseg.inference.onnx_backend import cache_dir
 
     monkeypatch.delenv("OTSEG_CACHE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -87,7 +87,7 @@ def test_onnx_exports_share_the_otseg_cache(tmp_path, monkeypatch):
 
 def test_onnx_cache_key_follows_the_tower_weights_and_size():
     """A fine-tuned copy must not reuse another model's exported tower."""
-    from otseg.onnx_backend import tower_key
+    from otseg.inference.onnx_backend import tower_key
 
     model, same = tiny_model(seed=0), tiny_model(seed=0)
     key = tower_key(model, 64)
@@ -104,7 +104,7 @@ def test_missing_onnx_packages_raise_a_user_error_not_system_exit(tmp_path, monk
     import pytest
 
     from otseg.errors import UserError
-    from otseg.onnx_backend import OnnxTower
+    from otseg.inference.onnx_backend import OnnxTower
 
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript → ImportError
     with pytest.raises(UserError, match="onnxscript"):

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from factories import random_photo, tiny_model
-from otseg.clip_image import ImageEmbedding
-from otseg.predictor import OTSegPredictor
+from otseg.inference.predictor import OTSegPredictor
+from otseg.nn.clip_image import ImageEmbedding
 
 
 def linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,9 @@ import torch
 
 from factories import fill_hf_cache, random_photo, save_tiny_clip, tiny_model
 from otseg.errors import UserError
-from otseg.hub import (
+from otseg.inference.predictor import OTSegPredictor
+from otseg.models.otseg import OTSeg
+from otseg.weights.hub import (
     CheckpointError,
     WeightsNotFoundError,
     from_pretrained,
@@ -22,8 +24,6 @@ from otseg.hub import (
     locate_model,
     resolve_file,
 )
-from otseg.model import OTSeg
-from otseg.predictor import OTSegPredictor
 
 
 def outputs(model, x):
@@ -122,7 +122,7 @@ def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
 def test_offline_error_without_hf_hub_offline_is_quick(tmp_path):
     """With no network and no HF_HUB_OFFLINE, the error still comes quickly (no long retries)."""
     code = (
-        "import otseg, time, sys; from otseg.hub import from_pretrained, WeightsNotFoundError\n"
+        "import otseg, time, sys; from otseg.weights.hub import from_pretrained, WeightsNotFoundError\n"
         "t = time.time()\n"
         "try: from_pretrained('someone/not-downloaded', cache_dir=sys.argv[1])\n"
         "except WeightsNotFoundError as e: print('ERR', round(time.time() - t, 1), e)\n"
@@ -162,7 +162,7 @@ def test_wrong_files_give_checkpoint_errors(tmp_path):
     model.save_pretrained(tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps({"state_dict": {}}))
-    with pytest.raises(CheckpointError, match="python -m otseg.convert"):
+    with pytest.raises(CheckpointError, match="python -m otseg.weights.convert"):
         from_pretrained(tmp_path / "m")
     cfg["config"]["vision"]["num_prompt_tokens"] = 7
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))

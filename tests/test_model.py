@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from factories import tiny_model
-from otseg.model import OTSegOutput
+from otseg.models.otseg import OTSegOutput
 
 
 @pytest.fixture(scope="module")

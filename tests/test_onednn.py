@@ -1,4 +1,4 @@
-"""otseg.onednn.Linear: nn.Linear's result through oneDNN for CPU fp32 inference only."""
+"""otseg.nn.onednn.Linear: nn.Linear's result through oneDNN for CPU fp32 inference only."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from factories import skip_or_fail
-from otseg import onednn
+from otseg.nn import onednn
 
 if not onednn.AVAILABLE:  # CI runs on x86-64 with the pinned CPU torch: there it must run
     skip_or_fail(
@@ -79,7 +79,7 @@ def test_otseg_onednn_0_turns_the_path_off():
     import sys
     from pathlib import Path
 
-    code = "import otseg.onednn as o; print(o.AVAILABLE)"
+    code = "import otseg.nn.onednn as o; print(o.AVAILABLE)"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     run = [sys.executable, "-c", code]
     off = subprocess.run(run, env={**env, "OTSEG_ONEDNN": "0"}, capture_output=True, text=True)

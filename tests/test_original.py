@@ -24,14 +24,14 @@ from factories import (
     skip_or_fail,
     tiny_model,
 )
-from otseg import convert, original, publish
 from otseg.config import get_preset
-from otseg.convert import read_text_embeddings
-from otseg.download import DownloadError, download
-from otseg.hub import CheckpointError
-from otseg.model import OTSeg
-from otseg.original import ORIGINALS, OriginalModel, cached, get_original
-from otseg.predictor import OTSegPredictor
+from otseg.inference.predictor import OTSegPredictor
+from otseg.models.otseg import OTSeg
+from otseg.weights import convert, original, publish
+from otseg.weights.convert import read_text_embeddings
+from otseg.weights.download import DownloadError, download
+from otseg.weights.hub import CheckpointError
+from otseg.weights.original import ORIGINALS, OriginalModel, cached, get_original
 
 NAME = "tiny-voc-inductive"
 DRIVE_ID = "tinyDriveId0123"
@@ -245,7 +245,7 @@ def test_convert_cli_original(mirror, tmp_path, capsys):
 def test_publish_dry_run_and_push(mirror, tmp_path, monkeypatch, capsys):
     pushed = []
     monkeypatch.setattr(
-        "otseg.model.OTSeg.push_to_hub",
+        "otseg.models.otseg.OTSeg.push_to_hub",
         lambda self, repo, card=None, private=False: pushed.append((repo, card["title"])) or "url",
     )
     out = tmp_path / "pub"

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from factories import PARITY_DIR, fixture_config, skip_or_fail
-from otseg.convert import convert_checkpoint
-from otseg.losses import otseg_losses, pseudo_label, remap_labels
-from otseg.slide import slide_inference
+from otseg.inference.slide import slide_inference
+from otseg.nn.losses import otseg_losses, pseudo_label, remap_labels
+from otseg.weights.convert import convert_checkpoint
 
 ATOL = 1e-5
 FIXTURES = (

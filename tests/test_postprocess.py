@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from factories import random_photo, tiny_model
+from otseg.inference.predictor import OTSegPredictor
+from otseg.inference.preprocess import to_model_input
+from otseg.inference.slide import slide_inference
 from otseg.metrics import compute_metrics, new_confusion, update
-from otseg.predictor import OTSegPredictor
-from otseg.preprocess import to_model_input
-from otseg.slide import slide_inference
 
 NAMES = ["class4", "class1", "class0", "class3"]  # seen, unseen, seen, unseen (tiny split)
 

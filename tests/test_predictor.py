@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from factories import random_photo, save_tiny_clip, tiny_model
-from otseg.predictor import OTSegPredictor
-from otseg.preprocess import ImageError
+from otseg.inference.predictor import OTSegPredictor
+from otseg.inference.preprocess import ImageError
 
 
 @pytest.fixture(scope="module")

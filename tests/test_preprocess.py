@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from otseg.preprocess import ImageError, load_image, resized_size, to_model_input
-from otseg.slide import merge_windows, slide_windows
+from otseg.inference.preprocess import ImageError, load_image, resized_size, to_model_input
+from otseg.inference.slide import merge_windows, slide_windows
 
 
 def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -105,7 +105,7 @@ def test_slide_windows_cover_the_image_as_mmseg():
 
 
 def test_unreadable_bytes_name_no_python_object():
-    from otseg.preprocess import ImageError, load_image
+    from otseg.inference.preprocess import ImageError, load_image
 
     with pytest.raises(ImageError, match="not a readable image") as error:
         load_image(b"this is not an image")

@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-import otseg.serving as serving
+import otseg.inference.serving as serving
 from factories import tiny_model
 from otseg.errors import UserError
-from otseg.mpsa import fixed_sinkhorn
-from otseg.predictor import OTSegPredictor
-from otseg.serving import SlideServer
-from otseg.slide import slide_windows
+from otseg.inference.predictor import OTSegPredictor
+from otseg.inference.serving import SlideServer
+from otseg.inference.slide import slide_windows
+from otseg.nn.mpsa import fixed_sinkhorn
 
 
 def zegot_model():
-    from otseg.zegot import build_zegot, zegot_tiny_config
+    from otseg.models.zegot import build_zegot, zegot_tiny_config
 
     torch.manual_seed(0)
     return build_zegot(zegot_tiny_config()).eval()

@@ -7,7 +7,7 @@ import ot
 import torch
 
 from factories import parity_fixture
-from otseg.sinkhorn import sinkhorn
+from otseg.nn.sinkhorn import sinkhorn
 
 
 def reference_loop(cost: np.ndarray, eps: float, iters: int) -> np.ndarray:
@@ -95,7 +95,7 @@ def test_log_domain_fallback_for_extreme_cost_ranges():
     )
     np.testing.assert_allclose(plan[0].numpy(), pot, atol=1e-9)
     small = sinkhorn(random_cost(b=2, m=16, n=3), eps=0.05, max_iter=500, tol=None, cost_range=2)
-    from otseg import sinkhorn as module
+    from otseg.nn import sinkhorn as module
 
     neg = -random_cost(b=2, m=16, n=3) / 0.05
     log_plan, _ = module._log_domain(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from otseg.sinkhorn import sinkhorn
+from otseg.nn.sinkhorn import sinkhorn
 
 EPS, TOL = 0.05, 1e-6
 

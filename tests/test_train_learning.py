@@ -16,9 +16,9 @@ from train_helpers import TRAIN, run
 from otseg.data.augment import EvalTransform
 from otseg.data.datasets import build_dataset
 from otseg.data.synthetic import write_synthetic
-from otseg.model import OTSeg
-from otseg.predictor import OTSegPredictor
-from otseg.slide import slide_inference
+from otseg.inference.predictor import OTSegPredictor
+from otseg.inference.slide import slide_inference
+from otseg.models.otseg import OTSeg
 
 pytestmark = pytest.mark.slow
 

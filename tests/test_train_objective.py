@@ -8,9 +8,9 @@ import pytest
 import torch
 from train_helpers import reset_accelerate
 
-from otseg.losses import IGNORE, count_masks, otseg_losses, pseudo_label, remap_labels
-from otseg.mps import cosine_similarity
-from otseg.mpsa import fixed_sinkhorn
+from otseg.nn.losses import IGNORE, count_masks, otseg_losses, pseudo_label, remap_labels
+from otseg.nn.mps import cosine_similarity
+from otseg.nn.mpsa import fixed_sinkhorn
 from train.build import build_config, build_training_model
 from train.engine import StepWindow, train_step
 from train.objective import OTSegObjective
@@ -171,7 +171,7 @@ def test_only_parameters_no_training_map_reaches_are_frozen():
     FFN and norms are frozen, nothing else; every trainable ZegOT parameter (the prompt vectors,
     reached through the text) keeps training."""
     from factories import tiny_model
-    from otseg.zegot import build_zegot, zegot_tiny_config
+    from otseg.models.zegot import build_zegot, zegot_tiny_config
     from train.build import freeze_unreached
 
     model = tiny_model().train()

@@ -21,8 +21,8 @@ from train_helpers import reset_accelerate, tiny_args
 from factories import TINY_CLIP_CFG, save_tiny_clip
 from otseg.data.datasets import read_label
 from otseg.data.synthetic import write_synthetic
-from otseg.hub import WeightsNotFoundError, load_text_bank
-from otseg.model import OTSeg
+from otseg.models.otseg import OTSeg
+from otseg.weights.hub import WeightsNotFoundError, load_text_bank
 from train.build import build_config, build_training_model, load_frozen_clip
 from train.optim import poly_warmup_lr
 from train.recipe import load_recipe
@@ -252,7 +252,7 @@ def test_local_clip_weights_file_and_offline_error(tmp_path: Path, monkeypatch):
     def offline(*args, **kwargs):
         raise WeightsNotFoundError("not in the Hugging Face cache and HF_HUB_OFFLINE=1")
 
-    monkeypatch.setattr("otseg.hub.load_clip", offline)
+    monkeypatch.setattr("otseg.weights.hub.load_clip", offline)
     with pytest.raises(WeightsNotFoundError, match=r"(?s)HF_HUB_OFFLINE.*--set clip_weights="):
         load_frozen_clip(build_config(load_recipe("voc-inductive")))
 
@@ -267,7 +267,7 @@ def test_step_timer_runs_the_training_step():
 
 
 def test_step_timer_runs_zegot_in_each_transductive_phase(monkeypatch):
-    from otseg.zegot import zegot_tiny_config
+    from otseg.models.zegot import zegot_tiny_config
     from train import step_timer
 
     seen_text = []
@@ -307,17 +307,17 @@ def test_tf32_only_on_cuda():
 def test_sinkhorn_iters_applies_to_the_training_forward_only(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    import otseg.mps
+    import otseg.nn.mps
     from train.train import main
 
     calls = []
-    sinkhorn = otseg.mps.sinkhorn
+    sinkhorn = otseg.nn.mps.sinkhorn
 
     def recording(cost, **kwargs):
         calls.append((kwargs["max_iter"], kwargs["tol"]))
         return sinkhorn(cost, **kwargs)
 
-    monkeypatch.setattr(otseg.mps, "sinkhorn", recording)
+    monkeypatch.setattr(otseg.nn.mps, "sinkhorn", recording)
     out = tmp_path / "run"
     main(tiny_args(data, out, "--max-iters", "2", "--set", "sinkhorn_iters=3"))
     # one forward (MPS + 3 decoder layers) finds the unreached parameters, then 2 steps ×
@@ -333,7 +333,7 @@ def test_push_problem_names_each_cause(monkeypatch: pytest.MonkeyPatch):
     import huggingface_hub
     from huggingface_hub import constants
 
-    import otseg.hub
+    import otseg.weights.hub
     from train.export import push_problem
 
     assert "HF_HUB_OFFLINE=1" in push_problem("me/x")  # the test environment is offline
@@ -341,9 +341,9 @@ def test_push_problem_names_each_cause(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     assert "no Hugging Face token" in push_problem("me/x")
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_x")
-    monkeypatch.setattr(otseg.hub, "hub_unreachable_reason", lambda: "cannot reach the Hub")
+    monkeypatch.setattr(otseg.weights.hub, "hub_unreachable_reason", lambda: "cannot reach the Hub")
     assert push_problem("me/x") == "cannot reach the Hub"
-    monkeypatch.setattr(otseg.hub, "hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(otseg.weights.hub, "hub_unreachable_reason", lambda: None)
 
     def rejected(self):
         raise PermissionError("401 Unauthorized")

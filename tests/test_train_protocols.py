@@ -16,7 +16,7 @@ from otseg.config import IMAGENET_MEAN, get_preset
 from otseg.data.augment import normalize, resize_image
 from otseg.data.datasets import build_dataset
 from otseg.data.synthetic import write_synthetic
-from otseg.training_free import CLIP_MEAN, CLIP_STD
+from otseg.models.training_free import CLIP_MEAN, CLIP_STD
 from train.build import build_eval_loader
 from train.protocols import PROTOCOLS, get_protocol
 

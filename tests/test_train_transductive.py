@@ -13,8 +13,8 @@ from train_helpers import reset_accelerate, tiny_args
 
 from otseg.data.synthetic import SYNTHETIC_CLASSES, write_synthetic
 from otseg.errors import UserError
-from otseg.losses import IGNORE, pseudo_label, remap_labels
-from otseg.model import OTSeg
+from otseg.models.otseg import OTSeg
+from otseg.nn.losses import IGNORE, pseudo_label, remap_labels
 from train.build import build_config, build_training_model
 from train.recipe import load_recipe
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from otseg.hub import WeightsNotFoundError, load_clip
-from otseg.predictor import OTSegPredictor
-from otseg.training_free import CLIP_MEAN, TrainingFreeOTSeg, build_training_free
+from otseg.inference.predictor import OTSegPredictor
+from otseg.models.training_free import CLIP_MEAN, TrainingFreeOTSeg, build_training_free
+from otseg.weights.hub import WeightsNotFoundError, load_clip
 from tests.factories import random_photo, save_tiny_clip
 
 
@@ -44,7 +44,7 @@ def test_dense_features_are_maskclip_value_path(model, clip_dir):
     clip, _ = load_clip(f"local-dir:{clip_dir}")
     v = clip.visual
     x = v.conv1(images).flatten(2).transpose(1, 2)
-    from otseg.clip_image import resize_positions
+    from otseg.nn.clip_image import resize_positions
 
     pos = resize_positions(v.positional_embedding, (3, 5))
     x = v.ln_pre(torch.cat([v.class_embedding.expand(2, 1, -1), x], 1) + pos)

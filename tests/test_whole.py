@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from factories import tiny_model
-from otseg.slide import slide_inference
-from otseg.whole import whole_inference, whole_input, whole_size
+from otseg.inference.slide import slide_inference
+from otseg.inference.whole import whole_inference, whole_input, whole_size
 
 
 def test_whole_size_rounds_to_patches():
@@ -46,8 +46,8 @@ def test_predictor_whole_mode_is_one_pass_and_equals_whole_inference():
     import pytest
 
     from factories import random_photo
-    from otseg.predictor import OTSegPredictor
-    from otseg.preprocess import to_model_input
+    from otseg.inference.predictor import OTSegPredictor
+    from otseg.inference.preprocess import to_model_input
 
     model = tiny_model().eval()
     cfg = model.config

@@ -11,10 +11,10 @@ import torch
 from factories import tiny_zegot
 from otseg.config import get_preset
 from otseg.errors import UserError
-from otseg.hub import CheckpointError, from_pretrained
-from otseg.predictor import OTSegPredictor
-from otseg.zegot import PRESETS, ZegOT, build_zegot, zegot_tiny_config
-from otseg.zegot.mpot import block_similarities, geometric_mean, mpot, refine
+from otseg.inference.predictor import OTSegPredictor
+from otseg.models.zegot import PRESETS, ZegOT, build_zegot, zegot_tiny_config
+from otseg.models.zegot.mpot import block_similarities, geometric_mean, mpot, refine
+from otseg.weights.hub import CheckpointError, from_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,7 @@ def test_otseg_directory_is_not_a_zegot(tmp_path):
 
 
 def test_decoder_size_at_vit_b16_dims():
-    from otseg.zegot.decoder import ScoreMapDecoder
+    from otseg.models.zegot.decoder import ScoreMapDecoder
 
     cfg = get_preset("zegot-voc-inductive")
     n = sum(p.numel() for p in ScoreMapDecoder(12, cfg.head).parameters())
@@ -246,7 +246,7 @@ def test_push_to_hub_uploads_a_zegot_directory(model, monkeypatch):
 
 
 def test_hand_crafted_prompt_ablation(images, tmp_path):
-    from otseg.prompts import fill
+    from otseg.data.prompts import fill
 
     m = tiny_zegot(head={"prompt_source": "templates"}).train()
     cfg = m.config
@@ -269,7 +269,7 @@ def test_hand_crafted_prompt_ablation(images, tmp_path):
 def test_zegot_directory_is_not_an_otseg(tmp_path):
     """Each class loads only its own kind; otseg.from_pretrained loads either."""
     import otseg
-    from otseg.model import OTSeg
+    from otseg.models.otseg import OTSeg
 
     build_zegot(zegot_tiny_config()).save_pretrained(tmp_path)
     with pytest.raises(TypeError, match="type ZegOT, not OTSeg"):

@@ -11,10 +11,10 @@ import torch
 from train_helpers import tiny_args
 
 from factories import tiny_zegot
-from otseg.hub import model_type
-from otseg.losses import IGNORE
-from otseg.predictor import OTSegPredictor
-from otseg.zegot import build_zegot, zegot_tiny_config
+from otseg.inference.predictor import OTSegPredictor
+from otseg.models.zegot import build_zegot, zegot_tiny_config
+from otseg.nn.losses import IGNORE
+from otseg.weights.hub import model_type
 from train.objective import ZegOTObjective, build_objective
 
 SEEN, UNSEEN = (0, 2, 4), (1, 3)
@@ -233,7 +233,7 @@ def test_tiny_zegot_learns_far_above_chance(tmp_path):
     from train_helpers import TRAIN, run
 
     from otseg.data.synthetic import write_synthetic
-    from otseg.predictor import OTSegPredictor
+    from otseg.inference.predictor import OTSegPredictor
 
     data = write_synthetic(tmp_path / "data", "voc", num_train=64, num_val=16, seed=1)
     out = tmp_path / "run"
@@ -250,7 +250,7 @@ def test_tiny_zegot_learns_far_above_chance(tmp_path):
 
 
 def test_every_zegot_preset_has_a_recipe():
-    from otseg.zegot import PRESETS
+    from otseg.models.zegot import PRESETS
     from train.recipe import load_recipe
 
     iterations = {"voc": 20000, "context": 40000, "coco": 80000}

@@ -19,7 +19,9 @@ from otseg.config import OTSegConfig, get_preset
 from otseg.data.augment import EvalTransform, TrainTransform, collate
 from otseg.data.datasets import build_dataset, check_label_values
 from otseg.errors import UserError
-from otseg.hub import (
+from otseg.models.otseg import OTSeg, build_model
+from otseg.models.zegot import build_zegot
+from otseg.weights.hub import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     load_text_bank,
@@ -27,8 +29,6 @@ from otseg.hub import (
     model_type,
     read_config,
 )
-from otseg.model import OTSeg, build_model
-from otseg.zegot import build_zegot
 from train.recipe import Recipe
 
 
@@ -124,7 +124,7 @@ def resolve_init(path: str | Path, step: int | None = None) -> Path:
 def load_frozen_clip(config: OTSegConfig, weights: str | None = None):
     """The frozen open_clip model and tokenizer of ``config`` (weights from a local file when
     given), with an actionable error when the weights are neither cached nor downloadable."""
-    from otseg.hub import WeightsNotFoundError, load_clip
+    from otseg.weights.hub import WeightsNotFoundError, load_clip
 
     pretrained = weights or config.clip_pretrained
     try:
@@ -144,7 +144,7 @@ def training_text_bank(
     else those stored with the ``init_from`` model (a converted original checkpoint keeps
     its embeddings), else random ones for a model without a text tower; None: CLIP's tower."""
     if recipe.text_embeddings:
-        from otseg.convert import read_text_embeddings
+        from otseg.weights.convert import read_text_embeddings
 
         return read_text_embeddings(recipe.text_embeddings, config)
     if source is not None:

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from otseg.errors import UserError
-from otseg.losses import count_masks
-from otseg.mpsa import fixed_sinkhorn
+from otseg.nn.losses import count_masks
+from otseg.nn.mpsa import fixed_sinkhorn
 from train.build import EpochSampler, set_epoch
 from train.checkpoint import TrainState
 from train.objective import Objective

@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 import otseg  # noqa: F401 - patches torchvision before open_clip/timm are imported
 from otseg.config import OTSegConfig
 from otseg.data.classes import CLASS_NAMES
-from otseg.hub import from_pretrained
+from otseg.inference.slide import slide_inference
 from otseg.metrics import SegMetrics, compute_metrics, format_table, new_confusion, to_json, update
-from otseg.model import OTSeg
-from otseg.slide import slide_inference
+from otseg.models.otseg import OTSeg
+from otseg.weights.hub import from_pretrained
 from train.protocols import PROTOCOLS, get_protocol
 
 logger = get_logger("train")

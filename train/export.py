@@ -22,7 +22,7 @@ def push_problem(repo_id: str) -> str | None:
         return "HF_HUB_OFFLINE=1 forbids uploads"
     if get_token() is None:
         return "no Hugging Face token (run `hf auth login` or set HF_TOKEN)"
-    from otseg.hub import hub_unreachable_reason
+    from otseg.weights.hub import hub_unreachable_reason
 
     unreachable = hub_unreachable_reason()
     if unreachable:

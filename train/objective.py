@@ -16,8 +16,8 @@ import copy
 import torch
 from torch import nn
 
-from otseg.hub import model_type
-from otseg.losses import otseg_losses, pseudo_label, remap_labels
+from otseg.nn.losses import otseg_losses, pseudo_label, remap_labels
+from otseg.weights.hub import model_type
 
 
 class OTSegObjective:
@@ -46,7 +46,7 @@ class ZegOTObjective:
     """
 
     def __init__(self, model: nn.Module, iterations: int) -> None:
-        from otseg.zegot.losses import zegot_losses
+        from otseg.models.zegot.losses import zegot_losses
 
         self.model, self.config = model, model.config
         self._losses = zegot_losses

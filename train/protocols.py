@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from otseg.config import IMAGENET_MEAN, IMAGENET_STD, OTSegConfig
 from otseg.errors import UserError
-from otseg.training_free import CLIP_MEAN, CLIP_STD
+from otseg.models.training_free import CLIP_MEAN, CLIP_STD
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ from accelerate.utils import (
 import otseg  # noqa: F401 - patches torchvision before open_clip/timm are imported
 from otseg.config import OTSegConfig
 from otseg.errors import UserError
-from otseg.hub import model_type
 from otseg.metrics import format_table
+from otseg.weights.hub import model_type
 from train.build import (
     build_config,
     build_eval_loader,

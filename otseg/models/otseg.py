@@ -1,0 +1,203 @@
+"""OTSeg: wires the image tower, prompt embeddings, MPS path, decoder and ensemble.
+
+One forward serves training and inference and returns the same :class:`OTSegOutput`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import OTSegConfig
+from ..errors import UserError
+from ..nn.clip_image import ImageEmbedding, PromptedViT
+from ..nn.clip_text import PromptEmbedder, TextTower
+from ..nn.decoder import Decoder, combine_masks, relationship_queries
+from ..nn.ensemble import PostProcessing, WindowScores
+from ..nn.mps import Transport, mps_maps
+from ..nn.mpsa import ATTENTIONS
+from ..weights.pretrained import Pretrained
+
+DEFAULT_MASK_COMBINE = {"sinkhorn": "sigmoid_geomean", "softmax": "last"}
+
+
+@dataclass
+class OTSegOutput(WindowScores):
+    """Named maps of one forward: the post-processed maps (decoder_map, score_map, logits,
+    output, scores; see :class:`WindowScores`), then the head's. (h, w) = token grid."""
+
+    layer_masks: list[torch.Tensor]  # per decoder layer, (B, K, h, w)
+    queries: list[torch.Tensor]  # relationship queries, then each layer's, (B, K, N, C)
+    transports: list[Transport]  # the MPS call (if on), then one per decoder layer
+    prompt_maps: torch.Tensor | None  # (B, K, N, h, w) per-prompt MPS maps M·N·T·S
+    embedding: ImageEmbedding
+
+
+@dataclass
+class HeadMaps:
+    """Head outputs at the token grid (h, w), before upsampling and fusion."""
+
+    decoder: torch.Tensor  # (B, K, h, w) combined decoder map D
+    score: torch.Tensor | None  # (B, K, h, w) MPS map, None with the branch off
+    layer_masks: list[torch.Tensor]  # per decoder layer, (B, K, h, w)
+    queries: list[torch.Tensor]  # relationship queries, then each layer's, (B, K, N, C)
+    transports: list[Transport]  # the MPS call (if on), then one per decoder layer
+    prompt_maps: torch.Tensor | None = None  # (B, K, N, h, w) per-prompt MPS maps M·N·T·S
+
+
+class OTSeg(PostProcessing, Pretrained, nn.Module):
+    """The OTSeg segmentor. Build with :func:`build_model` or ``otseg.weights.hub.from_pretrained``."""
+
+    attentions = ATTENTIONS
+
+    def __init__(
+        self,
+        config: OTSegConfig,
+        image_encoder: PromptedViT,
+        text: PromptEmbedder,
+        text_tower: TextTower | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.image_encoder = image_encoder
+        self.decoder = Decoder(config.vision.embed_dim, config.head)
+        self.text = text
+        self.text_tower = text_tower  # registered so .to(device) moves it; frozen
+
+    # -- the two encoders -------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor) -> ImageEmbedding:
+        """images: (B, 3, H, W) normalised → pixel (B, C, H/16, W/16) and global (B, C)."""
+        return self.image_encoder(images)
+
+    def embed_text(self, names: Sequence[str]) -> torch.Tensor:
+        """K class names → (K, N, C) float32 prompt embeddings on the model's device."""
+        return self.text(names).to(self.decoder.q_proj.weight.device)
+
+    @property
+    def training_text(self) -> torch.Tensor:
+        """(K', N, C) embeddings of the classes supervised in training."""
+        return self.embed_text(list(self.config.training_class_names))
+
+    # -- the head ---------------------------------------------------------------------------
+    def decode(
+        self,
+        emb: ImageEmbedding,
+        text: torch.Tensor,
+        *,
+        attention: str = "sinkhorn",
+        use_mps: bool = True,
+        mask_combine: str | None = None,
+    ) -> HeadMaps:
+        """Both branches of the head at the token grid (no upsampling, fusion or sigmoid).
+
+        Args:
+            emb: image embedding of B crops (pixels (B, C, h, w)).
+            text: (K, N, C) prompt embeddings (see :meth:`embed_text`).
+            attention: ``"sinkhorn"`` (OTSeg's MPSA/MPS) or ``"softmax"`` (ZegCLIP baseline).
+            use_mps: include the MPS score-map branch.
+            mask_combine: ``"sigmoid_geomean"`` or ``"last"`` (default: by attention).
+        """
+        if attention not in ATTENTIONS:
+            raise UserError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        b, _, h, w = emb.pixels.shape
+        pixels = emb.pixels.flatten(2).transpose(1, 2)  # (B, M, C), m = y·w + x
+        q0 = relationship_queries(self.decoder.q_proj, emb.cls, text)
+        maps = HeadMaps(decoder=q0, score=None, layer_masks=[], queries=[q0], transports=[])
+        if use_mps:
+            maps.score, maps.prompt_maps, tr = mps_maps(
+                pixels, q0, (h, w), attention, self.config.head
+            )
+            maps.transports.append(tr)
+        dec = self.decoder(q0, pixels, attention)
+        maps.transports.extend(dec.transports)
+        maps.queries.extend(dec.queries)
+        maps.layer_masks = [m.reshape(b, -1, h, w) for m in dec.masks]
+        maps.decoder = combine_masks(
+            maps.layer_masks, mask_combine or DEFAULT_MASK_COMBINE[attention]
+        )
+        return maps
+
+    def forward(
+        self,
+        images: torch.Tensor | ImageEmbedding,
+        text: torch.Tensor,
+        *,
+        attention: str = "sinkhorn",
+        use_mps: bool = True,
+        lam: float | None = None,
+        seen: torch.Tensor | None = None,
+        calibration: float | None = None,
+        mask_combine: str | None = None,
+    ) -> OTSegOutput:
+        """Segment a batch of crops (training and inference alike).
+
+        Args:
+            images: (B, 3, H, W) normalised crops, or their cached :class:`ImageEmbedding`.
+            text: (K, N, C) prompt embeddings.
+            attention, use_mps, mask_combine: see :meth:`decode`.
+            lam: weight of the MPS map in the ensemble (default: config, 0.5).
+            seen: (K,) bool, classes that get the seen calibration (default: none).
+            calibration: value subtracted on seen classes (default: config).
+        """
+        emb = images if isinstance(images, ImageEmbedding) else self.encode_image(images)
+        maps = self.decode(
+            emb, text, attention=attention, use_mps=use_mps, mask_combine=mask_combine
+        )
+        return OTSegOutput(
+            **self.forward_scores(maps, images, lam=lam, seen=seen, calibration=calibration),
+            layer_masks=maps.layer_masks,
+            queries=maps.queries,
+            transports=maps.transports,
+            prompt_maps=maps.prompt_maps,
+            embedding=emb,
+        )
+
+    # -- weights ----------------------------------------------------------------------------
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """What training changes (prompts, their projection and norm, decoder); plus the frozen
+        image tower when the config names no CLIP source to rebuild it from."""
+        keep_frozen_image = self.config.clip_model is None
+        out = {}
+        for key, value in self.state_dict().items():
+            if key.startswith("decoder.") or (
+                key.startswith("image_encoder.") and ("prompt" in key or keep_frozen_image)
+            ):
+                out[key] = value
+        return out
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the image tower's blocks in the backward pass of training forwards (the
+        path the prompt gradients take); saves activation memory. Off when built."""
+        self.image_encoder.grad_checkpointing = enabled
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.q_proj.weight.device
+
+
+def build_model(
+    config: OTSegConfig,
+    *,
+    clip: nn.Module | None = None,
+    tokenizer=None,
+    text_bank: dict[str, torch.Tensor] | None = None,
+) -> OTSeg:
+    """Assemble an OTSeg model.
+
+    Args:
+        config: the model config.
+        clip: an open_clip ``CLIP`` whose frozen towers to use (see ``otseg.weights.hub.load_clip``);
+            None builds a randomly initialised image tower from the config and no text tower.
+        tokenizer: the open_clip tokenizer matching ``clip``.
+        text_bank: stored prompt embeddings, class name → (N, C).
+    """
+    visual = clip.visual if clip is not None else None
+    tower = TextTower(clip, tokenizer) if clip is not None else None
+    embedder = PromptEmbedder(config.templates, tower=tower, bank=text_bank)
+    return OTSeg(config, PromptedViT(config.vision, visual), embedder, tower)

@@ -1,0 +1,227 @@
+"""Convert an original OTSeg (mmseg) checkpoint and its text-embedding ``.npy`` to our format.
+
+    python -m otseg.weights.convert iter_20000.pth --text-embeddings voc12_otseg.npy \\
+        --preset voc-inductive --output otseg-voc-inductive [--push-to-hub org/name]
+    python -m otseg.weights.convert --original coco-transductive --output otseg-coco-transductive
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..cli import fail
+from ..config import PRESETS, OTSegConfig, get_preset
+from ..errors import UserError
+from ..models.otseg import OTSeg, build_model
+from .hub import CheckpointError, WeightsNotFoundError, load_weights
+
+# Original prefix → ours. Everything else must be dropped explicitly below.
+RENAMES = (
+    ("backbone.", "image_encoder."),
+    ("decode_head.decoder_1.layers.", "decoder.layers."),
+    ("decode_head.q_proj.", "decoder.q_proj."),
+)
+# Never used by the original at inference or an unused loss buffer.
+DROPPED = ("text_encoder.", ".self_attn.", ".norm1.", "decode_head.loss_decode.")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of an mmcv checkpoint (``{'meta', 'state_dict', ...}``) or a bare one."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except pickle.UnpicklingError:  # torch's multi-paragraph advice to drop weights_only
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint of tensors (torch.load(weights_only=True) "
+            "refused it)"
+        ) from None
+    except Exception as e:  # other unpickling errors have many types
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})"
+        ) from None
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors")
+    return state
+
+
+def map_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename original keys to ours; returns (renamed, dropped keys). Unknown keys raise."""
+    out, dropped, unknown = {}, [], []
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if any(d in key or key.startswith(d) for d in DROPPED):
+            dropped.append(key)
+            continue
+        for old, new in RENAMES:
+            if key.startswith(old):
+                out[new + key[len(old) :]] = value
+                break
+        else:
+            unknown.append(key)
+    if not any(k.startswith("image_encoder.") for k in out) or not any(
+        k.startswith("decoder.") for k in out
+    ):
+        raise CheckpointError(
+            "this is not an OTSeg/ZegCLIP checkpoint: it has no 'backbone.*' and 'decode_head.*' "
+            f"weights (first keys: {list(state)[:4]})"
+        )
+    if unknown:
+        raise CheckpointError(f"unknown checkpoint keys ({len(unknown)}): {unknown[:6]}")
+    return out, dropped
+
+
+def read_text_embeddings(path: str | Path, config: OTSegConfig) -> dict[str, torch.Tensor]:
+    """The original (K, N, C) ``.npy`` as a name → (N, C) bank, values kept as stored (fp16)."""
+    try:
+        arr = np.load(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read text embeddings {path} ({e})") from None
+    want = (len(config.class_names), config.num_prompts, config.vision.embed_dim)
+    if arr.ndim != 3 or arr.shape != want:
+        hint = ""
+        if arr.ndim == 3 and arr.shape[0] != want[0]:
+            hint = (
+                f" — it has {arr.shape[0]} classes; the model has {want[0]} "
+                "(the original VOC transductive/fully configs name context_otseg.npy by mistake, "
+                "use voc12_otseg.npy)"
+            )
+        raise CheckpointError(
+            f"text embeddings {path} have shape {arr.shape}, expected {want}{hint}"
+        )
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    return {name: t[i] for i, name in enumerate(config.class_names)}
+
+
+def convert_checkpoint(
+    checkpoint: str | Path | dict[str, torch.Tensor],
+    config: OTSegConfig,
+    text_embeddings: str | Path,
+) -> OTSeg:
+    """An :class:`OTSeg` with the original weights. With ``config.clip_model`` set, the frozen
+    image tower of the checkpoint is checked for shape and then left to open_clip."""
+    state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
+    renamed, _ = map_keys(state)
+    bank = read_text_embeddings(text_embeddings, config)
+    model = build_model(config, text_bank=bank)
+    full = model.state_dict()
+    wrong = [
+        f"{k}: checkpoint {tuple(v.shape)}, config {tuple(full[k].shape)}"
+        for k, v in renamed.items()
+        if k in full and full[k].shape != v.shape
+    ]
+    if wrong:
+        raise CheckpointError(
+            "the checkpoint does not match the chosen config (wrong --preset?):\n  "
+            + "\n  ".join(wrong[:8])
+        )
+    keep = set(model.trained_state_dict())
+    extra = sorted(k for k in renamed if k not in keep and k not in full)
+    if extra:
+        raise CheckpointError(f"checkpoint keys with no place in the model: {extra[:6]}")
+    load_weights(model, {k: v for k, v in renamed.items() if k in keep}, "checkpoint")
+    return model.eval()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from .original import available
+
+    p = argparse.ArgumentParser(
+        prog="python -m otseg.weights.convert", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("checkpoint", nargs="?", help="original OTSeg checkpoint (.pth)")
+    p.add_argument("--text-embeddings", help="its prompt embeddings (.npy, K×N×C)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=sorted(PRESETS), help="model preset of the checkpoint")
+    src.add_argument("--config", help="an OTSegConfig as JSON (for non-standard sizes)")
+    p.add_argument(
+        "--original",
+        metavar="SETTING",
+        help="download and convert the authors' released model instead: " + ", ".join(available()),
+    )
+    p.add_argument("--output", required=True, help="directory to write")
+    p.add_argument(
+        "--keep-clip",
+        action="store_true",
+        help="store the checkpoint's frozen image tower too (no open_clip download needed; "
+        "without a text tower only the stored class names can be used)",
+    )
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to this Hub repo")
+    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    args = p.parse_args(argv)
+    local = {
+        "CHECKPOINT": args.checkpoint,
+        "--text-embeddings": args.text_embeddings,
+        "--preset/--config": args.preset or args.config,
+    }
+    if args.original and any(local.values()):
+        given = ", ".join(k for k, v in local.items() if v)
+        fail(f"--original brings its own checkpoint, embeddings and preset; drop {given}")
+    missing = [k for k, v in local.items() if not v]
+    if not args.original and missing:
+        fail(f"give {', '.join(missing)}, or --original SETTING")
+    return args
+
+
+def _convert_local(args: argparse.Namespace) -> tuple[OTSeg, dict]:
+    if args.preset:
+        config = get_preset(args.preset)
+    else:
+        try:
+            config = OTSegConfig.from_dict(json.loads(Path(args.config).read_text()))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(
+                f"--config {args.config} is not an OTSegConfig JSON file ({e})"
+            ) from None
+    if args.keep_clip:
+        config = dataclasses.replace(config, clip_model=None, clip_pretrained=None)
+    model = convert_checkpoint(args.checkpoint, config, args.text_embeddings)
+    card = {
+        "source": {
+            "checkpoint": Path(args.checkpoint).name,
+            "text_embeddings": Path(args.text_embeddings).name,
+        }
+    }
+    return model, card
+
+
+def _convert_original(args: argparse.Namespace) -> tuple[OTSeg, dict]:
+    import tempfile
+
+    from .original import build, get_original
+
+    entry = get_original(args.original)
+    parent = Path(args.output).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".otseg-download-", dir=parent) as work:
+        return build(entry, Path(work), keep_clip=args.keep_clip)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        model, card = _convert_original(args) if args.original else _convert_local(args)
+    except (UserError, WeightsNotFoundError) as e:  # CheckpointError is a UserError
+        print(f"error: {e}", file=sys.stderr)  # a key mismatch report spans several lines
+        return 2
+    out = model.save_pretrained(args.output, card=card)
+    n = sum(v.numel() for v in model.trained_state_dict().values())
+    print(f"wrote {out} ({n:,} stored parameters, {len(model.text.bank)} stored class names)")
+    if args.push_to_hub:
+        print(model.push_to_hub(args.push_to_hub, card=card, private=args.private))
+    return 0
+
+
+if __name__ == "__main__":
+    from otseg.cli import run
+
+    run(main)

@@ -1,0 +1,336 @@
+"""The authors' nine released OTSeg checkpoints: one table, and download → verify → convert → cache.
+
+    OTSegPredictor.from_pretrained("original:coco-transductive")     # cached after first use
+    python -m otseg.weights.convert --original coco-transductive --output otseg-coco-transductive
+
+Checkpoints come from the Google-Drive links in the README of github.com/cubeyoung/OTSeg, the
+prompt embeddings (``.npy``) from the same repository at the pinned commit. With
+``OTSEG_ORIGINAL_MIRROR=URL`` both come from ``$URL/<drive id>`` and ``$URL/<npy name>`` instead
+(plain HTTP; for firewalled machines and for the tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import OTSegConfig, get_preset
+from ..errors import UserError
+from ..models.otseg import OTSeg
+from .download import DownloadError, download, offline
+from .hub import CheckpointError
+
+PREFIX = "original:"
+REPO = "cubeyoung/OTSeg"
+COMMIT = "08010511be3152bcdd5cb1ff8e30b9cd17bbcb8f"  # 0801051, the commit the port follows
+EMBEDDING_URL = (
+    f"https://raw.githubusercontent.com/{REPO}/{COMMIT}/configs/_base_/datasets/text_embedding/"
+)
+MIRROR_ENV = "OTSEG_ORIGINAL_MIRROR"
+CACHE_ENV = "OTSEG_CACHE"
+REPORTED_SOURCE = (
+    "OTSeg+ rows of the main results table (paper arXiv 2403.14183, project page "
+    "https://cubeyoung.github.io/OTSeg_project/); the released code ensembles the MPS and "
+    "decoder paths, which is OTSeg+"
+)
+# name → (bytes, sha256) of the .npy files at COMMIT (git objects of the pinned commit)
+EMBEDDING_FILES = {
+    "voc12_otseg.npy": (
+        123008, "bfc4c8d37e592f7e77ef01c2e3f78bdee0192e2c66504e97df6d717791384918"
+    ),
+    "context_otseg.npy": (
+        483456, "97761152420cf78dcac02d71a0e2760f94b88803af825d6eb7cf0454fc497cfe"
+    ),
+    "coco_otseg.npy": (
+        2801792, "854bd2d9587ea41a926d3ac72f875985c9e84f48f8d5e7113b9c3286db121eed"
+    ),
+}  # fmt: skip
+DATASET_TITLES = {"voc": "PASCAL VOC", "context": "PASCAL Context", "coco": "COCO-Stuff"}
+
+
+@dataclass(frozen=True)
+class OriginalModel:
+    """One released checkpoint. ``reported``: the authors' numbers (None: not in the source)."""
+
+    name: str  # "coco-transductive"
+    title: str  # "COCO-Stuff transductive"
+    drive_id: str
+    embeddings: str  # the .npy file name
+    preset: str | OTSegConfig  # a preset name, or a config (tests: tiny models)
+    reported: dict[str, float | None] = field(default_factory=dict)
+    checkpoint_size: int | None = None  # unknown until someone downloads the real file
+    checkpoint_sha256: str | None = None
+    embeddings_size: int | None = None
+    embeddings_sha256: str | None = None
+    note: str = ""  # known problems, shown in the model card
+    refused: str = ""  # non-empty: this setting cannot be used, and why
+
+    @property
+    def config(self) -> OTSegConfig:
+        return get_preset(self.preset) if isinstance(self.preset, str) else self.preset
+
+    @property
+    def drive_url(self) -> str:
+        return f"https://drive.google.com/file/d/{self.drive_id}/view"
+
+
+def _entry(dataset: str, setting: str, drive_id: str, u: float, s: float, h: float | None, **kw):
+    npy = "voc12_otseg.npy" if dataset == "voc" else f"{dataset}_otseg.npy"
+    size, sha = EMBEDDING_FILES[npy]
+    return OriginalModel(
+        name=f"{dataset}-{setting}",
+        title=f"{DATASET_TITLES[dataset]} {'fully supervised' if setting == 'fully' else setting}",
+        drive_id=drive_id,
+        embeddings=npy,
+        preset=f"{dataset}-{setting}",
+        reported={"mIoU(U)": u, "mIoU(S)": s, "hIoU": h},
+        embeddings_size=size,
+        embeddings_sha256=sha,
+        **kw,
+    )
+
+
+VOC_ST_NOTE = (
+    "The original VOC transductive and fully configs name context_otseg.npy (59 classes) by "
+    "mistake; the checkpoint is used with voc12_otseg.npy, the only file that fits it. "
+)
+SAME_LINK = (
+    "The authors' README links the same Google-Drive file for VOC transductive and VOC fully "
+    "supervised, so the VOC fully supervised checkpoint is not available; which training the "
+    "shared file comes from cannot be checked."
+)
+COCO_H = None  # the COCO-Stuff hIoU column is missing from the copy of the table we have
+ORIGINALS: dict[str, OriginalModel] = {
+    m.name: m
+    for m in (
+        _entry("voc", "inductive", "1UjyrFxQ0TTSDiQYse5MxAvHVyhJpqgMA", 81.6, 93.3, 87.1),
+        _entry(
+            "voc", "transductive", "1SPXHxDl7znsOqUi9APnl3qx9BvmUbfny", 94.3, 94.3, 94.4,
+            note=VOC_ST_NOTE + SAME_LINK,
+        ),
+        _entry(
+            "voc", "fully", "1SPXHxDl7znsOqUi9APnl3qx9BvmUbfny", 95.0, 94.1, 94.6,
+            note=VOC_ST_NOTE + SAME_LINK,
+            refused=SAME_LINK + " Use original:voc-transductive (the file both links point to).",
+        ),
+        _entry("context", "inductive", "1ZtNRtUR4fnl1b-oTc44v5HhmXhyx_w4-", 60.4, 55.2, 57.7),
+        _entry(
+            "context", "transductive", "1AZspmBiyjeOzMg5Aq165CcPz3ZLA-_BS", 67.0, 54.0, 59.8,
+            note="Tested by the authors with 420-pixel windows on the 480-pixel model (kept).",
+        ),
+        _entry("context", "fully", "1wTAC7uACPV66VEtlh0qzRMXmNN9mk5gU", 78.4, 54.5, 65.5),
+        _entry("coco", "inductive", "11t3cnRicO9esJrvRjx5O4jL_1v1FDPa8", 41.8, 41.5, COCO_H),
+        _entry("coco", "transductive", "1BhxxmuW0R7Pyt2Ty4ERzg9lkKbZQmUY0", 62.6, 41.4, COCO_H),
+        _entry("coco", "fully", "1j4dDVz4hWUum68AdQC2n5FDkrstY-zhI", 63.2, 41.5, COCO_H),
+    )
+}  # fmt: skip
+
+
+def available() -> list[str]:
+    """Names of the settings that can be downloaded, in table order."""
+    return [name for name, m in ORIGINALS.items() if not m.refused]
+
+
+def get_original(name: str) -> OriginalModel:
+    """The table entry for ``name`` (with or without the ``original:`` prefix).
+
+    Raises ValueError for an unknown name or a setting that cannot be used.
+    """
+    key = name.removeprefix(PREFIX).strip().lower()
+    if key not in ORIGINALS:
+        raise UserError(
+            f"unknown original setting {name!r}; choose one of: "
+            + ", ".join(PREFIX + n for n in available())
+        )
+    entry = ORIGINALS[key]
+    if entry.refused:
+        raise UserError(f"{PREFIX}{key} cannot be used: {entry.refused}")
+    return entry
+
+
+# -- sources --------------------------------------------------------------------------------
+def _mirror() -> str | None:
+    url = os.environ.get(MIRROR_ENV, "").strip()
+    return url.rstrip("/") if url else None
+
+
+def fetch(entry: OriginalModel, directory: Path, *, quiet: bool = False) -> tuple[Path, Path]:
+    """Download and verify the checkpoint and its ``.npy`` into ``directory``."""
+    if offline():
+        raise DownloadError(
+            f"{PREFIX}{entry.name} must be downloaded, but HF_HUB_OFFLINE=1 forbids it; run "
+            "once with network access (the converted model is cached) or unset HF_HUB_OFFLINE"
+        )
+    mirror = _mirror()
+    npy = download(
+        directory / entry.embeddings,
+        url=f"{mirror or EMBEDDING_URL.rstrip('/')}/{entry.embeddings}",
+        what=f"the text embeddings {entry.embeddings}",
+        size=entry.embeddings_size,
+        sha256=entry.embeddings_sha256,
+        quiet=quiet,
+    )
+    checkpoint = download(
+        directory / f"{entry.name}.pth",
+        url=f"{mirror}/{entry.drive_id}" if mirror else None,
+        drive_id=None if mirror else entry.drive_id,
+        what=f"the {entry.title} checkpoint",
+        size=entry.checkpoint_size,
+        sha256=entry.checkpoint_sha256,
+        quiet=quiet,
+    )
+    return checkpoint, npy
+
+
+def build(
+    entry: OriginalModel, workdir: Path, *, keep_clip: bool = False, quiet: bool = False
+) -> tuple[OTSeg, dict[str, Any]]:
+    """Download into ``workdir``, verify, convert (strict key check); returns (model, card)."""
+    from .convert import convert_checkpoint, read_checkpoint
+
+    checkpoint, npy = fetch(entry, workdir, quiet=quiet)
+    if _broken_zip(checkpoint):
+        raise DownloadError(
+            f"the downloaded {entry.title} checkpoint is an incomplete zip archive (the "
+            "transfer was cut short); run the command again"
+        )
+    try:
+        state = read_checkpoint(checkpoint)
+    except CheckpointError as e:
+        reason = str(e).splitlines()[0].replace(str(checkpoint), "it")
+        raise CheckpointError(f"the downloaded {entry.title} checkpoint: {reason}") from None
+    config = entry.config
+    if keep_clip:
+        config = dataclasses.replace(config, clip_model=None, clip_pretrained=None)
+    model = convert_checkpoint(state, config, npy)
+    card = card_for(entry)
+    if config.clip_model is not None:
+        card["image_tower_check"] = check_image_tower(state, config)
+    return model, card
+
+
+def _broken_zip(path: Path) -> bool:
+    """A zip archive (PyTorch's format since 1.6) whose directory or CRCs do not check out."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"PK":
+            return False  # not a zip: left to torch.load
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is not None
+    except zipfile.BadZipFile:
+        return True
+
+
+TOWER_TOLERANCE = 1e-4
+
+
+def check_image_tower(state: dict[str, torch.Tensor], config: OTSegConfig) -> dict[str, Any]:
+    """Compare the checkpoint's frozen image tower with the open_clip tower the converted model
+    will load instead; warns when they differ (then ``--keep-clip`` keeps the authors' tower)."""
+    from ..nn.clip_image import PromptedViT
+    from .convert import map_keys
+    from .hub import WeightsNotFoundError, load_clip
+
+    against = f"{config.clip_model} / {config.clip_pretrained}"
+    try:
+        clip, _ = load_clip(config.clip_model, config.clip_pretrained)
+    except (WeightsNotFoundError, RuntimeError, ValueError) as e:
+        return {"against": against, "result": f"not checked ({type(e).__name__})"}
+    renamed, _ = map_keys(state)
+    tower = PromptedViT(config.vision, clip.visual).state_dict()
+    diffs = {
+        k: (renamed[f"image_encoder.{k}"].float() - v.float()).abs().max().item()
+        for k, v in tower.items()
+        if "prompt" not in k
+    }
+    worst = max(diffs, key=diffs.get)
+    if diffs[worst] > TOWER_TOLERANCE:
+        warnings.warn(
+            f"the checkpoint's frozen image tower differs from {against} by up to "
+            f"{diffs[worst]:.2g} (at {worst}); the converted model uses the open_clip tower, "
+            "convert with --keep-clip to keep the authors' one",
+            stacklevel=2,
+        )
+    return {"against": against, "max_abs_diff": diffs[worst], "at": worst}
+
+
+def card_for(entry: OriginalModel) -> dict[str, Any]:
+    """Model-card facts: where the weights come from, and the authors' reported numbers."""
+    numbers = {k: ("not in the source" if v is None else v) for k, v in entry.reported.items()}
+    lines = [
+        f"Converted from the authors' released checkpoint, Google-Drive file `{entry.drive_id}` "
+        f"({entry.drive_url}), linked from the README of https://github.com/{REPO} at commit "
+        f"`{COMMIT[:7]}`, with the prompt embeddings `{entry.embeddings}` of that commit. The "
+        "conversion keeps every trained weight and checks every key; the numbers below are the "
+        "authors' reported ones, not measured on this copy.",
+    ]
+    if entry.note:
+        lines += ["", f"Known problems: {entry.note}"]
+    return {
+        "title": f"OTSeg (authors' weights, {entry.title})",
+        "description": "\n".join(lines),
+        "reported": {"source": REPORTED_SOURCE, **numbers} if entry.reported else {},
+        "source": {
+            "repository": f"https://github.com/{REPO}",
+            "commit": COMMIT,
+            "setting": entry.name,
+            "checkpoint": {
+                "google_drive_id": entry.drive_id,
+                "url": entry.drive_url,
+                "size": entry.checkpoint_size or "unknown",
+                "sha256": entry.checkpoint_sha256 or "unknown",
+            },
+            "text_embeddings": {
+                "file": entry.embeddings,
+                "url": EMBEDDING_URL + entry.embeddings,
+                "sha256": entry.embeddings_sha256 or "unknown",
+            },
+        },
+    }
+
+
+# -- cache ----------------------------------------------------------------------------------
+def cache_root() -> Path:
+    """``$OTSEG_CACHE``, else ``otseg/`` in the Hugging Face home (``$HF_HOME``, else
+    ``$XDG_CACHE_HOME/huggingface``, else ``~/.cache/huggingface``), read at call time."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    hf_home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface"
+    )
+    return Path(hf_home).expanduser() / "otseg"
+
+
+def cached(name: str, *, quiet: bool = False) -> Path:
+    """The converted directory of ``original:<name>``: from the cache, else downloaded and
+    converted once (built in a temporary folder, renamed into place only when complete)."""
+    from filelock import FileLock
+
+    entry = get_original(name)
+    root = cache_root() / "original"
+    final = root / entry.name
+    if (final / "config.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{entry.name}.lock")):
+        if (final / "config.json").is_file():  # another process finished it meanwhile
+            return final
+        work = root / f".{entry.name}.tmp-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            (work / "download").mkdir(parents=True)
+            model, card = build(entry, work / "download", quiet=quiet)
+            model.save_pretrained(work / "model", card=card)
+            shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover, if any
+            os.replace(work / "model", final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return final
