@@ -11,6 +11,6 @@ with contextlib.suppress(ImportError):  # on ZeroGPU, spaces comes before anythi
 from app.main import main  # noqa: E402
 
 if __name__ == "__main__":
-    from otseg.cli import run
+    from otseg.errors import run
 
     run(main)

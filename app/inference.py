@@ -24,8 +24,8 @@ from app import gpu, overlay, render, vocab
 from otseg.errors import UserError
 from otseg.inference.predictor import OTSegPredictor
 from otseg.inference.preprocess import ImageError, load_image
+from otseg.registry import model_type
 from otseg.vocabulary import mark_seen
-from otseg.weights.hub import model_type
 
 ATTENTION_LABELS = {"sinkhorn": "Sinkhorn (OTSeg: MPS + MPSA)", "softmax": "Softmax (baseline)"}
 ZEGOT_ATTENTION_LABELS = {  # ZegOT's transport between its learned prompts and the pixels
@@ -110,8 +110,9 @@ def load_model(
     Never raises for missing or wrong weights: the reason goes into ``status``. ``device`` must
     already be usable (see ``app.main.check_device``).
     """
+    from otseg.errors import WeightsNotFoundError
     from otseg.models.training_free import build_training_free
-    from otseg.weights.hub import WeightsNotFoundError, from_pretrained
+    from otseg.weights.pretrained import from_pretrained
 
     problem = ""
     if model:

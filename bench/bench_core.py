@@ -28,10 +28,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import otseg  # noqa: E402, F401 - torchvision patch before open_clip
-from otseg.config import get_preset  # noqa: E402
 from otseg.inference.predictor import OTSegPredictor  # noqa: E402
 from otseg.models.otseg import build_model  # noqa: E402
 from otseg.nn.sinkhorn import sinkhorn  # noqa: E402
+from otseg.registry import get_preset  # noqa: E402
 
 
 def timed(fn, repeats: int, warmup: int = 1) -> float:

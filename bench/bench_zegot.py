@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 import otseg  # noqa: F401 - torchvision patch before open_clip
-from otseg.config import get_preset
 from otseg.inference.predictor import OTSegPredictor
 from otseg.models.otseg import build_model
 from otseg.models.zegot import build_zegot
 from otseg.models.zegot.towers import build_random_clip
+from otseg.registry import get_preset
 
 NEW_NAMES = ["giraffe", "kettle", "skateboard", "lighthouse", "cactus",
              "accordion", "wheelbarrow", "pelican", "chandelier", "canoe"]  # fmt: skip

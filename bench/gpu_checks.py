@@ -35,11 +35,11 @@ from bench_core import segmenter, uptime  # noqa: E402
 from bench_gpu import timed  # noqa: E402
 
 import otseg  # noqa: E402, F401 - torchvision patch before open_clip
-from otseg.config import get_preset  # noqa: E402
 from otseg.inference.predictor import OTSegPredictor  # noqa: E402
 from otseg.models.otseg import build_model  # noqa: E402
 from otseg.models.zegot import build_zegot, zegot_tiny_config  # noqa: E402
 from otseg.models.zegot.towers import build_random_clip  # noqa: E402
+from otseg.registry import get_preset  # noqa: E402
 
 
 def peak_gib(device: torch.device) -> str:

@@ -9,11 +9,12 @@ from ._compat import patch_torchvision
 
 patch_torchvision()  # before anything imports open_clip (CPU torch + CUDA torchvision wheels)
 
-from .config import OTSegConfig, get_preset, tiny_config  # noqa: E402
+from .config import OTSegConfig, tiny_config  # noqa: E402
 from .inference.predictor import OTSegPredictor, Prediction, SegmentationModel, segment  # noqa: E402
 from .inference.serving import SlideServer  # noqa: E402
 from .models.otseg import OTSeg  # noqa: E402
-from .weights.hub import from_pretrained  # noqa: E402
+from .registry import get_preset  # noqa: E402
+from .weights.pretrained import from_pretrained  # noqa: E402
 
 __all__ = [
     "OTSeg",

@@ -1,57 +1,56 @@
-"""One way for every command-line entry point to fail on bad input.
+"""The ``otseg`` command: one entry point for the library's command lines.
 
-``python -m otseg.weights.convert``, ``otseg.weights.publish``, ``otseg.inference.export_onnx``, ``train.train``,
-``train.evaluate`` and ``python app.py`` end with ``run(main)``: a problem with what the user
-gave (arguments, files, data) prints one line, ``error: <what and what to do>``, on stderr and
-exits with code 2, without a traceback. Anything else is a bug and keeps its traceback;
-``OTSEG_TRACEBACK=1`` shows the traceback for user errors too.
+    otseg convert ...        convert an original checkpoint, or fetch the authors' released one
+    otseg publish ORG ...    convert and upload the authors' released checkpoints
+    otseg export-onnx ...    export a model's image tower and head to ONNX
+
+``python -m otseg ...`` is the same. Each subcommand takes its own ``--help``; bad input ends with
+one ``error:`` line and exit code 2 (see :func:`otseg.errors.run`).
 """
 
 from __future__ import annotations
 
-import os
+import importlib
 import sys
-from collections.abc import Callable
-from typing import NoReturn
+from collections.abc import Sequence
 
-from .errors import UserError
+from .errors import run
 
-#: Exceptions that describe bad input: UserError covers CheckpointError, ImageError and
-#: invalid settings; FileNotFoundError covers WeightsNotFoundError; the rest are file access.
-#: A plain ValueError is a bug: it keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    UserError,
-    FileNotFoundError,
-    IsADirectoryError,
-    NotADirectoryError,
-    PermissionError,
-)
-USAGE_EXIT_CODE = 2  # as argparse uses for bad arguments
+#: subcommand → (module with ``main(argv)``, one line of help). Imported on use, so
+#: ``otseg --help`` is instant and one subcommand never pays for another's imports.
+COMMANDS = {
+    "convert": ("otseg.weights.convert", "convert an original OTSeg checkpoint (or --original)"),
+    "publish": ("otseg.weights.publish", "convert and upload the authors' released checkpoints"),
+    "export-onnx": ("otseg.inference.export_onnx", "export the image tower and head to ONNX"),
+}
 
 
-def fail(message: str) -> NoReturn:
-    """Print ``error: message`` (first line only) on stderr and exit with code 2."""
-    line = str(message).strip().splitlines()[0] if str(message).strip() else "failed"
-    if not line.startswith("error:"):
-        line = f"error: {line}"
-    print(line, file=sys.stderr, flush=True)
-    raise SystemExit(USAGE_EXIT_CODE)
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items())
+    return (
+        f"usage: otseg COMMAND [ARGS...]\n\ncommands:\n{rows}\n\n'otseg COMMAND --help' for more."
+    )
 
 
-def run(main: Callable[[], object]) -> NoReturn:
-    """Call ``main()`` (which parses ``sys.argv``) and exit: 0 when it returns something that is
-    not an exit code, its code when it returns an int, 2 with one line for bad input."""
-    try:
-        result = main()
-    except SystemExit as e:
-        if isinstance(e.code, str):  # raise SystemExit("message"): a user-facing stop
-            fail(e.code)
-        raise
-    except USER_ERRORS as e:
-        if os.environ.get("OTSEG_TRACEBACK"):
-            raise
-        fail(f"{e}" or type(e).__name__)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
-    raise SystemExit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
+def dispatch(argv: Sequence[str] | None = None) -> object:
+    """Run one subcommand with the rest of ``argv``; returns its exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        raise SystemExit(f"unknown command {name!r}; choose one of: {', '.join(COMMANDS)}")
+    module = importlib.import_module(COMMANDS[name][0])
+    sys.argv[0] = f"otseg {name}"
+    return module.main(rest)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point (``otseg``)."""
+    run(lambda: dispatch(argv))
+
+
+if __name__ == "__main__":
+    main()

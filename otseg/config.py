@@ -204,15 +204,3 @@ PRESETS: dict[str, OTSegConfig] = {
     for setting in SETTINGS
 }
 PRESETS["tiny"] = tiny_config()
-
-
-def get_preset(name: str):
-    """A named preset: ``{voc,context,coco}-{inductive,transductive,fully}`` or ``tiny`` (OTSeg),
-    ``zegot-{voc,context,coco}-{inductive,transductive}`` or ``zegot-tiny`` (ZegOT)."""
-    from .models.zegot.config import PRESETS as ZEGOT_PRESETS
-
-    presets = {**PRESETS, **ZEGOT_PRESETS}
-    try:
-        return presets[name]
-    except KeyError:
-        raise UserError(f"unknown preset {name!r}; choose from {sorted(presets)}") from None

@@ -76,7 +76,7 @@ def save_tiny_clip(directory: Path, seed: int = 0) -> Path:
 
 def tiny_model(seed: int = 0, clip: str | None = None, **changes) -> OTSeg:
     """A tiny OTSeg; with ``clip`` (an open_clip name such as 'local-dir:/x') it has a text tower."""
-    from otseg.weights.hub import load_clip
+    from otseg.weights.clip import load_clip
 
     torch.manual_seed(seed)
     cfg = tiny_config(**changes)

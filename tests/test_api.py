@@ -25,7 +25,7 @@ def model(clip_dir):
 def test_public_names():
     for name in ("OTSegPredictor", "Prediction", "OTSeg", "from_pretrained", "segment"):
         assert name in otseg.__all__ and hasattr(otseg, name)
-    assert otseg.from_pretrained is otseg.weights.hub.from_pretrained
+    assert otseg.from_pretrained is otseg.weights.pretrained.from_pretrained
     assert otseg.OTSeg is otseg.models.otseg.OTSeg
 
 

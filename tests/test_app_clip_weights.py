@@ -12,7 +12,8 @@ import pytest
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
 from factories import fill_hf_cache, save_tiny_clip
-from otseg.weights import hub
+from otseg.errors import WeightsNotFoundError
+from otseg.weights import clip, hub
 
 REPO = "otseg-test/tiny-clip"
 
@@ -21,7 +22,7 @@ REPO = "otseg-test/tiny-clip"
 LOAD = """
 import json, sys, time
 import otseg, open_clip
-from otseg.weights.hub import load_clip
+from otseg.weights.clip import load_clip
 cache, name, tag, config = sys.argv[1:5]
 # a built-in-style name whose pretrained tag points at the cached Hub repo
 open_clip.factory._MODEL_CONFIGS[name] = json.load(open(config))["model_cfg"]
@@ -86,27 +87,28 @@ def test_first_online_run_downloads_one_weight_file(tmp_path, monkeypatch):
         return str(clip_dir / filename)
 
     monkeypatch.setattr(hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(clip, "hf_hub_download", fake_download)
     monkeypatch.setattr(hub, "_offline", lambda: False)
     monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: None)
 
     available = {"open_clip_config.json", *hub.CLIP_WEIGHT_NAMES}
-    assert hub._clip_weights(REPO, None).name == "open_clip_model.safetensors"
+    assert clip._clip_weights(REPO, None).name == "open_clip_model.safetensors"
     assert downloads == ["open_clip_model.safetensors"]
 
     downloads.clear()
     available = {"open_clip_config.json", "open_clip_pytorch_model.bin"}
-    assert hub._clip_weights(REPO, None).name == "open_clip_pytorch_model.bin"
+    assert clip._clip_weights(REPO, None).name == "open_clip_pytorch_model.bin"
     assert downloads == ["open_clip_pytorch_model.bin"]
 
     available = {"open_clip_config.json"}
-    with pytest.raises(hub.WeightsNotFoundError, match="has none of"):
-        hub._clip_weights(REPO, None)
+    with pytest.raises(WeightsNotFoundError, match="has none of"):
+        clip._clip_weights(REPO, None)
 
     # the second format already cached: used as is, the first is not fetched beside it
     available = {"open_clip_config.json", *hub.CLIP_WEIGHT_NAMES}
     cached = {"open_clip_pytorch_model.bin"}
     downloads.clear()
-    assert hub._clip_weights(REPO, None).name == "open_clip_pytorch_model.bin"
+    assert clip._clip_weights(REPO, None).name == "open_clip_pytorch_model.bin"
     assert downloads == []
 
 
@@ -117,6 +119,6 @@ def test_clip_files_from_two_cached_revisions_are_refused(tmp_path, monkeypatch)
         snapshot = "rev1" if filename == "open_clip_config.json" else "rev2"
         return tmp_path / snapshot / filename
 
-    monkeypatch.setattr(hub, "_cached_file", cached_file)
-    with pytest.raises(hub.WeightsNotFoundError, match="come from different revisions"):
-        hub.load_clip(f"hf-hub:{REPO}")
+    monkeypatch.setattr(clip, "_cached_file", cached_file)
+    with pytest.raises(WeightsNotFoundError, match="come from different revisions"):
+        clip.load_clip(f"hf-hub:{REPO}")

@@ -135,7 +135,7 @@ def test_only_user_errors_become_toasts():
     import gradio as gr
 
     from app.ui import user_errors
-    from otseg.weights.hub import CheckpointError
+    from otseg.errors import CheckpointError
 
     def raising(exc):
         return user_errors(lambda: (_ for _ in ()).throw(exc))

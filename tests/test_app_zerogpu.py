@@ -26,7 +26,7 @@ from torch import nn
 from app import gpu
 from app.inference import Handlers, LoadedModel, load_model
 from otseg.models.zegot import build_zegot, zegot_tiny_config
-from otseg.weights.hub import model_type
+from otseg.registry import model_type
 from tests.demo_helpers import client, pickling_gpu, served, tiny_dirs, write_photo
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from otseg.cli import run
-from otseg.errors import UserError
+from otseg.errors import CheckpointError, UserError, run
 from otseg.inference.preprocess import ImageError
-from otseg.weights.hub import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 

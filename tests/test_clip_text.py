@@ -8,7 +8,7 @@ import torch
 from factories import save_tiny_clip
 from otseg.data.prompts import TEMPLATES_6, fill
 from otseg.nn.clip_text import PromptEmbedder, TextTower
-from otseg.weights.hub import load_clip
+from otseg.weights.clip import load_clip
 
 
 @pytest.fixture(scope="module")

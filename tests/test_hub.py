@@ -13,17 +13,11 @@ import pytest
 import torch
 
 from factories import fill_hf_cache, random_photo, save_tiny_clip, tiny_model
-from otseg.errors import UserError
+from otseg.errors import CheckpointError, UserError, WeightsNotFoundError
 from otseg.inference.predictor import OTSegPredictor
 from otseg.models.otseg import OTSeg
-from otseg.weights.hub import (
-    CheckpointError,
-    WeightsNotFoundError,
-    from_pretrained,
-    hub_unreachable_reason,
-    locate_model,
-    resolve_file,
-)
+from otseg.weights.hub import hub_unreachable_reason, locate_model, resolve_file
+from otseg.weights.pretrained import from_pretrained
 
 
 def outputs(model, x):
@@ -122,7 +116,7 @@ def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
 def test_offline_error_without_hf_hub_offline_is_quick(tmp_path):
     """With no network and no HF_HUB_OFFLINE, the error still comes quickly (no long retries)."""
     code = (
-        "import otseg, time, sys; from otseg.weights.hub import from_pretrained, WeightsNotFoundError\n"
+        "import otseg, time, sys; from otseg import from_pretrained; from otseg.errors import WeightsNotFoundError\n"
         "t = time.time()\n"
         "try: from_pretrained('someone/not-downloaded', cache_dir=sys.argv[1])\n"
         "except WeightsNotFoundError as e: print('ERR', round(time.time() - t, 1), e)\n"

@@ -1,4 +1,4 @@
-"""What OTSeg and ZegOT answer the same way: which model it is (``otseg.weights.hub.model_type``) and
+"""What OTSeg and ZegOT answer the same way: which model it is (``otseg.registry.model_type``) and
 gradient checkpointing of the trainable path (``set_grad_checkpointing``)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from torch import nn
 from factories import tiny_model, tiny_zegot
 from otseg.config import tiny_config
 from otseg.models.zegot import zegot_tiny_config
-from otseg.weights.hub import model_type
+from otseg.registry import model_type
 
 
 def _build(kind: str) -> nn.Module:

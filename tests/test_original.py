@@ -24,14 +24,14 @@ from factories import (
     skip_or_fail,
     tiny_model,
 )
-from otseg.config import get_preset
+from otseg.errors import CheckpointError
 from otseg.inference.predictor import OTSegPredictor
 from otseg.models.otseg import OTSeg
+from otseg.registry import get_preset
 from otseg.weights import convert, original, publish
-from otseg.weights.convert import read_text_embeddings
+from otseg.weights.convert import cached, read_text_embeddings
 from otseg.weights.download import DownloadError, download
-from otseg.weights.hub import CheckpointError
-from otseg.weights.original import ORIGINALS, OriginalModel, cached, get_original
+from otseg.weights.original import ORIGINALS, OriginalModel, get_original
 
 NAME = "tiny-voc-inductive"
 DRIVE_ID = "tinyDriveId0123"

@@ -21,8 +21,9 @@ from train_helpers import reset_accelerate, tiny_args
 from factories import TINY_CLIP_CFG, save_tiny_clip
 from otseg.data.datasets import read_label
 from otseg.data.synthetic import write_synthetic
+from otseg.errors import WeightsNotFoundError
 from otseg.models.otseg import OTSeg
-from otseg.weights.hub import WeightsNotFoundError, load_text_bank
+from otseg.weights.store import load_text_bank
 from train.build import build_config, build_training_model, load_frozen_clip
 from train.optim import poly_warmup_lr
 from train.recipe import load_recipe
@@ -252,7 +253,7 @@ def test_local_clip_weights_file_and_offline_error(tmp_path: Path, monkeypatch):
     def offline(*args, **kwargs):
         raise WeightsNotFoundError("not in the Hugging Face cache and HF_HUB_OFFLINE=1")
 
-    monkeypatch.setattr("otseg.weights.hub.load_clip", offline)
+    monkeypatch.setattr("otseg.weights.clip.load_clip", offline)
     with pytest.raises(WeightsNotFoundError, match=r"(?s)HF_HUB_OFFLINE.*--set clip_weights="):
         load_frozen_clip(build_config(load_recipe("voc-inductive")))
 

@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 from train_helpers import reset_accelerate, tiny_args
 
-from otseg.config import IMAGENET_MEAN, get_preset
+from otseg.config import IMAGENET_MEAN
 from otseg.data.augment import normalize, resize_image
 from otseg.data.datasets import build_dataset
 from otseg.data.synthetic import write_synthetic
 from otseg.models.training_free import CLIP_MEAN, CLIP_STD
+from otseg.registry import get_preset
 from train.build import build_eval_loader
 from train.protocols import PROTOCOLS, get_protocol
 

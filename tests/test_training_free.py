@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from otseg.errors import WeightsNotFoundError
 from otseg.inference.predictor import OTSegPredictor
 from otseg.models.training_free import CLIP_MEAN, TrainingFreeOTSeg, build_training_free
-from otseg.weights.hub import WeightsNotFoundError, load_clip
+from otseg.weights.clip import load_clip
 from tests.factories import random_photo, save_tiny_clip
 
 

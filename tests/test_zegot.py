@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from factories import tiny_zegot
-from otseg.config import get_preset
-from otseg.errors import UserError
+from otseg.errors import CheckpointError, UserError
 from otseg.inference.predictor import OTSegPredictor
 from otseg.models.zegot import PRESETS, ZegOT, build_zegot, zegot_tiny_config
 from otseg.models.zegot.mpot import block_similarities, geometric_mean, mpot, refine
-from otseg.weights.hub import CheckpointError, from_pretrained
+from otseg.registry import get_preset
+from otseg.weights.pretrained import from_pretrained
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from factories import tiny_zegot
 from otseg.inference.predictor import OTSegPredictor
 from otseg.models.zegot import build_zegot, zegot_tiny_config
 from otseg.nn.losses import IGNORE
-from otseg.weights.hub import model_type
+from otseg.registry import model_type
 from train.objective import ZegOTObjective, build_objective
 
 SEEN, UNSEEN = (0, 2, 4), (1, 3)

@@ -7,6 +7,7 @@ run (and a resumed run) builds the same model and iterates the same data order.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,20 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
-from otseg.config import OTSegConfig, get_preset
+from otseg.config import OTSegConfig
 from otseg.data.augment import EvalTransform, TrainTransform, collate
 from otseg.data.datasets import build_dataset, check_label_values
 from otseg.errors import UserError
 from otseg.models.otseg import OTSeg, build_model
 from otseg.models.zegot import build_zegot
-from otseg.weights.hub import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    load_text_bank,
-    load_weights,
-    model_type,
-    read_config,
-)
+from otseg.registry import get_preset, model_type
+from otseg.weights.hub import CONFIG_NAME, WEIGHTS_NAME
+from otseg.weights.store import load_text_bank, load_weights, read_config
 from train.recipe import Recipe
 
 
@@ -124,7 +120,8 @@ def resolve_init(path: str | Path, step: int | None = None) -> Path:
 def load_frozen_clip(config: OTSegConfig, weights: str | None = None):
     """The frozen open_clip model and tokenizer of ``config`` (weights from a local file when
     given), with an actionable error when the weights are neither cached nor downloadable."""
-    from otseg.weights.hub import WeightsNotFoundError, load_clip
+    from otseg.errors import WeightsNotFoundError
+    from otseg.weights.clip import load_clip
 
     pretrained = weights or config.clip_pretrained
     try:
@@ -298,3 +295,16 @@ def describe_model(model: OTSeg) -> str:
 def dump_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str))
+
+
+def check_distributed(num_processes: int) -> None:
+    """Stop when the launcher started several processes that Accelerate does not connect (each
+    would train alone on the full batch, with no gradient synchronisation)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if num_processes != world:
+        raise SystemExit(
+            f"error: launched as {world} processes (WORLD_SIZE={world}) but Accelerate runs "
+            f"{num_processes} process: gradients would not be synchronised. Without GPUs, use "
+            f"`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {world} -m train.train ...` or pass "
+            f"--cpu; note `accelerate launch --cpu --num_processes N` starts only one process."
+        )

@@ -28,7 +28,8 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from otseg.errors import UserError
-from otseg.weights.hub import WEIGHTS_NAME, load_weights
+from otseg.weights.hub import WEIGHTS_NAME
+from otseg.weights.store import load_weights
 
 PREFIX = "checkpoint_"
 META = "meta.json"

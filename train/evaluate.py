@@ -31,7 +31,7 @@ from otseg.data.classes import CLASS_NAMES
 from otseg.inference.slide import slide_inference
 from otseg.metrics import SegMetrics, compute_metrics, format_table, new_confusion, to_json, update
 from otseg.models.otseg import OTSeg
-from otseg.weights.hub import from_pretrained
+from otseg.weights.pretrained import from_pretrained
 from train.protocols import PROTOCOLS, get_protocol
 
 logger = get_logger("train")
@@ -164,8 +164,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> SegMetrics:
-    from train.build import build_eval_loader, use_tf32
-    from train.train import check_distributed
+    from train.build import build_eval_loader, check_distributed, use_tf32
 
     args = parse_args(argv)
     protocol = get_protocol(args.protocol) if args.protocol else None
@@ -211,6 +210,6 @@ def main(argv: Sequence[str] | None = None) -> SegMetrics:
 
 
 if __name__ == "__main__":
-    from otseg.cli import run
+    from otseg.errors import run
 
     run(main)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from otseg.nn.losses import otseg_losses, pseudo_label, remap_labels
-from otseg.weights.hub import model_type
+from otseg.registry import model_type
 
 
 class OTSegObjective:

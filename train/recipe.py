@@ -95,8 +95,7 @@ class Recipe:
 
     def validate(self) -> None:
         """Checks needing more than the recipe: the transductive start point, crop = S."""
-        from otseg.config import get_preset
-        from otseg.weights.hub import model_type
+        from otseg.registry import get_preset, model_type
 
         preset = get_preset(self.preset)
         # OTSeg's transductive stage continues an inductive model (ZegOT's schedule is one run)

@@ -19,11 +19,11 @@ import time
 import torch
 from accelerate import Accelerator
 
-from otseg.config import OTSegConfig, get_preset
+from otseg.config import OTSegConfig
 from otseg.models.otseg import build_model
 from otseg.models.zegot import ZegOTConfig, build_zegot
 from otseg.nn.mpsa import fixed_sinkhorn
-from otseg.weights.hub import model_type
+from otseg.registry import get_preset, model_type
 from train.build import freeze_unreached, random_text_bank, use_tf32
 from train.engine import StepWindow, train_step
 from train.objective import build_objective

@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import logging
 import logging.handlers
-import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -38,13 +37,14 @@ import otseg  # noqa: F401 - patches torchvision before open_clip/timm are impor
 from otseg.config import OTSegConfig
 from otseg.errors import UserError
 from otseg.metrics import format_table
-from otseg.weights.hub import model_type
+from otseg.registry import model_type
 from train.build import (
     build_config,
     build_eval_loader,
     build_train_loader,
     build_training_model,
     check_custom_labels,
+    check_distributed,
     describe_model,
     dump_json,
     freeze_unreached,
@@ -105,19 +105,6 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
     recipe = dataclasses.replace(recipe, **{k: v for k, v in flags.items() if v is not None})
     recipe.validate()
     return recipe
-
-
-def check_distributed(num_processes: int) -> None:
-    """Stop when the launcher started several processes that Accelerate does not connect (each
-    would train alone on the full batch, with no gradient synchronisation)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if num_processes != world:
-        raise SystemExit(
-            f"error: launched as {world} processes (WORLD_SIZE={world}) but Accelerate runs "
-            f"{num_processes} process: gradients would not be synchronised. Without GPUs, use "
-            f"`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {world} -m train.train ...` or pass "
-            f"--cpu; note `accelerate launch --cpu --num_processes N` starts only one process."
-        )
 
 
 def build_accelerator(
@@ -355,6 +342,6 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    from otseg.cli import run
+    from otseg.errors import run
 
     run(main)

@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.iterations < 1:
         ap.error("--iterations must be ≥ 1")
-    from ..weights.hub import from_pretrained
+    from ..weights.pretrained import from_pretrained
 
     model = from_pretrained(args.model)
     export_tower(model, args.out, size=args.size)
@@ -149,6 +149,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from otseg.cli import run
+    from otseg.errors import run
 
     run(main)

@@ -169,7 +169,7 @@ class OTSegPredictor:
 
     @classmethod
     def from_pretrained(cls, repo_or_dir: str, **kwargs) -> OTSegPredictor:
-        from ..weights.hub import from_pretrained
+        from ..weights.pretrained import from_pretrained
 
         device = kwargs.pop("device", None)
         precision = kwargs.pop("precision", "fp32")

@@ -1,2 +1,17 @@
-"""The models: OTSeg, ZegOT and the training-free CLIP mode, each registered by type name in
-:mod:`otseg.registry` when imported (importing this package registers them all)."""
+"""The models: OTSeg, ZegOT and the training-free CLIP mode. Each registers its type in
+:mod:`otseg.registry` when imported; importing this package registers them all."""
+
+from .otseg import OTSeg, OTSegOutput, build_model
+from .training_free import TrainingFreeOTSeg, build_training_free
+from .zegot import ZegOT, ZegOTConfig, build_zegot
+
+__all__ = [
+    "OTSeg",
+    "OTSegOutput",
+    "TrainingFreeOTSeg",
+    "ZegOT",
+    "ZegOTConfig",
+    "build_model",
+    "build_training_free",
+    "build_zegot",
+]

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import OTSegConfig
+from .. import registry
+from ..config import PRESETS, OTSegConfig
 from ..errors import UserError
 from ..nn.clip_image import ImageEmbedding, PromptedViT
 from ..nn.clip_text import PromptEmbedder, TextTower
@@ -49,7 +50,7 @@ class HeadMaps:
 
 
 class OTSeg(PostProcessing, Pretrained, nn.Module):
-    """The OTSeg segmentor. Build with :func:`build_model` or ``otseg.weights.hub.from_pretrained``."""
+    """The OTSeg segmentor. Build with :func:`build_model` or ``otseg.weights.pretrained.from_pretrained``."""
 
     attentions = ATTENTIONS
 
@@ -192,7 +193,7 @@ def build_model(
 
     Args:
         config: the model config.
-        clip: an open_clip ``CLIP`` whose frozen towers to use (see ``otseg.weights.hub.load_clip``);
+        clip: an open_clip ``CLIP`` whose frozen towers to use (see ``otseg.weights.clip.load_clip``);
             None builds a randomly initialised image tower from the config and no text tower.
         tokenizer: the open_clip tokenizer matching ``clip``.
         text_bank: stored prompt embeddings, class name → (N, C).
@@ -201,3 +202,16 @@ def build_model(
     tower = TextTower(clip, tokenizer) if clip is not None else None
     embedder = PromptEmbedder(config.templates, tower=tower, bank=text_bank)
     return OTSeg(config, PromptedViT(config.vision, visual), embedder, tower)
+
+
+registry.register(
+    registry.ModelType(
+        name="otseg",
+        title="OTSeg",
+        config_class=OTSegConfig,
+        build=build_model,
+        presets=PRESETS,
+        about="Zero-shot semantic segmentation with multi-prompt Sinkhorn attention "
+        "(OTSeg, ECCV 2024),",
+    )
+)

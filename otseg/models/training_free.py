@@ -200,12 +200,12 @@ def build_training_free(
     dense: str = "maskclip",
     **scale,
 ) -> TrainingFreeOTSeg:
-    """Load frozen CLIP through :func:`otseg.weights.hub.load_clip` and wrap it.
+    """Load frozen CLIP through :func:`otseg.weights.clip.load_clip` and wrap it.
 
-    Raises ``otseg.weights.hub.WeightsNotFoundError`` quickly when the weights are missing or offline.
+    Raises ``otseg.errors.WeightsNotFoundError`` quickly when the weights are missing or offline.
     ``scale``: ``resize_short``, ``test_crop``, ``test_stride`` (see :func:`training_free_config`).
     """
-    from ..weights.hub import load_clip
+    from ..weights.clip import load_clip
 
     clip, tokenizer = load_clip(clip_model, pretrained, cache_dir=cache_dir)
     config = training_free_config(

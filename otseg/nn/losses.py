@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import OTSegConfig
-from ..models.otseg import OTSegOutput
-from .ensemble import fuse
+from .ensemble import WindowScores, fuse
 
 IGNORE = 255
 
@@ -50,7 +49,7 @@ def _seen_mask(k: int, seen: tuple[int, ...], device: torch.device) -> torch.Ten
 
 
 @torch.no_grad()
-def pseudo_label(targets: torch.Tensor, output: OTSegOutput, config: OTSegConfig) -> torch.Tensor:
+def pseudo_label(targets: torch.Tensor, output: WindowScores, config: OTSegConfig) -> torch.Tensor:
     """Fill unseen pixels (−1) with the best unseen class of σ(λ·MPS↑ + (1 − λ)·D↑); others → 255.
 
     The ground truth tells *where* unseen objects are, not which ones, as the original.
@@ -113,7 +112,7 @@ def seg_loss(
 
 
 def otseg_losses(
-    output: OTSegOutput,
+    output: WindowScores,
     targets: torch.Tensor,
     *,
     mask_weight: float = 100.0,

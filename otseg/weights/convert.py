@@ -1,4 +1,6 @@
-"""Convert an original OTSeg (mmseg) checkpoint and its text-embedding ``.npy`` to our format.
+"""Convert an original OTSeg (mmseg) checkpoint and its text-embedding ``.npy`` to our format;
+the authors' released checkpoints (:mod:`otseg.weights.original`) are downloaded, converted and
+cached here too.
 
     python -m otseg.weights.convert iter_20000.pth --text-embeddings voc12_otseg.npy \\
         --preset voc-inductive --output otseg-voc-inductive [--push-to-hub org/name]
@@ -10,18 +12,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pickle
+import shutil
 import sys
+import warnings
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
+from torch import nn
 
-from ..cli import fail
-from ..config import PRESETS, OTSegConfig, get_preset
-from ..errors import UserError
-from ..models.otseg import OTSeg, build_model
-from .hub import CheckpointError, WeightsNotFoundError, load_weights
+from .. import registry
+from ..config import PRESETS, OTSegConfig
+from ..errors import CheckpointError, UserError, WeightsNotFoundError, fail
+from ..nn.clip_image import PromptedViT
+from .clip import load_clip
+from .download import DownloadError
+from .original import PREFIX, OriginalModel, cache_root, card_for, fetch, get_original
+from .store import load_weights
+
+RELEASED_PREFIXES = (PREFIX,)  # references from_pretrained resolves here
 
 # Original prefix → ours. Everything else must be dropped explicitly below.
 RENAMES = (
@@ -106,13 +120,13 @@ def convert_checkpoint(
     checkpoint: str | Path | dict[str, torch.Tensor],
     config: OTSegConfig,
     text_embeddings: str | Path,
-) -> OTSeg:
-    """An :class:`OTSeg` with the original weights. With ``config.clip_model`` set, the frozen
+) -> nn.Module:
+    """An OTSeg model with the original weights. With ``config.clip_model`` set, the frozen
     image tower of the checkpoint is checked for shape and then left to open_clip."""
     state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
     renamed, _ = map_keys(state)
     bank = read_text_embeddings(text_embeddings, config)
-    model = build_model(config, text_bank=bank)
+    model = registry.build(config, text_bank=bank)
     full = model.state_dict()
     wrong = [
         f"{k}: checkpoint {tuple(v.shape)}, config {tuple(full[k].shape)}"
@@ -132,6 +146,100 @@ def convert_checkpoint(
     return model.eval()
 
 
+# -- the authors' released checkpoints ------------------------------------------------------
+def build_original(
+    entry: OriginalModel, workdir: Path, *, keep_clip: bool = False, quiet: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Download into ``workdir``, verify, convert (strict key check); returns (model, card)."""
+    checkpoint, npy = fetch(entry, workdir, quiet=quiet)
+    if _broken_zip(checkpoint):
+        raise DownloadError(
+            f"the downloaded {entry.title} checkpoint is an incomplete zip archive (the "
+            "transfer was cut short); run the command again"
+        )
+    try:
+        state = read_checkpoint(checkpoint)
+    except CheckpointError as e:
+        reason = str(e).splitlines()[0].replace(str(checkpoint), "it")
+        raise CheckpointError(f"the downloaded {entry.title} checkpoint: {reason}") from None
+    config = entry.config
+    if keep_clip:
+        config = dataclasses.replace(config, clip_model=None, clip_pretrained=None)
+    model = convert_checkpoint(state, config, npy)
+    card = card_for(entry)
+    if config.clip_model is not None:
+        card["image_tower_check"] = check_image_tower(state, config)
+    return model, card
+
+
+def _broken_zip(path: Path) -> bool:
+    """A zip archive (PyTorch's format since 1.6) whose directory or CRCs do not check out."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"PK":
+            return False  # not a zip: left to torch.load
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is not None
+    except zipfile.BadZipFile:
+        return True
+
+
+TOWER_TOLERANCE = 1e-4
+
+
+def check_image_tower(state: dict[str, torch.Tensor], config: OTSegConfig) -> dict[str, Any]:
+    """Compare the checkpoint's frozen image tower with the open_clip tower the converted model
+    will load instead; warns when they differ (then ``--keep-clip`` keeps the authors' tower)."""
+
+    against = f"{config.clip_model} / {config.clip_pretrained}"
+    try:
+        clip, _ = load_clip(config.clip_model, config.clip_pretrained)
+    except (WeightsNotFoundError, RuntimeError, ValueError) as e:
+        return {"against": against, "result": f"not checked ({type(e).__name__})"}
+    renamed, _ = map_keys(state)
+    tower = PromptedViT(config.vision, clip.visual).state_dict()
+    diffs = {
+        k: (renamed[f"image_encoder.{k}"].float() - v.float()).abs().max().item()
+        for k, v in tower.items()
+        if "prompt" not in k
+    }
+    worst = max(diffs, key=diffs.get)
+    if diffs[worst] > TOWER_TOLERANCE:
+        warnings.warn(
+            f"the checkpoint's frozen image tower differs from {against} by up to "
+            f"{diffs[worst]:.2g} (at {worst}); the converted model uses the open_clip tower, "
+            "convert with --keep-clip to keep the authors' one",
+            stacklevel=2,
+        )
+    return {"against": against, "max_abs_diff": diffs[worst], "at": worst}
+
+
+def cached(name: str, *, quiet: bool = False) -> Path:
+    """The converted directory of ``original:<name>``: from the cache, else downloaded and
+    converted once (built in a temporary folder, renamed into place only when complete)."""
+    entry = get_original(name)
+    root = cache_root() / "original"
+    final = root / entry.name
+    if (final / "config.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{entry.name}.lock")):
+        if (final / "config.json").is_file():  # another process finished it meanwhile
+            return final
+        work = root / f".{entry.name}.tmp-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            (work / "download").mkdir(parents=True)
+            model, card = build_original(entry, work / "download", quiet=quiet)
+            model.save_pretrained(work / "model", card=card)
+            shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover, if any
+            os.replace(work / "model", final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+# -- command line ---------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from .original import available
 
@@ -172,9 +280,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _convert_local(args: argparse.Namespace) -> tuple[OTSeg, dict]:
+def _convert_local(args: argparse.Namespace) -> tuple[nn.Module, dict]:
     if args.preset:
-        config = get_preset(args.preset)
+        config = registry.get_preset(args.preset)
     else:
         try:
             config = OTSegConfig.from_dict(json.loads(Path(args.config).read_text()))
@@ -194,16 +302,14 @@ def _convert_local(args: argparse.Namespace) -> tuple[OTSeg, dict]:
     return model, card
 
 
-def _convert_original(args: argparse.Namespace) -> tuple[OTSeg, dict]:
+def _convert_original(args: argparse.Namespace) -> tuple[nn.Module, dict]:
     import tempfile
-
-    from .original import build, get_original
 
     entry = get_original(args.original)
     parent = Path(args.output).resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".otseg-download-", dir=parent) as work:
-        return build(entry, Path(work), keep_clip=args.keep_clip)
+        return build_original(entry, Path(work), keep_clip=args.keep_clip)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,6 +328,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from otseg.cli import run
+    from otseg.errors import run
 
     run(main)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .hub import WeightsNotFoundError
+from ..errors import WeightsNotFoundError
 
 TIMEOUT = (10.0, 60.0)  # seconds: connect, then between bytes
 HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<?xml")

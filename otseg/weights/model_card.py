@@ -5,24 +5,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..config import OTSegConfig
+from .. import registry
 from ..data.classes import DATASET_TITLES
 
 
-def render_model_card(config: OTSegConfig, card: dict[str, Any], has_text_bank: bool) -> str:
+def render_model_card(config: Any, card: dict[str, Any], has_text_bank: bool) -> str:
     """Markdown with Hub front matter: what the model is, its vocabulary, metrics, training."""
-    from .hub import model_type
-
-    zegot = model_type(config) == "zegot"
+    kind = registry.type_of(config)
     dataset = DATASET_TITLES.get(config.dataset, config.dataset)
-    about = (
-        "Zero-shot semantic segmentation with learned text prompts and multi-prompt optimal\n"
-        "transport over CLIP's image blocks (ZegOT, OTSeg's predecessor; trained with otseg),"
-        if zegot
-        else "Zero-shot semantic segmentation with multi-prompt Sinkhorn attention (OTSeg, ECCV 2024),"
-    )
+    about = kind.about
     unseen = [config.class_names[i] for i in config.unseen]
-    title = card.get("title") or f"{'ZegOT' if zegot else 'OTSeg'} — {dataset}, {config.setting}"
+    title = card.get("title") or f"{kind.title} — {dataset}, {config.setting}"
     lines = [
         "---",
         "library_name: otseg",
@@ -54,7 +47,7 @@ def render_model_card(config: OTSegConfig, card: dict[str, Any], has_text_bank: 
         f"- Prompts per class: {config.num_prompts}"
         + (
             " learned"
-            if zegot
+            if kind.learned_prompts
             else f"; stored prompt embeddings: {'yes' if has_text_bank else 'no'}"
         ),
         f"- Test: short side {config.resize_short}, slide crop {config.test_crop}, stride {config.test_stride}",

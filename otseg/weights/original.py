@@ -1,4 +1,5 @@
-"""The authors' nine released OTSeg checkpoints: one table, and download → verify → convert → cache.
+"""The authors' nine released OTSeg checkpoints: one table, their sources (download → verify) and
+where converted copies are cached (the conversion is :mod:`otseg.weights.convert`).
 
     OTSegPredictor.from_pretrained("original:coco-transductive")     # cached after first use
     python -m otseg.weights.convert --original coco-transductive --output otseg-coco-transductive
@@ -11,22 +12,15 @@ prompt embeddings (``.npy``) from the same repository at the pinned commit. With
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import shutil
-import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..config import OTSegConfig, get_preset
+from .. import registry
+from ..config import OTSegConfig
 from ..errors import UserError
-from ..models.otseg import OTSeg
 from .download import DownloadError, download, offline
-from .hub import CheckpointError
 
 PREFIX = "original:"
 REPO = "cubeyoung/OTSeg"
@@ -75,7 +69,7 @@ class OriginalModel:
 
     @property
     def config(self) -> OTSegConfig:
-        return get_preset(self.preset) if isinstance(self.preset, str) else self.preset
+        return registry.get_preset(self.preset) if isinstance(self.preset, str) else self.preset
 
     @property
     def drive_url(self) -> str:
@@ -190,78 +184,6 @@ def fetch(entry: OriginalModel, directory: Path, *, quiet: bool = False) -> tupl
     return checkpoint, npy
 
 
-def build(
-    entry: OriginalModel, workdir: Path, *, keep_clip: bool = False, quiet: bool = False
-) -> tuple[OTSeg, dict[str, Any]]:
-    """Download into ``workdir``, verify, convert (strict key check); returns (model, card)."""
-    from .convert import convert_checkpoint, read_checkpoint
-
-    checkpoint, npy = fetch(entry, workdir, quiet=quiet)
-    if _broken_zip(checkpoint):
-        raise DownloadError(
-            f"the downloaded {entry.title} checkpoint is an incomplete zip archive (the "
-            "transfer was cut short); run the command again"
-        )
-    try:
-        state = read_checkpoint(checkpoint)
-    except CheckpointError as e:
-        reason = str(e).splitlines()[0].replace(str(checkpoint), "it")
-        raise CheckpointError(f"the downloaded {entry.title} checkpoint: {reason}") from None
-    config = entry.config
-    if keep_clip:
-        config = dataclasses.replace(config, clip_model=None, clip_pretrained=None)
-    model = convert_checkpoint(state, config, npy)
-    card = card_for(entry)
-    if config.clip_model is not None:
-        card["image_tower_check"] = check_image_tower(state, config)
-    return model, card
-
-
-def _broken_zip(path: Path) -> bool:
-    """A zip archive (PyTorch's format since 1.6) whose directory or CRCs do not check out."""
-    with open(path, "rb") as f:
-        if f.read(2) != b"PK":
-            return False  # not a zip: left to torch.load
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is not None
-    except zipfile.BadZipFile:
-        return True
-
-
-TOWER_TOLERANCE = 1e-4
-
-
-def check_image_tower(state: dict[str, torch.Tensor], config: OTSegConfig) -> dict[str, Any]:
-    """Compare the checkpoint's frozen image tower with the open_clip tower the converted model
-    will load instead; warns when they differ (then ``--keep-clip`` keeps the authors' tower)."""
-    from ..nn.clip_image import PromptedViT
-    from .convert import map_keys
-    from .hub import WeightsNotFoundError, load_clip
-
-    against = f"{config.clip_model} / {config.clip_pretrained}"
-    try:
-        clip, _ = load_clip(config.clip_model, config.clip_pretrained)
-    except (WeightsNotFoundError, RuntimeError, ValueError) as e:
-        return {"against": against, "result": f"not checked ({type(e).__name__})"}
-    renamed, _ = map_keys(state)
-    tower = PromptedViT(config.vision, clip.visual).state_dict()
-    diffs = {
-        k: (renamed[f"image_encoder.{k}"].float() - v.float()).abs().max().item()
-        for k, v in tower.items()
-        if "prompt" not in k
-    }
-    worst = max(diffs, key=diffs.get)
-    if diffs[worst] > TOWER_TOLERANCE:
-        warnings.warn(
-            f"the checkpoint's frozen image tower differs from {against} by up to "
-            f"{diffs[worst]:.2g} (at {worst}); the converted model uses the open_clip tower, "
-            "convert with --keep-clip to keep the authors' one",
-            stacklevel=2,
-        )
-    return {"against": against, "max_abs_diff": diffs[worst], "at": worst}
-
-
 def card_for(entry: OriginalModel) -> dict[str, Any]:
     """Model-card facts: where the weights come from, and the authors' reported numbers."""
     numbers = {k: ("not in the source" if v is None else v) for k, v in entry.reported.items()}
@@ -307,30 +229,3 @@ def cache_root() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface"
     )
     return Path(hf_home).expanduser() / "otseg"
-
-
-def cached(name: str, *, quiet: bool = False) -> Path:
-    """The converted directory of ``original:<name>``: from the cache, else downloaded and
-    converted once (built in a temporary folder, renamed into place only when complete)."""
-    from filelock import FileLock
-
-    entry = get_original(name)
-    root = cache_root() / "original"
-    final = root / entry.name
-    if (final / "config.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f".{entry.name}.lock")):
-        if (final / "config.json").is_file():  # another process finished it meanwhile
-            return final
-        work = root / f".{entry.name}.tmp-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        try:
-            (work / "download").mkdir(parents=True)
-            model, card = build(entry, work / "download", quiet=quiet)
-            model.save_pretrained(work / "model", card=card)
-            shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover, if any
-            os.replace(work / "model", final)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    return final

@@ -1,10 +1,56 @@
-"""Hub I/O methods shared by the model classes (OTSeg, ZegOT); the work is in :mod:`otseg.weights.hub`,
-imported on call because it imports the models itself."""
+"""Loading any model by reference, and the ``save_pretrained`` / ``push_to_hub`` /
+``from_pretrained`` methods every model class inherits.
+
+A reference is a local model directory, a Hub repo id (cache first; works offline) or a released
+checkpoint's name (``original:<setting>``: downloaded, converted and cached on first use).
+"""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any, Self
+
+import torch
+from torch import nn
+
+from .convert import RELEASED_PREFIXES, cached
+from .hub import upload_folder
+from .store import load_directory, save_pretrained
+
+
+def from_pretrained(
+    repo_or_dir: str | Path,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    token: str | None = None,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """Load a model (its type as its config.json says) from a local directory, a Hub repo id
+    (cache first; offline-friendly) or ``original:<setting>`` (the authors' checkpoint,
+    downloaded and converted on first use), in eval mode."""
+    if str(repo_or_dir).startswith(RELEASED_PREFIXES):
+        repo_or_dir = cached(str(repo_or_dir))
+    model = load_directory(repo_or_dir, revision=revision, cache_dir=cache_dir, token=token)
+    return model.to(device) if device is not None else model
+
+
+def push_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    card: dict[str, Any] | None = None,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload OTSeg model",
+) -> str:
+    """Save to a temporary directory and upload it as a model repo; returns the commit URL."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tmp, card=card)
+        return upload_folder(
+            tmp, repo_id, private=private, token=token, commit_message=commit_message
+        )
 
 
 class Pretrained:
@@ -12,13 +58,9 @@ class Pretrained:
 
     def save_pretrained(self, directory: str | Path, *, card: dict | None = None) -> Path:
         """Write config.json, model.safetensors, stored text embeddings and a model card."""
-        from .hub import save_pretrained
-
         return save_pretrained(self, directory, card=card)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        from .hub import push_to_hub
-
         return push_to_hub(self, repo_id, **kwargs)
 
     @classmethod
@@ -26,8 +68,6 @@ class Pretrained:
         """Load from a local directory, a Hub repo id (cache first; works offline) or
         ``original:<setting>``; a TypeError if it holds another kind of model
         (``otseg.from_pretrained`` loads any kind)."""
-        from .hub import from_pretrained
-
         model = from_pretrained(repo_or_dir, **kwargs)
         if not isinstance(model, cls):
             raise TypeError(

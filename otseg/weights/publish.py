@@ -13,9 +13,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..cli import fail, run
-from ..errors import UserError
-from .original import ORIGINALS, available, build, get_original
+from ..errors import UserError, fail, run
+from .convert import build_original
+from .original import ORIGINALS, available, get_original
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         repo = f"{args.org}/otseg-{name}"
         try:
             with tempfile.TemporaryDirectory(prefix=".otseg-download-", dir=out) as work:
-                model, card = build(ORIGINALS[name], Path(work))
+                model, card = build_original(ORIGINALS[name], Path(work))
             folder = model.save_pretrained(out / f"otseg-{name}", card=card)
             if args.dry_run:
                 print(f"{name}: wrote {folder} (dry run, not pushed to {repo})")

@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ... import registry
 from ...errors import UserError
 from ...nn.clip_text import PromptEmbedder, TextTower
 from ...nn.decoder import relationship_queries
 from ...nn.ensemble import PostProcessing, WindowScores
 from ...nn.mps import Transport
 from ...weights.pretrained import Pretrained
-from .config import ZegOTConfig
+from .config import PRESETS, ZegOTConfig
 from .decoder import ScoreMapDecoder
 from .mpot import TRANSPORTS, MPOTMaps, block_similarities, mpot
 from .towers import FrozenViT, LayeredEmbedding, LearnedPrompts, build_random_clip
@@ -54,7 +55,7 @@ class ZegOTOutput(WindowScores):
 
 
 class ZegOT(PostProcessing, Pretrained, nn.Module):
-    """The ZegOT segmentor. Build with :func:`build_zegot` or ``otseg.weights.hub.from_pretrained``."""
+    """The ZegOT segmentor. Build with :func:`build_zegot` or ``otseg.weights.pretrained.from_pretrained``."""
 
     embedding_type = LayeredEmbedding  # what encode_image returns
     attentions = TRANSPORTS
@@ -199,7 +200,7 @@ def build_zegot(config: ZegOTConfig, *, clip: nn.Module | None = None, tokenizer
 
     Args:
         config: the model config.
-        clip: an open_clip ``CLIP`` whose frozen towers to use (see ``otseg.weights.hub.load_clip``);
+        clip: an open_clip ``CLIP`` whose frozen towers to use (see ``otseg.weights.clip.load_clip``);
             None builds random towers of the config's sizes (their weights are then stored
             with the model).
         tokenizer: the open_clip tokenizer matching ``clip``.
@@ -216,3 +217,22 @@ def build_zegot(config: ZegOTConfig, *, clip: nn.Module | None = None, tokenizer
         checkpointing=h.text_checkpointing,
     )
     return ZegOT(config, FrozenViT(config.vision, clip.visual), prompts)
+
+
+def _build(config: ZegOTConfig, *, clip=None, tokenizer=None, text_bank=None) -> ZegOT:
+    return build_zegot(config, clip=clip, tokenizer=tokenizer)  # ZegOT stores no text bank
+
+
+registry.register(
+    registry.ModelType(
+        name="zegot",
+        title="ZegOT",
+        config_class=ZegOTConfig,
+        build=_build,
+        presets=PRESETS,
+        about="Zero-shot semantic segmentation with learned text prompts and multi-prompt "
+        "optimal\ntransport over CLIP's image blocks (ZegOT, OTSeg's predecessor; trained with "
+        "otseg),",
+        learned_prompts=True,
+    )
+)

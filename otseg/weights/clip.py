@@ -1,0 +1,72 @@
+"""The frozen CLIP towers, from open_clip: built-in names, ``hf-hub:`` repos (cache first, one
+weight file downloaded at most) and ``local-dir:`` folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+from ..errors import WeightsNotFoundError
+from .hub import CLIP_WEIGHT_NAMES, resolve_file
+
+
+def _cached_file(repo: str, filename: str, cache_dir: str | Path | None) -> Path | None:
+    """``filename`` of ``repo`` if the Hugging Face cache holds it (never touches the network)."""
+    try:
+        return Path(hf_hub_download(repo, filename, local_files_only=True, cache_dir=cache_dir))
+    except (LocalEntryNotFoundError, HFValidationError):
+        return None
+
+
+def _clip_weights(repo: str, cache_dir: str | Path | None) -> Path:
+    """The CLIP weight file of ``repo``: any candidate already cached (no network), else the
+    first candidate the Hub has, downloaded (one file, never a second copy in another format)."""
+    for name in CLIP_WEIGHT_NAMES:
+        path = _cached_file(repo, name, cache_dir)
+        if path is not None:
+            return path
+    for name in CLIP_WEIGHT_NAMES:
+        path = resolve_file(repo, name, cache_dir=cache_dir, required=False)
+        if path is not None:
+            return path
+    raise WeightsNotFoundError(f"the CLIP repo {repo!r} has none of {', '.join(CLIP_WEIGHT_NAMES)}")
+
+
+def load_clip(model_name: str, pretrained: str | None = None, *, cache_dir: str | None = None):
+    """Frozen open_clip CLIP and its tokenizer.
+
+    ``model_name``: a built-in open_clip name ("ViT-B-16-quickgelu", weights from the
+    ``pretrained`` tag or file), ``hf-hub:org/repo`` or ``local-dir:/path`` (an open_clip
+    directory with ``open_clip_config.json`` and weights). Weights already in the Hugging Face
+    cache are used without any network access; otherwise one weight file is downloaded.
+    """
+    import open_clip
+
+    if model_name.startswith("hf-hub:"):
+        repo = model_name[len("hf-hub:") :]
+        # The cache first, as for the weights: resolve_file would take a local folder named
+        # like the repo first, and the two files must come from one snapshot.
+        config = _cached_file(repo, "open_clip_config.json", cache_dir) or resolve_file(
+            repo, "open_clip_config.json", cache_dir=cache_dir
+        )
+        weights = _clip_weights(repo, cache_dir)
+        if weights.parent != config.parent:  # both must sit in one snapshot for local-dir:
+            raise WeightsNotFoundError(
+                f"the cached files of {repo!r} come from different revisions; re-download it"
+            )
+        model_name = f"local-dir:{config.parent}"
+    elif pretrained and not Path(pretrained).is_file():
+        cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+        if not cfg:
+            raise WeightsNotFoundError(
+                f"open_clip has no pretrained tag {pretrained!r} for {model_name}"
+            )
+        if cfg.get("hf_hub"):
+            pretrained = str(_clip_weights(cfg["hf_hub"].rstrip("/"), cache_dir))
+    if model_name.startswith("local-dir:") and not Path(model_name[10:]).is_dir():
+        raise WeightsNotFoundError(f"CLIP directory not found: {model_name[10:]}")
+    clip = open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return clip.eval(), tokenizer
