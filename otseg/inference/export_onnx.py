@@ -1,6 +1,6 @@
 """Export a model to ONNX: the prompted image tower and, with a fixed iteration count, the head.
 
-    python -m otseg.inference.export_onnx DIR out.onnx [--size 512] [--iterations 10]
+    otseg export-onnx DIR out.onnx [--size 512] [--iterations 10]
 
 writes ``out.onnx`` (images (B, 3, S, S) → pixels (B, C, S/16, S/16), cls (B, C)) and
 ``out.head.onnx`` (pixels, cls, text (K, N, C) → decoder and MPS maps (B, K, S/16, S/16) at
@@ -124,9 +124,7 @@ def _dynamic_shapes(inputs: Sequence[str], dynamic: dict | None):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(
-        prog="python -m otseg.inference.export_onnx", description=__doc__.split("\n\n")[0]
-    )
+    ap = argparse.ArgumentParser(prog="otseg export-onnx", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="model directory or Hub repo id")
     ap.add_argument("out", type=Path, help="output .onnx file (the head goes to OUT.head.onnx)")
     ap.add_argument("--size", type=int, default=None, help="input side (default: model size)")

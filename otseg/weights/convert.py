@@ -2,9 +2,9 @@
 the authors' released checkpoints (:mod:`otseg.weights.original`) are downloaded, converted and
 cached here too.
 
-    python -m otseg.weights.convert iter_20000.pth --text-embeddings voc12_otseg.npy \\
+    otseg convert iter_20000.pth --text-embeddings voc12_otseg.npy \\
         --preset voc-inductive --output otseg-voc-inductive [--push-to-hub org/name]
-    python -m otseg.weights.convert --original coco-transductive --output otseg-coco-transductive
+    otseg convert --original coco-transductive --output otseg-coco-transductive
 """
 
 from __future__ import annotations
@@ -243,9 +243,7 @@ def cached(name: str, *, quiet: bool = False) -> Path:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from .original import available
 
-    p = argparse.ArgumentParser(
-        prog="python -m otseg.weights.convert", description=__doc__.split("\n\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="otseg convert", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", nargs="?", help="original OTSeg checkpoint (.pth)")
     p.add_argument("--text-embeddings", help="its prompt embeddings (.npy, K×N×C)")
     src = p.add_mutually_exclusive_group()

@@ -64,7 +64,7 @@ def download(
         raise DownloadError(
             f"Google Drive did not hand out {what} ({_summary(e)}). This is usually the "
             f"daily download quota of a popular file: try again in a few hours, or download it "
-            f"in a browser from {source} and convert it by hand (python -m otseg.weights.convert FILE "
+            f"in a browser from {source} and convert it by hand (otseg convert FILE "
             "--text-embeddings ... --preset ...)"
         ) from None
     except GdownError as e:

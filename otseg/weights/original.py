@@ -2,7 +2,7 @@
 where converted copies are cached (the conversion is :mod:`otseg.weights.convert`).
 
     OTSegPredictor.from_pretrained("original:coco-transductive")     # cached after first use
-    python -m otseg.weights.convert --original coco-transductive --output otseg-coco-transductive
+    otseg convert --original coco-transductive --output otseg-coco-transductive
 
 Checkpoints come from the Google-Drive links in the README of github.com/cubeyoung/OTSeg, the
 prompt embeddings (``.npy``) from the same repository at the pinned commit. With

@@ -1,6 +1,6 @@
 """Maintainers: convert every available original setting and push each to ``ORG/otseg-<setting>``.
 
-    python -m otseg.weights.publish ORG [--only coco-transductive ...] [--output DIR] [--dry-run]
+    otseg publish ORG [--only coco-transductive ...] [--output DIR] [--dry-run]
 
 Each model is written to ``DIR/otseg-<setting>`` (with its model card) and then uploaded; with
 ``--dry-run`` only the folders are written. A failing setting does not stop the others.
@@ -19,9 +19,7 @@ from .original import ORIGINALS, available, get_original
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m otseg.weights.publish", description=__doc__.split("\n\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="otseg publish", description=__doc__.split("\n\n")[0])
     p.add_argument("org", help="Hub user or organisation that receives ORG/otseg-<setting>")
     p.add_argument("--only", nargs="+", metavar="SETTING", help="a subset of the settings")
     p.add_argument("--output", default="published", help="folder for the converted models")

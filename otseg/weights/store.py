@@ -79,7 +79,7 @@ def read_config(path: Path) -> tuple[Any, dict[str, Any]]:
     if info.get("format") != FORMAT:
         raise CheckpointError(
             f'{path} is not an otseg config (no "format": "otseg"); original OTSeg '
-            f"checkpoints must first be converted with `python -m otseg.weights.convert`"
+            f"checkpoints must first be converted with `otseg convert`"
         )
     kind = info.get("model", "otseg")  # directories written before ZegOT say nothing
     if kind not in registry.names():
