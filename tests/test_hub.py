@@ -156,7 +156,7 @@ def test_wrong_files_give_checkpoint_errors(tmp_path):
     model.save_pretrained(tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps({"state_dict": {}}))
-    with pytest.raises(CheckpointError, match="python -m otseg.weights.convert"):
+    with pytest.raises(CheckpointError, match="converted with `otseg convert`"):
         from_pretrained(tmp_path / "m")
     cfg["config"]["vision"]["num_prompt_tokens"] = 7
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
