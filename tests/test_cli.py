@@ -82,14 +82,15 @@ def test_a_malformed_recipe_file_is_one_line(tmp_path, capsys):
 
 COMMANDS = {
     "convert": [
-        "-m", "otseg.weights.convert", "/nonexistent.pth", "--text-embeddings", "/nonexistent.npy",
+        "-m", "otseg", "convert", "/nonexistent.pth", "--text-embeddings", "/nonexistent.npy",
         "--preset", "voc-inductive", "--output", "OUT",
     ],
     "convert --original": ["-m", "otseg.weights.convert", "--original", "voc-fully", "--output", "OUT"],
-    "publish": ["-m", "otseg.weights.publish", "ORG", "--only", "coco", "--output", "OUT"],
+    "publish": ["-m", "otseg", "publish", "ORG", "--only", "coco", "--output", "OUT"],
+    "unknown command": ["-m", "otseg", "segmnet", "x.jpg"],
     "train": ["-m", "train.train", "--config", "/nonexistent.toml"],
     "evaluate": ["-m", "train.evaluate", "--model", "OUT", "--dataset", "voc", "--data-root", "OUT"],
-    "export_onnx": ["-m", "otseg.inference.export_onnx", "/nonexistent/model", "OUT"],
+    "export_onnx": ["-m", "otseg", "export-onnx", "/nonexistent/model", "OUT"],
     "app": ["app.py", "--device", "cuda:7"],
     "app --model": ["app.py", "--model", "does/not/exist"],
     "app --model original:": ["app.py", "--model", "original:nope"],
@@ -123,3 +124,14 @@ def test_entry_points_fail_in_one_line(tmp_path):
         assert "Traceback" not in err, (name, err)
         assert lines[-1].startswith("error: "), (name, err)
         assert len([line for line in lines if line.startswith("error")]) == 1, (name, err)
+
+
+def test_otseg_command_lists_its_subcommands(capsys):
+    """``otseg`` with no arguments (or --help) lists every subcommand and exits 0."""
+    from otseg.cli import COMMANDS, dispatch
+
+    assert dispatch([]) == 0
+    shown = capsys.readouterr().out
+    assert all(f"  {name}" in shown for name in COMMANDS)
+    with pytest.raises(SystemExit, match="unknown command 'nope'; choose one of: convert"):
+        dispatch(["nope"])
