@@ -12,7 +12,7 @@ patch_torchvision()  # before anything imports open_clip (CPU torch + CUDA torch
 from .config import OTSegConfig, tiny_config  # noqa: E402
 from .inference.predictor import OTSegPredictor, Prediction, SegmentationModel, segment  # noqa: E402
 from .inference.serving import SlideServer  # noqa: E402
-from .models.otseg import OTSeg  # noqa: E402
+from .models import OTSeg, TrainingFreeOTSeg, ZegOT, ZegOTConfig  # noqa: E402  (registers all)
 from .registry import get_preset  # noqa: E402
 from .weights.pretrained import from_pretrained  # noqa: E402
 
@@ -23,6 +23,9 @@ __all__ = [
     "Prediction",
     "SegmentationModel",
     "SlideServer",
+    "TrainingFreeOTSeg",
+    "ZegOT",
+    "ZegOTConfig",
     "from_pretrained",
     "get_preset",
     "segment",

@@ -23,8 +23,12 @@ def model(clip_dir):
 
 
 def test_public_names():
-    for name in ("OTSegPredictor", "Prediction", "OTSeg", "from_pretrained", "segment"):
+    for name in (
+        "OTSegPredictor", "Prediction", "OTSeg", "ZegOT", "ZegOTConfig", "TrainingFreeOTSeg",
+        "OTSegConfig", "SlideServer", "from_pretrained", "get_preset", "segment",
+    ):  # fmt: skip
         assert name in otseg.__all__ and hasattr(otseg, name)
+    assert set(otseg.registry.names()) >= {"otseg", "zegot"}  # importing otseg registers all
     assert otseg.from_pretrained is otseg.weights.pretrained.from_pretrained
     assert otseg.OTSeg is otseg.models.otseg.OTSeg
 
