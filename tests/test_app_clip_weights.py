@@ -87,7 +87,6 @@ def test_first_online_run_downloads_one_weight_file(tmp_path, monkeypatch):
         return str(clip_dir / filename)
 
     monkeypatch.setattr(hub, "hf_hub_download", fake_download)
-    monkeypatch.setattr(clip, "hf_hub_download", fake_download)
     monkeypatch.setattr(hub, "_offline", lambda: False)
     monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: None)
 
@@ -119,6 +118,6 @@ def test_clip_files_from_two_cached_revisions_are_refused(tmp_path, monkeypatch)
         snapshot = "rev1" if filename == "open_clip_config.json" else "rev2"
         return tmp_path / snapshot / filename
 
-    monkeypatch.setattr(clip, "_cached_file", cached_file)
+    monkeypatch.setattr(clip, "cached_file", cached_file)
     with pytest.raises(WeightsNotFoundError, match="come from different revisions"):
         clip.load_clip(f"hf-hub:{REPO}")

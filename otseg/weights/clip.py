@@ -5,26 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
 from ..errors import WeightsNotFoundError
-from .hub import CLIP_WEIGHT_NAMES, resolve_file
-
-
-def _cached_file(repo: str, filename: str, cache_dir: str | Path | None) -> Path | None:
-    """``filename`` of ``repo`` if the Hugging Face cache holds it (never touches the network)."""
-    try:
-        return Path(hf_hub_download(repo, filename, local_files_only=True, cache_dir=cache_dir))
-    except (LocalEntryNotFoundError, HFValidationError):
-        return None
+from .hub import CLIP_WEIGHT_NAMES, cached_file, resolve_file
 
 
 def _clip_weights(repo: str, cache_dir: str | Path | None) -> Path:
     """The CLIP weight file of ``repo``: any candidate already cached (no network), else the
     first candidate the Hub has, downloaded (one file, never a second copy in another format)."""
     for name in CLIP_WEIGHT_NAMES:
-        path = _cached_file(repo, name, cache_dir)
+        path = cached_file(repo, name, cache_dir)
         if path is not None:
             return path
     for name in CLIP_WEIGHT_NAMES:
@@ -48,7 +37,7 @@ def load_clip(model_name: str, pretrained: str | None = None, *, cache_dir: str 
         repo = model_name[len("hf-hub:") :]
         # The cache first, as for the weights: resolve_file would take a local folder named
         # like the repo first, and the two files must come from one snapshot.
-        config = _cached_file(repo, "open_clip_config.json", cache_dir) or resolve_file(
+        config = cached_file(repo, "open_clip_config.json", cache_dir) or resolve_file(
             repo, "open_clip_config.json", cache_dir=cache_dir
         )
         weights = _clip_weights(repo, cache_dir)

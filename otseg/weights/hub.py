@@ -195,3 +195,11 @@ def upload_folder(
         repo_id=repo_id, folder_path=str(folder), commit_message=commit_message
     )
     return str(info)
+
+
+def cached_file(repo: str, filename: str, cache_dir: str | Path | None) -> Path | None:
+    """``filename`` of ``repo`` if the Hugging Face cache holds it (never touches the network)."""
+    try:
+        return Path(hf_hub_download(repo, filename, local_files_only=True, cache_dir=cache_dir))
+    except (LocalEntryNotFoundError, HFValidationError):
+        return None
