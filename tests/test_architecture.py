@@ -14,7 +14,7 @@ PACKAGES = ("otseg", "train", "app")
 
 # otseg's layers, bottom first: a module may import its own layer or lower ones only.
 LAYERS = (
-    {"otseg.errors", "otseg._compat", "otseg.data.classes", "otseg.data.prompts"},
+    {"otseg.errors", "otseg._compat", "otseg.data.classes", "otseg.data.prompts", "otseg.draw"},
     {"otseg.config", "otseg.registry", "otseg.vocabulary", "otseg.metrics", "otseg.data"},
     {"otseg.nn"},
     {"otseg.weights"},
