@@ -25,7 +25,7 @@ from ..nn.clip_image import ImageEmbedding
 from ..nn.ensemble import TokenMaps, WindowScores, resize
 from ..vocabulary import check_vocabulary
 from .allocator import keep_freed_memory
-from .preprocess import ImageLike, load_image, to_model_input
+from .preprocess import ImageLike, ModelInput, prepare
 from .slide import Box, crops, merge_windows, slide_windows, window_probabilities
 from .whole import whole_input
 
@@ -193,14 +193,13 @@ class OTSegPredictor:
         return precision_context(self.model.device, self.precision)
 
     @torch.inference_mode()
-    def set_image(self, image: ImageLike) -> None:
+    def set_image(self, image: ImageLike | ModelInput) -> None:
         """Run the image encoder once on every slide window of ``image`` (PIL, HWC uint8 array,
-        path or bytes; see :func:`otseg.inference.preprocess.load_image` for what is accepted)."""
-        rgb = load_image(image)
+        path or bytes, see :func:`otseg.inference.preprocess.load_image` for what is accepted;
+        or already prepared for this model by :func:`otseg.inference.preprocess.prepare`)."""
+        prepared = prepare(image, self.model.config)
+        rgb, x = prepared.rgb, prepared.x.to(self.model.device)
         cfg = self.model.config
-        x = to_model_input(rgb, cfg.resize_short, cfg.pixel_mean, cfg.pixel_std).to(
-            self.model.device
-        )
         if self.mode == "whole":
             x = whole_input(x, cfg.vision.patch_size)
             boxes = [(0, 0, x.shape[-2], x.shape[-1])]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -149,3 +151,23 @@ def to_model_input(
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
     return (x - m) / s
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """An image decoded and normalised for a model, e.g. in a loader thread ahead of the model
+    (:func:`prepare`); the predictor and the server take it in place of an image."""
+
+    rgb: np.ndarray  # (H, W, 3) uint8 as decoded: the size of the label map
+    x: torch.Tensor  # (1, 3, H', W') float32 normalised, short side ``config.resize_short``
+
+
+def prepare(image: ImageLike | ModelInput, config: Any) -> ModelInput:
+    """Decode ``image`` (see :func:`load_image`) and scale and normalise it as ``config`` says
+    (``resize_short``, ``pixel_mean``, ``pixel_std``); a :class:`ModelInput` is returned as is."""
+    if isinstance(image, ModelInput):
+        return image
+    rgb = load_image(image)
+    return ModelInput(
+        rgb, to_model_input(rgb, config.resize_short, config.pixel_mean, config.pixel_std)
+    )

@@ -27,14 +27,16 @@ from .predictor import (
     autocast_dtype,
     precision_context,
 )
-from .preprocess import ImageLike, load_image, to_model_input
-from .slide import crops, slide_windows, window_probabilities
+from .preprocess import ImageLike, ModelInput, prepare
+from .slide import Box, crops, slide_windows, window_probabilities
 
 
 class SlideServer:
     """``server(image)`` → :class:`otseg.inference.predictor.Prediction` for a fixed vocabulary.
 
     iterations: Sinkhorn iterations, run to the end (no early stop).
+    attention, use_mps: as :meth:`otseg.OTSegPredictor.predict` (one of the model's
+        ``attentions``; the MPS score-map branch on or off).
     precision: ``"fp32"``, or autocast to ``"bf16"`` / ``"fp16"``.
     cuda_graph: capture the forward as one CUDA graph per window count (default: on CUDA).
         A graph keeps its input, output and activations allocated, and replays the weights it
@@ -52,11 +54,15 @@ class SlideServer:
         *,
         seen: Sequence[bool] | None = None,
         lam: float | None = None,
+        attention: str = "sinkhorn",
+        use_mps: bool = True,
         iterations: int = 10,
         precision: str = "fp32",
         cuda_graph: bool | None = None,
     ) -> None:
         autocast_dtype(precision)  # a bad name fails here, before any work
+        if attention not in model.attentions:
+            raise UserError(f"attention must be one of {model.attentions}, got {attention!r}")
         self.precision = precision
         if iterations < 1:
             raise UserError(f"iterations must be at least 1, got {iterations}")
@@ -70,6 +76,8 @@ class SlideServer:
             keep_freed_memory()
         self.names, self.seen = check_vocabulary(names, model.config, seen)
         self.lam = lam
+        self.attention = attention
+        self.use_mps = use_mps
         self.iterations = iterations
         self.cuda_graph = cuda_graph
         with torch.inference_mode():
@@ -78,10 +86,16 @@ class SlideServer:
         self._graphs: dict[int, tuple[Callable[[], None], torch.Tensor, torch.Tensor]] = {}
 
     def _scores(self, windows: torch.Tensor) -> torch.Tensor:
-        """(B, 3, c, c) crops → (B, K, c, c) window scores, B windows in one forward."""
-        with fixed_sinkhorn(self.model, self.iterations):
-            out = self.model(windows, self._text, seen=self._seen, lam=self.lam)
-        return out.scores
+        """(B, 3, c, c) crops → (B, K, c, c) window scores, B windows in one forward (the
+        model's forward, through the :class:`SegmentationModel` methods that every model has)."""
+        model = self.model
+        with fixed_sinkhorn(model, self.iterations):
+            maps = model.decode(
+                model.encode_image(windows), self._text, attention=self.attention,
+                use_mps=self.use_mps,
+            )  # fmt: skip
+            post = model.postprocess(maps, lam=self.lam, seen=self._seen, size=windows.shape[-2:])
+        return post.scores
 
     def _autocast(self):
         return precision_context(self.model.device, self.precision, cache_enabled=False)
@@ -96,33 +110,50 @@ class SlideServer:
         return static_out
 
     @torch.inference_mode()
-    def __call__(self, image: ImageLike) -> Prediction:
-        """Segment one image (PIL, HWC uint8 array, path or bytes) at its original size."""
-        rgb = load_image(image)
-        cfg = self.model.config
-        x = to_model_input(rgb, cfg.resize_short, cfg.pixel_mean, cfg.pixel_std)
-        x = x.to(self.model.device)
-        boxes = slide_windows(x.shape[-2], x.shape[-1], cfg.test_crop, cfg.test_stride)
-        windows = crops(x, boxes)
+    def window_scores(self, windows: torch.Tensor) -> torch.Tensor:
+        """(B, 3, c, c) normalised crops, of one image or several, on the model's device →
+        (B, K, c, c) scores. With CUDA graphs the result is the graph's output buffer,
+        overwritten by the next call with the same B: copy what you keep."""
         if self.cuda_graph:
-            scores = self._replay(windows)
-        else:
-            with self._autocast():
-                scores = self._scores(windows)
+            return self._replay(windows)
+        with self._autocast():
+            return self._scores(windows)
+
+    def windows(self, image: ImageLike | ModelInput) -> tuple[torch.Tensor, list[Box], ModelInput]:
+        """An image's slide windows (n, 3, c, c) on the model's device, their boxes at the test
+        scale, and the prepared image (see :func:`otseg.inference.preprocess.prepare`)."""
+        prepared = prepare(image, self.model.config)
+        x = prepared.x.to(self.model.device)
+        cfg = self.model.config
+        boxes = slide_windows(x.shape[-2], x.shape[-1], cfg.test_crop, cfg.test_stride)
+        return crops(x, boxes), boxes, prepared
+
+    @torch.inference_mode()
+    def prediction(
+        self, scores: torch.Tensor, boxes: Sequence[Box], prepared: ModelInput
+    ) -> Prediction:
+        """The :class:`Prediction` of one image from its n windows' (n, K, c, c) scores."""
         probs = window_probabilities(
-            list(scores.float().split(1)), boxes, tuple(x.shape[-2:]), rgb.shape[:2]
-        )[0]
+            list(scores.float().split(1)), boxes, tuple(prepared.x.shape[-2:]),
+            prepared.rgb.shape[:2],
+        )[0]  # fmt: skip
         return Prediction(
             labels=_channel_argmax(probs).cpu().numpy(),
             probs=probs.cpu().numpy(),
             class_names=list(self.names),
             seen=list(self.seen),
             prompt_maps=None,
-            templates=cfg.templates,
-            attention="sinkhorn",
-            lam=cfg.ensemble_lambda if self.lam is None else self.lam,
-            use_mps=True,
+            templates=self.model.config.templates,
+            attention=self.attention,
+            lam=self.model.config.ensemble_lambda if self.lam is None else self.lam,
+            use_mps=self.use_mps,
         )
+
+    def __call__(self, image: ImageLike | ModelInput) -> Prediction:
+        """Segment one image (PIL, HWC uint8 array, path, bytes or prepared) at its original
+        size, all its windows in one forward."""
+        windows, boxes, prepared = self.windows(image)
+        return self.prediction(self.window_scores(windows), boxes, prepared)
 
 
 def capture_cuda_graph(
