@@ -1,8 +1,9 @@
 """The ``otseg`` command: one entry point for the library's command lines.
 
-    otseg convert ...        convert an original checkpoint, or fetch the authors' released one
-    otseg publish ORG ...    convert and upload the authors' released checkpoints
-    otseg export-onnx ...    export a model's image tower and head to ONNX
+    otseg convert ...            convert an original checkpoint, or fetch the authors' released one
+    otseg publish ORG ...        convert and upload the authors' released checkpoints
+    otseg export-onnx ...        export a model's image tower and head to ONNX
+    otseg segment IN... -o DIR   segment photos: label maps, overlays, JSON, a run summary
 
 ``python -m otseg ...`` is the same. Each subcommand takes its own ``--help``; bad input ends with
 one ``error:`` line and exit code 2 (see :func:`otseg.errors.run`).
@@ -22,6 +23,7 @@ COMMANDS = {
     "convert": ("otseg.weights.convert", "convert an original OTSeg checkpoint (or --original)"),
     "publish": ("otseg.weights.publish", "convert and upload the authors' released checkpoints"),
     "export-onnx": ("otseg.inference.export_onnx", "export the image tower and head to ONNX"),
+    "segment": ("otseg.segment_cli", "segment photos into label maps, overlays and JSON"),
 }
 
 
