@@ -108,3 +108,83 @@ def test_real_preset_shapes_are_checked(fx, tmp_path, capsys):
     ])  # fmt: skip
     assert err_code == 2
     assert "shape" in capsys.readouterr().err
+
+
+def _mmcv_checkpoint(path, state):
+    """An mmcv-era checkpoint: numpy scalars and arrays in ``meta``, hook state and the
+    optimizer state, beside the state dict (as mmcv's save_checkpoint writes them)."""
+    meta = {
+        "epoch": np.int64(3),
+        "iter": np.int64(20000),
+        "seed": np.int32(0),
+        "hook_msgs": {"best_score": np.float64(0.71), "last_ckpt": "iter_20000.pth"},
+        "time": "Sat Oct 21 10:00:00 2023",
+        "CLASSES": ("aeroplane", "bicycle"),
+        "PALETTE": np.array([[128, 0, 0], [0, 128, 0]], np.uint8),
+        "dtype": np.dtype("float32"),
+        "flag": np.bool_(True),
+    }
+    optimizer = {
+        "state": {0: {"step": np.int64(20000), "exp_avg": torch.zeros(3)}},
+        "param_groups": [{"lr": np.float64(2e-4), "weight_decay": 0.01, "params": [0]}],
+    }
+    torch.save({"meta": meta, "state_dict": state, "optimizer": optimizer}, path)
+
+
+def _as_numpy1(src, dst):
+    """``src`` rewritten with the module name numpy 1.x pickles scalars and arrays under
+    (``numpy.core.multiarray``; numpy 2 writes ``numpy._core.multiarray``)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("/data.pkl"):
+                assert b"numpy._core.multiarray\n" in data
+                data = data.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+            zout.writestr(info.filename, data)
+
+
+def test_mmcv_checkpoints_with_numpy_values_are_read(tmp_path):
+    from otseg.weights.convert import read_checkpoint
+
+    state = {"backbone.w": torch.randn(2, 3), "decode_head.b": torch.arange(4)}
+    _mmcv_checkpoint(tmp_path / "np2.pth", state)
+    _as_numpy1(tmp_path / "np2.pth", tmp_path / "np1.pth")
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(tmp_path / "np1.pth"))
+    assert "numpy.core.multiarray.scalar" in unsafe  # what an mmcv-era file asks for
+    for name in ("np2.pth", "np1.pth"):
+        with pytest.raises(Exception, match="Unsupported global"):  # plain weights_only refuses
+            torch.load(tmp_path / name, weights_only=True)
+        read = read_checkpoint(tmp_path / name)
+        assert read.keys() == state.keys()
+        assert all(torch.equal(read[k], state[k]) for k in state)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo never",))
+
+
+class _NumpyCode:
+    def __reduce__(self):
+        return (np.load, ("weights.npy",))
+
+
+@pytest.mark.parametrize(
+    ("payload", "name"), [(_RunsCode(), "system"), (_NumpyCode(), "numpy.load")]
+)
+def test_checkpoints_referring_to_code_are_still_refused(tmp_path, payload, name):
+    from otseg.errors import CheckpointError
+    from otseg.weights.convert import read_checkpoint
+
+    path = tmp_path / "code.pth"
+    torch.save(
+        {"meta": {"hook": payload, "iter": np.int64(1)}, "state_dict": {"w": torch.ones(1)}}, path
+    )
+    with pytest.raises(
+        CheckpointError, match=rf"refused it: it refers to \S*{name}, which is not data"
+    ):
+        read_checkpoint(path)

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 import warnings
@@ -47,16 +48,46 @@ RENAMES = (
 DROPPED = ("text_encoder.", ".self_attn.", ".norm1.", "decode_head.loss_decode.")
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of an mmcv checkpoint (``{'meta', 'state_dict', ...}``) or a bare one."""
+def _numpy_data_globals() -> list:
+    """What ``torch.load(weights_only=True)`` may build from numpy: arrays, dtypes and scalars,
+    under the names numpy 2 pickles them with and the ``numpy.core`` names of numpy 1.x (the
+    mmcv era). Data constructors only: no numpy function that reads files or runs code."""
+    import importlib
+
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        multiarray = importlib.import_module("numpy._core.multiarray")
+    except ImportError:  # numpy 1.x
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    dtype_classes = {type(np.dtype(t)) for t in set(np.sctypeDict.values())}
+    named = [
+        (fn, f"{module}.{fn.__name__}")
+        for fn in (multiarray.scalar, multiarray._reconstruct)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    ]
+    return [np.ndarray, np.dtype, *sorted(dtype_classes, key=str), *named]
+
+
+NUMPY_DATA_GLOBALS = _numpy_data_globals()
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of an mmcv checkpoint (``{'meta', 'state_dict', ...}``) or a bare one.
+
+    Read with ``torch.load(weights_only=True)``: tensors, plain Python values and numpy data
+    (the numpy scalars and arrays mmcv-era checkpoints keep in ``meta``, ``optimizer`` or hook
+    state, see :data:`NUMPY_DATA_GLOBALS`); any other global (code) is refused.
+    """
+    try:
+        with torch.serialization.safe_globals(NUMPY_DATA_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
-    except pickle.UnpicklingError:  # torch's multi-paragraph advice to drop weights_only
+    except pickle.UnpicklingError as e:  # torch's multi-paragraph advice to drop weights_only
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f": it refers to {found.group(1)}, which is not data" if found else ""
         raise CheckpointError(
             f"{path} is not a PyTorch checkpoint of tensors (torch.load(weights_only=True) "
-            "refused it)"
+            f"refused it{what})"
         ) from None
     except Exception as e:  # other unpickling errors have many types
         raise CheckpointError(
