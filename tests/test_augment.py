@@ -163,6 +163,24 @@ def test_test_transform_resizes_short_side_and_keeps_label():
     torch.testing.assert_close(out["image"][:, 100, 100], expected)
 
 
+def test_test_transform_caps_the_long_side_like_imrescale():
+    transform = EvalTransform(512, max_long=2048)
+    # mmcv imrescale((2048, 512)): factor min(2048 / long, 512 / short), int(x · factor + 0.5)
+    assert transform.size(100, 600) == (341, 2048)
+    assert transform.size(600, 100) == (2048, 341)
+    assert transform.size(375, 500) == (512, 683)  # up to 4:1 the short side is 512
+    assert transform.size(128, 512) == (512, 2048)
+    assert EvalTransform(512).size(100, 600) == (512, 3072)
+    out = transform(
+        {
+            "image": np.zeros((100, 600, 3), np.uint8),
+            "label": np.zeros((100, 600), np.uint8),
+            "path": "p",
+        }
+    )
+    assert out["image"].shape == (3, 341, 2048) and out["label"].shape == (100, 600)
+
+
 def test_collate_stacks_equal_shapes_and_lists_the_rest():
     batch = [
         {"image": torch.zeros(3, 4, 4), "label": torch.zeros(4, 4), "path": "a"},

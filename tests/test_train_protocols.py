@@ -60,6 +60,37 @@ def test_ade_is_read_with_reduce_zero_label_and_clip_normalisation(tmp_path: Pat
     assert (raw["label"][stored > 0] == stored[stored > 0] - 1).all()
 
 
+def _widen(image_path: Path, label_path: Path, width: int) -> tuple[int, int]:
+    """Replace an image and its label by ``width``-wide copies (100 rows): 6:1 for 600."""
+    image = np.asarray(Image.open(image_path).convert("RGB").resize((width, 100)))
+    Image.fromarray(image).save(image_path)
+    Image.open(label_path).resize((width, 100), Image.NEAREST).save(label_path)
+    return 100, width
+
+
+def test_ade_caps_the_long_side_at_2048_and_voc_does_not(tmp_path: Path):
+    """The original's ADE20K test Resize is imrescale((2048, 512)): a 600×100 image becomes
+    2048×341 (2048/600 < 512/100); VOC's (min_size 512) makes it 3072×512."""
+    config = get_protocol("coco-to-ade").apply(get_preset("coco-inductive"))
+    ade = write_synthetic(tmp_path / "ade", "ade", num_train=1, num_val=1)
+    _widen(
+        ade / "images/validation/val_00000.jpg", ade / "annotations/validation/val_00000.png", 600
+    )
+    sample = next(iter(build_eval_loader("ade", ade, "validation", config)))
+    assert sample["image"][0].shape == (3, 341, 2048)  # int(100 · 2048/600 + 0.5)
+    assert sample["label"][0].shape == (100, 600)
+    raw = build_dataset("ade", ade, "validation")[0]
+    torch.testing.assert_close(
+        sample["image"][0], normalize(resize_image(raw["image"], (341, 2048)), CLIP_MEAN, CLIP_STD)
+    )
+    voc = write_synthetic(tmp_path / "voc", "voc", num_train=1, num_val=1)
+    base = voc / "VOCdevkit/VOC2012"
+    _widen(base / "JPEGImages/val_00000.jpg", base / "SegmentationClass/val_00000.png", 600)
+    voc_config = get_protocol("coco-to-voc").apply(get_preset("coco-inductive"))
+    sample = next(iter(build_eval_loader("voc", voc, "val", voc_config)))
+    assert sample["image"][0].shape == (3, 512, 3072)
+
+
 def test_evaluate_with_a_protocol(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     from train.evaluate import main as evaluate_main
     from train.train import main as train_main

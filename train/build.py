@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from otseg.config import OTSegConfig
 from otseg.data.augment import EvalTransform, TrainTransform, collate
-from otseg.data.datasets import build_dataset, check_label_values
+from otseg.data.datasets import TEST_MAX_LONG, build_dataset, check_label_values
 from otseg.errors import UserError
 from otseg.models.otseg import OTSeg, build_model
 from otseg.models.zegot import build_zegot
@@ -259,8 +259,10 @@ def build_train_loader(
 def build_eval_loader(
     dataset: str, root: str | Path, split: str, config: OTSegConfig, num_workers: int = 0
 ) -> DataLoader:
-    """One test-scale image per batch (sizes differ), labels at the original size."""
-    data = build_dataset(dataset, root, split, EvalTransform.for_config(config))
+    """One test-scale image per batch (sizes differ), labels at the original size; the
+    dataset's test resize (the short side, and ADE20K's long-side cap: ``TEST_MAX_LONG``)."""
+    transform = EvalTransform.for_config(config, max_long=TEST_MAX_LONG.get(dataset))
+    data = build_dataset(dataset, root, split, transform)
     return DataLoader(data, batch_size=1, collate_fn=collate, num_workers=num_workers)
 
 

@@ -2,7 +2,8 @@
 
 Train: Resize(img_scale, ratio 0.5–2.0, keep ratio) → RandomCrop(S, cat_max_ratio 0.75) →
 RandomFlip(0.5) → PhotoMetricDistortion → Normalize (ImageNet) → Pad to S (image 0, label 255).
-Test: resize the short side to ``resize_short`` → Normalize; the label keeps its original size.
+Test: resize the short side to ``resize_short`` (ADE20K: long side at most 2048) → Normalize;
+the label keeps its original size.
 All randomness comes from an explicit ``numpy.random.Generator``; no global RNG is touched.
 Images are RGB here (mmseg works in BGR; every step below is channel-order independent).
 """
@@ -218,19 +219,35 @@ class TrainTransform:
 
 class EvalTransform:
     """Short side → ``resize_short`` (bilinear), normalise. Returns ``{"image": float32
-    (3, h', w'), "label": int64 (H, W) at the original size, "path", "ori_size": (H, W)}``."""
+    (3, h', w'), "label": int64 (H, W) at the original size, "path", "ori_size": (H, W)}``.
+
+    ``max_long``: also cap the long side, mmcv's ``imrescale((max_long, resize_short))`` (the
+    original's ADE20K test Resize: images wider than ``max_long / resize_short`` get a shorter
+    short side). None: the short side is always ``resize_short`` (the VOC, Context and COCO
+    test Resize with ``min_size``).
+    """
 
     def __init__(
         self,
         resize_short: int,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        *,
+        max_long: int | None = None,
     ) -> None:
         self.resize_short, self.mean, self.std = resize_short, tuple(mean), tuple(std)
+        self.max_long = max_long
 
     @classmethod
-    def for_config(cls, config: OTSegConfig) -> EvalTransform:
-        return cls(config.resize_short, config.pixel_mean, config.pixel_std)
+    def for_config(cls, config: OTSegConfig, *, max_long: int | None = None) -> EvalTransform:
+        return cls(config.resize_short, config.pixel_mean, config.pixel_std, max_long=max_long)
+
+    def size(self, h: int, w: int) -> tuple[int, int]:
+        """The test size (h', w') of an H×W image."""
+        if self.max_long is not None:
+            return rescale_size(h, w, (self.max_long, self.resize_short))
+        factor = self.resize_short / min(h, w)
+        return int(h * factor + 0.5), int(w * factor + 0.5)
 
     def __call__(
         self,
@@ -239,8 +256,7 @@ class EvalTransform:
     ) -> dict[str, Any]:
         image = sample["image"]
         h, w = image.shape[:2]
-        factor = self.resize_short / min(h, w)
-        image = resize_image(image, (int(h * factor + 0.5), int(w * factor + 0.5)))
+        image = resize_image(image, self.size(h, w))
         return {
             "image": normalize(image, self.mean, self.std),
             "label": torch.from_numpy(np.ascontiguousarray(sample["label"])).long(),

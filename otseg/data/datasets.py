@@ -305,6 +305,10 @@ _READERS = {
     "ade": (ade_pairs, True),
 }
 DATASETS = (*_READERS, "custom")
+# The long-side cap of a dataset's test resize: the original's ADE20K config resizes with
+# mmcv's imrescale((2048, 512)) (no ``min_size``, unlike VOC, Context and COCO, whose short
+# side is always the test size).
+TEST_MAX_LONG: dict[str, int] = {"ade": 2048}
 
 
 def build_dataset(
