@@ -153,6 +153,79 @@ def test_label_values_beyond_the_classes_are_named(tmp_path: Path):
     check_label_values(build_dataset("custom", root, "train", reduce_zero_label=True))
 
 
+def _store(path: Path, row: int, value: int) -> None:
+    """Write ``value`` into row ``row`` of the label PNG at ``path`` (kept a palette PNG)."""
+    with Image.open(path) as im:
+        palette = im.getpalette() if im.mode == "P" else None
+        label = np.array(im)
+    label[row, :3] = value
+    out = Image.fromarray(label)
+    if palette is not None:
+        out.putpalette(palette)
+    out.save(path)
+
+
+# layout → (label file to corrupt (under the synthetic root), a stored value out of range, words of the hint)
+BAD_LABELS = {
+    "voc": ("VOCdevkit/VOC2012/SegmentationClassAug/train_00001.png", 30, "voc_aug.py"),
+    "context": (
+        "VOCdevkit/VOC2010/SegmentationClassContext/val_00000.png",
+        75,
+        "pascal_context.py",
+    ),
+    "coco": ("annotations/train2017/train_00001_labelTrainIds.png", 181, "coco_stuff164k.py"),
+    "ade": ("annotations/validation/val_00000.png", 200, "ADE20K-150"),
+}
+BAD_SPLITS = {"voc": "trainaug", "context": "val", "coco": "train2017", "ade": "validation"}
+
+
+@pytest.mark.parametrize("layout", sorted(BAD_LABELS))
+def test_built_in_labels_name_the_file_the_value_and_the_missed_conversion(tmp_path, layout):
+    root = write_synthetic(tmp_path, layout, num_train=3, num_val=1)
+    split = BAD_SPLITS[layout]
+    assert check_label_values(build_dataset(layout, root, split)) == len(
+        build_dataset(layout, root, split)
+    )
+    relative, value, hint = BAD_LABELS[layout]
+    path = root / relative
+    _store(path, 2, value)
+    with pytest.raises(
+        ValueError, match=rf"{Path(relative).name}: label value {value} but.*{hint}"
+    ):
+        check_label_values(build_dataset(layout, root, split))
+    # values a conversion would have produced pass: the top class id and ignore
+    top = {"voc": 20, "context": 59, "coco": 170, "ade": 150}[layout]
+    _store(path, 2, top)
+    _store(path, 3, 255)
+    check_label_values(build_dataset(layout, root, split))
+
+
+def test_colour_labels_get_the_hint_too(tmp_path):
+    root = write_synthetic(tmp_path, "voc", num_train=2, num_val=1)
+    path = root / "VOCdevkit/VOC2012/SegmentationClass/val_00000.png"
+    Image.open(path).convert("RGB").save(path)
+    with pytest.raises(ValueError, match="palette or grayscale, got RGB; VOC labels are class"):
+        check_label_values(build_dataset("voc", root, "val"))
+
+
+def test_a_sample_of_labels_is_spread_over_the_dataset(tmp_path):
+    root = write_synthetic(tmp_path, "voc", num_train=4, num_val=1)
+    dataset = build_dataset("voc", root, "trainaug")  # train.txt (4 files) + trainaug.txt (4)
+    read = []
+    original = dataset.map_label
+    dataset.map_label = lambda label: read.append(1) or original(label)
+    assert check_label_values(dataset, limit=3) == 3 == len(read)
+    # the sample: first, middle and last file (index 7: SegmentationClassAug)
+    _store(root / "VOCdevkit/VOC2012/SegmentationClassAug/train_00003.png", 1, 99)  # index 7
+    with pytest.raises(ValueError, match="train_00003.png: label value 99"):
+        check_label_values(build_dataset("voc", root, "trainaug"), limit=2)
+    _store(root / "VOCdevkit/VOC2012/SegmentationClassAug/train_00003.png", 1, 1)
+    _store(root / "VOCdevkit/VOC2012/SegmentationClassAug/train_00001.png", 1, 99)  # index 5
+    assert check_label_values(build_dataset("voc", root, "trainaug"), limit=2) == 2  # not read
+    with pytest.raises(ValueError, match="SegmentationClassAug/train_00001.png: label value 99"):
+        check_label_values(build_dataset("voc", root, "trainaug"))  # every file
+
+
 def test_transform_hook_gets_per_sample_generator(tmp_path: Path):
     root = write_synthetic(tmp_path, "voc", num_train=3, num_val=1)
 

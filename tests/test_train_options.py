@@ -190,6 +190,43 @@ def test_custom_label_beyond_the_classes_stops_at_start(tmp_path: Path):
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 
+def test_built_in_dataset_labels_are_checked_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """A VOC label value no conversion makes (30 > 20) stops the run before anything is built,
+    naming the file, the value and the conversion; a sample of each split is read, every file
+    with --check-all-labels."""
+    import train.build
+    from train.build import check_labels
+    from train.train import main
+
+    root = write_synthetic(tmp_path / "voc", "voc", num_train=4, num_val=2)
+    path = root / "VOCdevkit/VOC2012/SegmentationClassAug/train_00001.png"  # trainaug index 5
+    label = read_label(path)
+    label[3, 3] = 30
+    Image.fromarray(label).save(path)
+    args = tiny_args(root, tmp_path / "run", "--max-iters", "1")
+    with pytest.raises(
+        ValueError, match=r"train_00001.png: label value 30 but only 20 classes.*voc_aug"
+    ):
+        main(args)
+    assert not (tmp_path / "run").exists()
+
+    monkeypatch.setattr(train.build, "LABEL_SAMPLE", 2)  # reads trainaug files 0 and 7
+    recipe = load_recipe("tiny", [f"data_root={root}"])
+    assert check_labels(recipe) == {"trainaug": (2, 8), "val": (2, 2)}
+    assert check_labels(recipe, evaluate=False) == {"trainaug": (2, 8)}
+    with pytest.raises(ValueError, match="label value 30"):
+        check_labels(recipe, all_files=True)
+    reset_accelerate()
+    with pytest.raises(ValueError, match="label value 30"):
+        main([*args, "--check-all-labels"])
+    reset_accelerate()
+    with caplog.at_level(logging.INFO):
+        main([*args, "--no-eval"])  # the sample misses the file: training starts
+    assert "label values checked: trainaug 2 of 8 files" in caplog.text
+
+
 def test_missing_data_root_leaves_no_run_folder(tmp_path: Path):
     from train.train import main
 

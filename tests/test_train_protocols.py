@@ -111,6 +111,14 @@ def test_evaluate_with_a_protocol(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     with pytest.raises(SystemExit, match="evaluates on ade"):
         evaluate_main(["--model", str(tmp_path / "run" / "model"), "--protocol", "coco-to-ade",
                        "--dataset", "voc", "--data-root", str(ade), "--cpu"])  # fmt: skip
+    label = ade / "annotations/validation/val_00000.png"
+    Image.fromarray(np.full((8, 8), 151, np.uint8)).resize(Image.open(label).size).save(label)
+    reset_accelerate()
+    with pytest.raises(
+        ValueError, match=r"val_00000.png: label value 151 but only 150.*ADE20K-150"
+    ):
+        evaluate_main(["--model", str(tmp_path / "run" / "model"), "--protocol", "coco-to-ade",
+                       "--data-root", str(ade), "--class-names", names, "--cpu"])  # fmt: skip
 
 
 def test_names_a_model_without_text_tower_cannot_embed_are_refused_with_its_own():

@@ -216,13 +216,39 @@ class EpochSampler(Sampler[int]):
         return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist())
 
 
-def check_custom_labels(recipe: Recipe, *, evaluate: bool = True) -> None:
-    """A custom dataset's label files (training split, and the validation split when it will be
-    evaluated) must hold class ids 0..K−1 or 255: each is read once, at start."""
-    if recipe.dataset == "custom":
-        splits = (recipe.train_split, recipe.val_split) if evaluate else (recipe.train_split,)
-        for split in splits:
-            check_label_values(build_dataset("custom", recipe.data_root, split))
+LABEL_SAMPLE = 100  # label files per split read at start (all with --check-all-labels)
+
+
+def require_data_root(recipe: Recipe) -> Path:
+    """The recipe's dataset root, or an error saying how to get it."""
+    root = Path(recipe.data_root)
+    if not root.exists():
+        raise FileNotFoundError(
+            f"dataset root not found: {root} (pass --data-root; for the tiny presets write the"
+            f" synthetic data first: python -m otseg.data.synthetic {root})"
+        )
+    return root
+
+
+def check_labels(
+    recipe: Recipe, *, evaluate: bool = True, all_files: bool = False
+) -> dict[str, tuple[int, int]]:
+    """Check the label values of the training split, and of the validation split when it will
+    be evaluated (:func:`otseg.data.datasets.check_label_values`: a value that is no class id
+    stops the run naming the file, the value and the conversion probably missed).
+
+    A built-in dataset's labels are sampled (``LABEL_SAMPLE`` files per split, spread over
+    it); a custom dataset's, or with ``all_files``, every file is read.
+    Returns split → (files read, files in the split).
+    """
+    require_data_root(recipe)
+    splits = (recipe.train_split, recipe.val_split) if evaluate else (recipe.train_split,)
+    limit = None if all_files or recipe.dataset == "custom" else LABEL_SAMPLE
+    read = {}
+    for split in dict.fromkeys(splits):
+        dataset = build_dataset(recipe.dataset, recipe.data_root, split)
+        read[split] = (check_label_values(dataset, limit), len(dataset))
+    return read
 
 
 def build_train_loader(
@@ -230,12 +256,7 @@ def build_train_loader(
 ) -> DataLoader:
     """Augmented training crops, ``per_device_batch`` per step, the last partial
     batch dropped. The loader's own generator keeps iterator creation off the global RNG."""
-    root = Path(recipe.data_root)
-    if not root.exists():
-        raise FileNotFoundError(
-            f"dataset root not found: {root} (pass --data-root; for the tiny presets write the"
-            f" synthetic data first: python -m otseg.data.synthetic {root})"
-        )
+    require_data_root(recipe)
     transform = TrainTransform.for_config(
         config, recipe.img_scale, ratio_range=recipe.ratio_range, cat_max_ratio=recipe.cat_max_ratio
     )

@@ -160,11 +160,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--no-tf32", action="store_true", help="CUDA: full fp32 matmuls (default: TF32)")
     p.add_argument("--cpu", action="store_true", help="run on CPU (multi-process via gloo)")
+    p.add_argument(
+        "--check-all-labels",
+        action="store_true",
+        help="check every label file's values first (default: 100 files of a built-in dataset)",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> SegMetrics:
-    from train.build import build_eval_loader, check_distributed, use_tf32
+    from otseg.data.datasets import check_label_values
+    from train.build import LABEL_SAMPLE, build_eval_loader, check_distributed, use_tf32
 
     args = parse_args(argv)
     protocol = get_protocol(args.protocol) if args.protocol else None
@@ -190,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> SegMetrics:
     check_vocabulary(model, names)
     split = args.split or (protocol.split if protocol else DEFAULT_SPLITS[dataset])
     loader = build_eval_loader(dataset, args.data_root, split, config, args.num_workers)
+    every = args.check_all_labels or dataset == "custom"
+    check_label_values(loader.dataset, None if every else LABEL_SAMPLE)
     loader = accelerator.prepare(loader)
     crop, stride = args.crop or config.test_crop, args.stride or config.test_stride
     logger.info(

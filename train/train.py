@@ -43,8 +43,8 @@ from train.build import (
     build_eval_loader,
     build_train_loader,
     build_training_model,
-    check_custom_labels,
     check_distributed,
+    check_labels,
     describe_model,
     dump_json,
     freeze_unreached,
@@ -85,6 +85,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute ViT blocks")
     p.add_argument("--log-with", default="tensorboard", help="Accelerate tracker, or 'none'")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    p.add_argument(
+        "--check-all-labels",
+        action="store_true",
+        help="check the values of every label file at start (default: 100 files per split of a "
+        "built-in dataset, every file of a custom one)",
+    )
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the exported model")
     p.add_argument("--cpu", action="store_true", help="train on CPU (several processes: gloo)")
     return p.parse_args(argv)
@@ -279,7 +285,14 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     accelerator, per_device = build_accelerator(recipe, args, run_dir)
     with run_log(accelerator, run_dir):  # checks first: no folder when they fail
         config = build_config(recipe)
-        check_custom_labels(recipe, evaluate=not args.no_eval or recipe.eval_every > 0)
+        checked = check_labels(
+            recipe, evaluate=not args.no_eval or recipe.eval_every > 0,
+            all_files=args.check_all_labels,
+        )  # fmt: skip
+        logger.info(
+            "label values checked: "
+            + ", ".join(f"{split} {n} of {total} files" for split, (n, total) in checked.items())
+        )
         if args.push_to_hub and accelerator.is_main_process:
             warn_if_push_fails(args.push_to_hub, run_dir / "model")
         model = build_training_model(recipe, config)

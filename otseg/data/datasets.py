@@ -14,10 +14,9 @@ Accepted layouts (``root`` may be the folder shown or one that contains it):
 
 * ``voc``: ``VOCdevkit/VOC2012/{JPEGImages/*.jpg, SegmentationClass/*.png,
   SegmentationClassAug/*.png, ImageSets/Segmentation/*.txt}``. Splits ``train``/``val`` read
-  ``SegmentationClass``. Split ``trainaug`` is, when ``aug.txt`` exists, mmseg's VOC-aug config
-  (``train.txt`` with ``SegmentationClass`` + ``aug.txt`` with ``SegmentationClassAug``,
-  concatenated: train images appear twice, as in the original); otherwise ``trainaug.txt``
-  with ``SegmentationClassAug`` (the DeepLab layout).
+  ``SegmentationClass``. Split ``trainaug`` is, as the original, ``train.txt`` with
+  ``SegmentationClass`` followed by ``trainaug.txt`` (the DeepLab name) or ``aug.txt``
+  (mmseg's) with ``SegmentationClassAug``: the train images appear twice.
 * ``context``: ``VOCdevkit/VOC2010/{JPEGImages, SegmentationClassContext,
   ImageSets/SegmentationContext/{train,val}.txt}`` (59 classes, 0 = background).
 * ``coco``: ``coco_stuff164k/{images,annotations}/{train2017,val2017}/`` with labels
@@ -81,6 +80,32 @@ def _read_split(path: Path, layout: str) -> list[str]:
     return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
 
 
+CUSTOM_LABEL_HINT = "fix the label file or add the missing class names"
+# What an out-of-range label value of a built-in dataset most likely means.
+LABEL_HINTS = {
+    "voc": (
+        "VOC labels are class indices 0..20 (0 = background, 255 = object border) in palette "
+        "or grayscale PNGs: SBD's .mat annotations must be converted first (mmseg's "
+        "tools/convert_datasets/voc_aug.py writes SegmentationClassAug), and labels saved as "
+        "colours converted back to indices"
+    ),
+    "context": (
+        "PASCAL Context-59 labels (SegmentationClassContext) hold 0..59 (0 = background): "
+        "convert the 459-class annotations (trainval_merged.json) with mmseg's "
+        "tools/convert_datasets/pascal_context.py"
+    ),
+    "coco": (
+        "COCO-Stuff labels must be the *_labelTrainIds.png that mmseg's "
+        "tools/convert_datasets/coco_stuff164k.py writes (0..170, 255 = ignore); the "
+        "stuffthingmaps_trainval2017 PNGs (ids up to 181) must be converted with it, not renamed"
+    ),
+    "ade": (
+        "ADE20K-150 labels (ADEChallengeData2016/annotations) hold 0..150 (0 = other); labels "
+        "of the full ADE20K index (thousands of classes) are another dataset"
+    ),
+}
+
+
 class SegmentationDataset(Dataset):
     """Pairs of (image, label) files; the readers below only build the list of pairs.
 
@@ -91,6 +116,8 @@ class SegmentationDataset(Dataset):
         ignore_index: label value meaning "ignore" (after ``reduce_zero_label``); mapped to 255.
         transform: ``transform(sample, rng) -> sample``; None returns the raw sample.
         seed: seed of the per-sample generators given to ``transform``.
+        label_hint: what :func:`check_label_values` adds to an out-of-range value (the
+            conversion the labels probably missed).
     """
 
     def __init__(
@@ -102,8 +129,10 @@ class SegmentationDataset(Dataset):
         ignore_index: int = 255,
         transform: Transform | None = None,
         seed: int = 0,
+        label_hint: str = CUSTOM_LABEL_HINT,
     ) -> None:
         self.pairs = [(Path(i), Path(label)) for i, label in pairs]
+        self.label_hint = label_hint
         self.class_names = tuple(class_names)
         self.reduce_zero_label = reduce_zero_label
         self.ignore_index = ignore_index
@@ -121,7 +150,10 @@ class SegmentationDataset(Dataset):
     def load_label(self, index: int) -> np.ndarray:
         """Label ``index`` as uint8 (H, W) dataset ids (``reduce_zero_label`` and
         ``ignore_index`` applied: 255 = ignore)."""
-        label = read_label(self.pairs[index][1])
+        return self.map_label(read_label(self.pairs[index][1]))
+
+    def map_label(self, label: np.ndarray) -> np.ndarray:
+        """Stored (H, W) values → dataset ids (``reduce_zero_label``, ``ignore_index`` → 255)."""
         if self.reduce_zero_label:
             label = reduce_zero(label)
         if self.ignore_index != 255:
@@ -337,19 +369,44 @@ def build_dataset(
         CLASS_NAMES[name],
         reduce_zero_label=reduce,
         transform=transform,
+        label_hint=LABEL_HINTS[name],
         **kwargs,
     )
 
 
-def check_label_values(dataset: SegmentationDataset) -> None:
-    """Stop with the file and value when a label (after ``reduce_zero_label`` / ``ignore_index``)
-    is neither a class id 0..K−1 nor 255; reads every label file once."""
-    k = len(dataset.class_names)
-    for index, (_, label_path) in enumerate(dataset.pairs):
-        values = np.unique(dataset.load_label(index))
-        bad = values[(values >= k) & (values != 255)]
+def check_label_values(dataset: SegmentationDataset, limit: int | None = None) -> int:
+    """Stop with the file, the value stored in it and the dataset's hint (the conversion the
+    labels probably missed) when a label value is neither a class id nor ignored (after
+    ``reduce_zero_label`` / ``ignore_index``).
+
+    limit: read this many label files, spread evenly over the dataset (both parts of VOC's
+    trainaug, every folder of a sorted listing); None reads every file. Returns the number
+    of files read.
+    """
+    k, n = len(dataset.class_names), len(dataset.pairs)
+    if limit is None or limit >= n:
+        indices = range(n)
+    else:
+        indices = sorted(set(np.linspace(0, n - 1, max(limit, 1)).round().astype(int).tolist()))
+    valid = (
+        f"stored 1..{k}, 0 and 255 = ignore"
+        if dataset.reduce_zero_label
+        else (f"ids 0..{k - 1}, 255 = ignore")
+    )
+    if dataset.ignore_index != 255:
+        valid += f", {dataset.ignore_index} = ignore"
+    for index in indices:
+        label_path = dataset.pairs[index][1]
+        try:
+            stored = read_label(label_path)
+        except UserError as e:
+            raise UserError(f"{e}; {dataset.label_hint}") from None
+        mapped = dataset.map_label(stored)
+        bad = np.unique(stored[(mapped >= k) & (mapped != 255)])
         if bad.size:
+            values = ", ".join(str(v) for v in bad[:5].tolist()) + (", ..." if bad.size > 5 else "")
             raise UserError(
-                f"{label_path}: label value {int(bad[0])} but only {k} classes (ids 0..{k - 1}, "
-                f"255 = ignore); fix the label file or add the missing class names"
+                f"{label_path}: label value{'s' if bad.size > 1 else ''} {values} but only {k} "
+                f"classes ({valid}); {dataset.label_hint}"
             )
+    return len(indices)
