@@ -24,6 +24,7 @@ from otseg.inference.predictor import precision_context
 from otseg.models.otseg import HeadMaps
 from otseg.nn.clip_image import ImageEmbedding
 from otseg.nn.ensemble import PostProcessing
+from otseg.nn.variants import default_attention
 
 GPU_SECONDS = 60  # ZeroGPU time limit per call; a call is one window or up to TEXT_BATCH names
 TEXT_BATCH = 16  # class names per text-tower call at most
@@ -112,6 +113,8 @@ class RemoteModel(PostProcessing):
         self.key = key
         self.config = model.config
         self.attentions = model.attentions
+        self.default_attention = default_attention(model)
+        self.variants = dict(getattr(model, "variants", {}))
         self._embedding = _embedding_type(model)
         self._text: dict[str, torch.Tensor] = {}  # class name → (N, C) float32, CPU
 

@@ -12,7 +12,15 @@ patch_torchvision()  # before anything imports open_clip (CPU torch + CUDA torch
 from .config import OTSegConfig, tiny_config  # noqa: E402
 from .inference.predictor import OTSegPredictor, Prediction, SegmentationModel, segment  # noqa: E402
 from .inference.serving import SlideServer  # noqa: E402
-from .models import OTSeg, TrainingFreeOTSeg, ZegOT, ZegOTConfig  # noqa: E402  (registers all)
+from .models import (  # noqa: E402  (registers all)
+    OTSeg,
+    TrainingFreeOTSeg,
+    ZegCLIP,
+    ZegCLIPConfig,
+    ZegOT,
+    ZegOTConfig,
+)
+from .nn.variants import VARIANTS  # noqa: E402
 from .registry import get_preset  # noqa: E402
 from .weights.pretrained import from_pretrained  # noqa: E402
 
@@ -24,6 +32,9 @@ __all__ = [
     "SegmentationModel",
     "SlideServer",
     "TrainingFreeOTSeg",
+    "VARIANTS",
+    "ZegCLIP",
+    "ZegCLIPConfig",
     "ZegOT",
     "ZegOTConfig",
     "from_pretrained",

@@ -26,6 +26,7 @@ from . import segment_files as files
 from .errors import UserError
 from .inference.batch import BatchSegmenter, image_loader
 from .inference.predictor import MODES, PRECISIONS
+from .nn.variants import resolve_for
 from .segment_files import Job
 
 WRITES_IN_FLIGHT = 4  # finished images waiting for the writer thread (bounds memory)
@@ -166,12 +167,8 @@ def build_segmenter(
         names = list(model.config.class_names)
         if not names:
             raise UserError(f"{args.model} has no class names of its own: give --names")
-    knobs = {
-        "attention": args.attention or "sinkhorn",
-        "lam": model.config.ensemble_lambda if args.lam is None else args.lam,
-        "use_mps": not args.no_mps,
-        "calibrate_seen": not args.no_calibrate_seen,
-    }
+    variant = resolve_for(model, args.attention, args.lam, False if args.no_mps else None)
+    knobs = {**variant.as_dict(), "calibrate_seen": not args.no_calibrate_seen}
     options = {"mode": args.mode, "precision": args.precision, "iterations": iterations}
     backend = {} if args.backend is None else {"backend": args.backend}
     segmenter = BatchSegmenter(model, names, **knobs, **options, **backend,
@@ -275,7 +272,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     vocab.add_argument("--names", help='class names separated by commas: "cat, sofa, floor"')
     vocab.add_argument("--names-file", help="a text file of class names, one per line")
     knobs = parser.add_argument_group("prediction")
-    knobs.add_argument("--attention", help="the model's attention variant (default: sinkhorn)")
+    knobs.add_argument(
+        "--attention",
+        help="the attention variant: sinkhorn, softmax or zegclip "
+        "(ZegOT: sinkhorn, softmax, none; default: the model's, zegclip for "
+        "ZegCLIP's weights, else sinkhorn)",
+    )
     knobs.add_argument(
         "--lam", type=float, help="weight λ of the MPS score map (default: the model's)"
     )

@@ -28,6 +28,7 @@ from PIL import Image
 
 from ..errors import UserError
 from ..nn.mpsa import fixed_sinkhorn
+from ..nn.variants import resolve_for
 from .predictor import OTSegPredictor, Prediction, SegmentationModel
 from .preprocess import ImageLike, ModelInput, load_image, prepare
 from .serving import SlideServer
@@ -156,9 +157,9 @@ class BatchSegmenter:
         names: Sequence[str],
         *,
         seen: Sequence[bool] | None = None,
-        attention: str = "sinkhorn",
+        attention: str | None = None,
         lam: float | None = None,
-        use_mps: bool = True,
+        use_mps: bool | None = None,
         calibrate_seen: bool = True,
         mode: str = "slide",
         precision: str = "fp32",
@@ -175,7 +176,8 @@ class BatchSegmenter:
         self.iterations = iterations
         self.window_batch = window_batch
         self.workers = workers
-        self.knobs = {"attention": attention, "lam": lam, "use_mps": use_mps}
+        # settled before any work: the model's default variant, λ and MPS switch
+        self.knobs = resolve_for(model, attention, lam, use_mps).as_dict()
         self.server: SlideServer | None = None
         self.predictor: OTSegPredictor | None = None
         if iterations is not None and mode == "slide" and backend == "torch":
@@ -186,8 +188,6 @@ class BatchSegmenter:
             )
         else:
             self.predictor = OTSegPredictor(model, precision=precision, mode=mode, backend=backend)
-            if attention not in model.attentions:  # before the text tower runs
-                raise UserError(f"attention must be one of {model.attentions}, got {attention!r}")
             self.predictor.set_vocabulary(names, seen)
             self.knobs["calibrate_seen"] = calibrate_seen
 

@@ -23,6 +23,7 @@ import torch
 from ..errors import UserError
 from ..nn.clip_image import ImageEmbedding
 from ..nn.ensemble import TokenMaps, WindowScores, resize
+from ..nn.variants import describe, resolve_for
 from ..vocabulary import check_vocabulary
 from .allocator import keep_freed_memory
 from .preprocess import ImageLike, ModelInput, prepare
@@ -71,6 +72,8 @@ class SegmentationModel(Protocol):
 
     config: Any
     attentions: tuple[str, ...]  # values ``decode`` accepts for ``attention``
+    # Optional: ``default_attention`` (the variant used when none is asked for, else
+    # "sinkhorn") and ``variants`` (variant → one sentence on what it computes).
 
     @property
     def device(self) -> torch.device: ...  # where images and embeddings are put
@@ -110,9 +113,10 @@ class Prediction:
     seen: list[bool]  # True where the class got the seen calibration
     prompt_maps: np.ndarray | None  # (K, N, H/8', W/8') per-prompt MPS maps (test scale / 8)
     templates: tuple[str, ...]  # the N prompt templates, in prompt order
-    attention: str
-    lam: float
+    attention: str  # the variant that ran
+    lam: float | None  # None: the variant has no MPS map, so no λ ("zegclip")
     use_mps: bool
+    description: str = ""  # what the variant computes, one sentence
 
 
 class OTSegPredictor:
@@ -232,28 +236,31 @@ class OTSegPredictor:
     def predict(
         self,
         *,
-        attention: str = "sinkhorn",
+        attention: str | None = None,
         lam: float | None = None,
-        use_mps: bool = True,
+        use_mps: bool | None = None,
         calibrate_seen: bool = True,
     ) -> Prediction:
         """Label map and per-class probabilities at the original image size.
 
         Args:
-            attention: ``"sinkhorn"`` (OTSeg; MPOT for ZegOT) or ``"softmax"`` (ZegCLIP
-                baseline); ZegOT also takes ``"none"`` (no transport).
-            lam: MPS weight in the ensemble, in [0, 1] (default: the model's, 0.5).
-            use_mps: use the MPS score-map branch (λ is ignored without it).
+            attention: the variant (default: the model's, ``"sinkhorn"`` except for ZegCLIP's
+                models). OTSeg and ZegCLIP weights: ``"sinkhorn"`` (OTSeg), ``"softmax"``
+                (the multi-prompt softmax ablation), ``"zegclip"`` (ZegCLIP's inference: one
+                query per class, no MPS branch); ZegOT: ``"sinkhorn"`` (MPOT), ``"softmax"``,
+                ``"none"``. :data:`otseg.nn.variants.VARIANTS` says what each computes.
+            lam: MPS weight in the ensemble, in [0, 1] (default: the model's, 0.5); with
+                ``"zegclip"`` there is no MPS map and passing λ is an error.
+            use_mps: use the MPS score-map branch (default: on; λ is ignored without it);
+                ``"zegclip"`` has none (True is an error).
             calibrate_seen: subtract the model's calibration from seen classes.
         """
+        knobs = resolve_for(self.model, attention, lam, use_mps)
         if not self.is_image_set:
             raise RuntimeError("call set_image() before predict()")
         if self._text is None:
             raise RuntimeError("call set_vocabulary() before predict()")
-        if attention not in self.model.attentions:
-            raise UserError(f"attention must be one of {self.model.attentions}, got {attention!r}")
-        cfg = self.model.config
-        lam = cfg.ensemble_lambda if lam is None else float(lam)
+        attention, lam, use_mps = knobs.attention, knobs.lam, knobs.use_mps
         seen = self._seen if calibrate_seen else None
         window_scores = [
             self.model.postprocess(
@@ -273,10 +280,11 @@ class OTSegPredictor:
             class_names=list(self._names),
             seen=self._seen.tolist() if calibrate_seen else [False] * len(self._names),
             prompt_maps=self._prompt_maps(attention, use_mps),
-            templates=self.model.config.templates,
+            templates=prompt_labels(self.model.config),
             attention=attention,
             lam=lam,
             use_mps=use_mps,
+            description=describe(self.model, attention),
         )
 
     def _head_maps(self, attention: str, use_mps: bool) -> list:
@@ -310,6 +318,13 @@ class OTSegPredictor:
             tiles.append(resize(pm.reshape(1, k * n, *pm.shape[-2:]), (y2 - y1, x2 - x1)))
         merged = merge_windows(tiles, boxes, size)
         return merged.reshape(k, n, *size).cpu().numpy()
+
+
+def prompt_labels(config: Any) -> tuple[str, ...]:
+    """What each of the N prompts of a class is, as templates ("{}" = the name): the config's
+    ``prompt_labels`` where it averages templates into one prompt (ZegCLIP), else its
+    templates."""
+    return tuple(getattr(config, "prompt_labels", config.templates))
 
 
 def _channel_argmax(x: torch.Tensor) -> torch.Tensor:

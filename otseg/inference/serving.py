@@ -18,6 +18,7 @@ import torch
 
 from ..errors import UserError
 from ..nn.mpsa import fixed_sinkhorn
+from ..nn.variants import describe, resolve_for
 from ..vocabulary import check_vocabulary
 from .allocator import keep_freed_memory
 from .predictor import (
@@ -35,8 +36,8 @@ class SlideServer:
     """``server(image)`` → :class:`otseg.inference.predictor.Prediction` for a fixed vocabulary.
 
     iterations: Sinkhorn iterations, run to the end (no early stop).
-    attention, use_mps: as :meth:`otseg.OTSegPredictor.predict` (one of the model's
-        ``attentions``; the MPS score-map branch on or off).
+    attention, lam, use_mps: as :meth:`otseg.OTSegPredictor.predict` (the model's variant
+        by default; λ and the MPS switch settled by :func:`otseg.nn.variants.resolve`).
     precision: ``"fp32"``, or autocast to ``"bf16"`` / ``"fp16"``.
     cuda_graph: capture the forward as one CUDA graph per window count (default: on CUDA).
         A graph keeps its input, output and activations allocated, and replays the weights it
@@ -54,15 +55,14 @@ class SlideServer:
         *,
         seen: Sequence[bool] | None = None,
         lam: float | None = None,
-        attention: str = "sinkhorn",
-        use_mps: bool = True,
+        attention: str | None = None,
+        use_mps: bool | None = None,
         iterations: int = 10,
         precision: str = "fp32",
         cuda_graph: bool | None = None,
     ) -> None:
         autocast_dtype(precision)  # a bad name fails here, before any work
-        if attention not in model.attentions:
-            raise UserError(f"attention must be one of {model.attentions}, got {attention!r}")
+        knobs = resolve_for(model, attention, lam, use_mps)
         self.precision = precision
         if iterations < 1:
             raise UserError(f"iterations must be at least 1, got {iterations}")
@@ -75,9 +75,7 @@ class SlideServer:
         if device.type == "cpu":
             keep_freed_memory()
         self.names, self.seen = check_vocabulary(names, model.config, seen)
-        self.lam = lam
-        self.attention = attention
-        self.use_mps = use_mps
+        self.lam, self.attention, self.use_mps = knobs.lam, knobs.attention, knobs.use_mps
         self.iterations = iterations
         self.cuda_graph = cuda_graph
         with torch.inference_mode():
@@ -145,8 +143,9 @@ class SlideServer:
             prompt_maps=None,
             templates=self.model.config.templates,
             attention=self.attention,
-            lam=self.model.config.ensemble_lambda if self.lam is None else self.lam,
+            lam=self.lam,
             use_mps=self.use_mps,
+            description=describe(self.model, self.attention),
         )
 
     def __call__(self, image: ImageLike | ModelInput) -> Prediction:

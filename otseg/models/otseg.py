@@ -16,13 +16,15 @@ from ..config import PRESETS, OTSegConfig
 from ..errors import UserError
 from ..nn.clip_image import ImageEmbedding, PromptedViT
 from ..nn.clip_text import PromptEmbedder, TextTower
-from ..nn.decoder import Decoder, combine_masks, relationship_queries
+from ..nn.decoder import Decoder, class_queries, combine_masks, relationship_queries
 from ..nn.ensemble import PostProcessing, WindowScores
 from ..nn.mps import Transport, mps_maps
-from ..nn.mpsa import ATTENTIONS
+from ..nn.variants import NO_MPS, VARIANTS
 from ..weights.pretrained import Pretrained
 
-DEFAULT_MASK_COMBINE = {"sinkhorn": "sigmoid_geomean", "softmax": "last"}
+DEFAULT_MASK_COMBINE = {"sinkhorn": "sigmoid_geomean", "softmax": "last", "zegclip": "last"}
+# the attention kernel (otseg.nn.mpsa) each variant runs in the decoder and the MPS map
+KERNEL = {"sinkhorn": "sinkhorn", "softmax": "softmax", "zegclip": "softmax"}
 
 
 @dataclass
@@ -52,7 +54,9 @@ class HeadMaps:
 class OTSeg(PostProcessing, Pretrained, nn.Module):
     """The OTSeg segmentor. Build with :func:`build_model` or ``otseg.weights.pretrained.from_pretrained``."""
 
-    attentions = ATTENTIONS
+    variants = VARIANTS  # attention variant → what it computes, one sentence
+    attentions = tuple(VARIANTS)
+    default_attention = "sinkhorn"
 
     def __init__(
         self,
@@ -89,7 +93,7 @@ class OTSeg(PostProcessing, Pretrained, nn.Module):
         text: torch.Tensor,
         *,
         attention: str = "sinkhorn",
-        use_mps: bool = True,
+        use_mps: bool | None = None,
         mask_combine: str | None = None,
     ) -> HeadMaps:
         """Both branches of the head at the token grid (no upsampling, fusion or sigmoid).
@@ -97,22 +101,32 @@ class OTSeg(PostProcessing, Pretrained, nn.Module):
         Args:
             emb: image embedding of B crops (pixels (B, C, h, w)).
             text: (K, N, C) prompt embeddings (see :meth:`embed_text`).
-            attention: ``"sinkhorn"`` (OTSeg's MPSA/MPS) or ``"softmax"`` (ZegCLIP baseline).
-            use_mps: include the MPS score-map branch.
+            attention: a variant of :data:`otseg.nn.variants.VARIANTS`: ``"sinkhorn"``
+                (OTSeg), ``"softmax"`` (the multi-prompt softmax ablation) or ``"zegclip"``
+                (ZegCLIP's inference: one query per class from the prompt mean, no MPS).
+            use_mps: include the MPS score-map branch (default: on, except for ``"zegclip"``,
+                which has none: True is refused there).
             mask_combine: ``"sigmoid_geomean"`` or ``"last"`` (default: by attention).
         """
-        if attention not in ATTENTIONS:
-            raise UserError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        if attention not in self.attentions:
+            raise UserError(f"attention must be one of {self.attentions}, got {attention!r}")
+        if attention in NO_MPS:
+            if use_mps:
+                raise UserError(f"attention={attention!r} has no MPS score map; drop use_mps=True")
+            use_mps, text = False, class_queries(text)
+        elif use_mps is None:
+            use_mps = True
+        kernel = KERNEL[attention]
         b, _, h, w = emb.pixels.shape
         pixels = emb.pixels.flatten(2).transpose(1, 2)  # (B, M, C), m = y·w + x
         q0 = relationship_queries(self.decoder.q_proj, emb.cls, text)
         maps = HeadMaps(decoder=q0, score=None, layer_masks=[], queries=[q0], transports=[])
         if use_mps:
             maps.score, maps.prompt_maps, tr = mps_maps(
-                pixels, q0, (h, w), attention, self.config.head
+                pixels, q0, (h, w), kernel, self.config.head
             )
             maps.transports.append(tr)
-        dec = self.decoder(q0, pixels, attention)
+        dec = self.decoder(q0, pixels, kernel)
         maps.transports.extend(dec.transports)
         maps.queries.extend(dec.queries)
         maps.layer_masks = [m.reshape(b, -1, h, w) for m in dec.masks]
@@ -127,7 +141,7 @@ class OTSeg(PostProcessing, Pretrained, nn.Module):
         text: torch.Tensor,
         *,
         attention: str = "sinkhorn",
-        use_mps: bool = True,
+        use_mps: bool | None = None,
         lam: float | None = None,
         seen: torch.Tensor | None = None,
         calibration: float | None = None,
@@ -139,10 +153,13 @@ class OTSeg(PostProcessing, Pretrained, nn.Module):
             images: (B, 3, H, W) normalised crops, or their cached :class:`ImageEmbedding`.
             text: (K, N, C) prompt embeddings.
             attention, use_mps, mask_combine: see :meth:`decode`.
-            lam: weight of the MPS map in the ensemble (default: config, 0.5).
+            lam: weight of the MPS map in the ensemble (default: config, 0.5); refused with
+                ``attention="zegclip"`` (no MPS map to weigh).
             seen: (K,) bool, classes that get the seen calibration (default: none).
             calibration: value subtracted on seen classes (default: config).
         """
+        if attention in NO_MPS and lam is not None:
+            raise UserError(f"attention={attention!r} has no MPS score map, so λ does not apply")
         emb = images if isinstance(images, ImageEmbedding) else self.encode_image(images)
         maps = self.decode(
             emb, text, attention=attention, use_mps=use_mps, mask_combine=mask_combine

@@ -114,7 +114,11 @@ class TextTower(nn.Module):
 
 
 class PromptEmbedder(LockedCache):
-    """Looks up or encodes the N prompts of each class name; thread-safe LRU cache."""
+    """Looks up or encodes the N prompts of each class name; thread-safe LRU cache.
+
+    average: one embedding per class instead of N, the unit embeddings of the N filled
+    templates averaged and L2-renormalised (ZegCLIP's class embedding); output (K, 1, C).
+    """
 
     def __init__(
         self,
@@ -122,8 +126,11 @@ class PromptEmbedder(LockedCache):
         tower: TextTower | None = None,
         bank: dict[str, torch.Tensor] | None = None,
         cache_size: int = 4096,
+        *,
+        average: bool = False,
     ) -> None:
         self.templates = tuple(templates)
+        self.average = average
         self.tower = tower
         self.bank = dict(bank or {})  # name → (N, C) tensor, kept in its stored dtype
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -135,7 +142,8 @@ class PromptEmbedder(LockedCache):
         return self.tower is not None
 
     def __call__(self, names: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """names: K class names → (K, N, C) float32 embeddings, in the given order."""
+        """names: K class names → (K, N, C) float32 embeddings (N = 1 when averaging), in the
+        given order."""
         missing = [n for n in dict.fromkeys(names) if n not in self.bank and n not in self._cache]
         if missing:
             if self.tower is None:
@@ -150,8 +158,11 @@ class PromptEmbedder(LockedCache):
                 self.tower(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)
             ]
             encoded = torch.cat(chunks).reshape(len(missing), len(self.templates), -1)
+            encoded = F.normalize(encoded, dim=-1)
+            if self.average:
+                encoded = F.normalize(encoded.mean(dim=1, keepdim=True), dim=-1)
             with self._lock:
-                for name, emb in zip(missing, F.normalize(encoded, dim=-1).cpu(), strict=True):
+                for name, emb in zip(missing, encoded.cpu(), strict=True):
                     self._cache[name] = emb
                     self._cache.move_to_end(name)
                 while len(self._cache) > max(self._cache_size, len(missing)):

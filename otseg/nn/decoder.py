@@ -6,6 +6,7 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import HeadConfig
@@ -19,6 +20,16 @@ def relationship_queries(q_proj: nn.Linear, cls: torch.Tensor, text: torch.Tenso
     b = cls.shape[0]
     text = text.to(cls.dtype).unsqueeze(0).expand(b, -1, -1, -1)
     return q_proj(torch.cat([cls[:, None, None, :] * text, text], dim=-1))
+
+
+def class_queries(text: torch.Tensor) -> torch.Tensor:
+    """ZegCLIP's text: one embedding per class. (K, N, C) → (K, 1, C) float32: a single prompt
+    is kept as it is (as ZegCLIP uses its stored fp16 file), several are averaged and
+    L2-renormalised (ZegCLIP's multi-template class embedding)."""
+    text = text.float()
+    if text.shape[1] == 1:
+        return text
+    return F.normalize(text.mean(dim=1, keepdim=True), dim=-1)
 
 
 class DecoderLayer(nn.Module):
