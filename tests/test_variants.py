@@ -289,3 +289,25 @@ def test_lambda_and_mps_are_refused_for_zegclip_and_settled_elsewhere():
     assert "OTSeg" in default.description
     with pytest.raises(UserError, match="attention must be one of"):
         predictor.predict(attention="zegclipp")
+
+
+def test_a_zegclip_model_encodes_new_names_as_zegclip_did(tmp_path):
+    """Names outside the stored file: the unit embeddings of the filled templates (open_clip's
+    own encode_text here) averaged and renormalised, as ZegCLIP's get_embedding notebook; one
+    template is used as it is."""
+    from factories import save_tiny_clip
+    from otseg.data.prompts import ZEGCLIP_15
+    from otseg.weights.clip import load_clip
+
+    clip, tokenizer = load_clip(f"local-dir:{save_tiny_clip(tmp_path / 'clip')}")
+    for templates in (ZEGCLIP_15, ("a photo of a {}",)):
+        config = zegclip_config(tiny_config(), templates)
+        model = build_zegclip(config, clip=clip, tokenizer=tokenizer).eval()
+        got = model.embed_text(["dining table", "cat"])
+        assert got.shape == (2, 1, 32)
+        for row, name in zip(got, ["dining table", "cat"], strict=True):
+            with torch.no_grad():
+                each = clip.encode_text(tokenizer([t.format(name) for t in templates])).double()
+            each = each / each.norm(dim=-1, keepdim=True)
+            mean = each.mean(0)
+            torch.testing.assert_close(row[0].double(), mean / mean.norm(), atol=1e-6, rtol=0)
