@@ -136,14 +136,16 @@ def test_fully_supervised_run_reports_no_unseen_metrics(
     assert _strict_json(out / "best" / "config.json")["card"]["metrics"]["miou"] == kept[-1]
 
 
-def test_push_to_hub_offline_warns_at_start_and_keeps_the_export(
+def test_push_to_hub_offline_warns_at_start_keeps_the_export_and_exits_3(
     data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
     from train.train import main
 
     out = tmp_path / "run"
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as stop:
         main(tiny_args(data, out, "--max-iters", "1", "--no-eval", "--push-to-hub", "me/tiny"))
+    assert stop.value.code == 3  # not 0: a script can tell the upload failed
+    assert "exits with status 3 if the upload fails" in caplog.text
     start = caplog.text.index("--push-to-hub me/tiny will fail: HF_HUB_OFFLINE=1")
     end = caplog.text.index("push to me/tiny failed")
     assert start < caplog.text.index("step 1: saved") < end
@@ -152,6 +154,21 @@ def test_push_to_hub_offline_warns_at_start_and_keeps_the_export(
     OTSeg.from_pretrained(out / "model")
     log = (out / "train.log").read_text()  # the warning came before the file: held, then written
     assert log.index("--push-to-hub me/tiny will fail") < log.index("step 1: saved")
+
+
+def test_a_failed_push_is_the_exit_status_of_the_command(data: Path, tmp_path: Path):
+    import subprocess
+
+    from train_helpers import REPO, TRAIN, env
+
+    out = tmp_path / "run"
+    done = subprocess.run(
+        TRAIN + tiny_args(data, out, "--max-iters", "1", "--no-eval", "--push-to-hub", "me/tiny"),
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert f"hf upload me/tiny {out / 'model'} --repo-type model" in done.stderr
+    OTSeg.from_pretrained(out / "model")
 
 
 def test_gradient_checkpointing_flag_reaches_the_model(

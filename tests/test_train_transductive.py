@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synthetic(tmp_path_factory.mktemp("data"), "voc", num_train=8, num_val=2)
 
 
-def test_main_smoke_then_transductive_from_it(data: Path, tmp_path: Path):
+def test_main_smoke_then_transductive_from_it(
+    data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
     from train.train import main
 
     inductive = tmp_path / "inductive"
@@ -42,10 +45,27 @@ def test_main_smoke_then_transductive_from_it(data: Path, tmp_path: Path):
     reset_accelerate()
     # a checkpoint folder works as the start point (as the original's iter_10000)
     start = inductive / "checkpoints" / "checkpoint_00000002"
-    main(tiny_args(data, tmp_path / "st", *st, "--init-from", str(start)))
+    with caplog.at_level(logging.INFO):
+        main(tiny_args(data, tmp_path / "st", *st, "--init-from", str(start)))
     model = OTSeg.from_pretrained(tmp_path / "st" / "model")
     assert model.config.setting == "transductive" and model.config.calibration == 0.0
     assert model.training_text.shape[0] == len(model.config.class_names)  # all classes
+    # which model the run started from is logged and recorded with the run
+    resolved = str((start / "model").resolve())
+    recipe = json.loads((tmp_path / "st" / "recipe.json").read_text())
+    assert recipe["init_from"] == str(start)
+    assert (recipe["init_from_resolved"], recipe["init_from_step"]) == (resolved, 2)
+    training = json.loads((tmp_path / "st" / "model" / "config.json").read_text())["card"]
+    assert training["training"]["init_from_resolved"] == resolved
+    assert f"from {resolved} (step 2)" in (tmp_path / "st" / "train.log").read_text()
+    reset_accelerate()
+    # a run folder: the recipe's init_from_iter picks the checkpoint; the final model: its steps
+    main(tiny_args(data, tmp_path / "st2", *st, "--init-from", str(inductive), "--set",
+                   "init_from_iter=4"))  # fmt: skip
+    recipe = json.loads((tmp_path / "st2" / "recipe.json").read_text())
+    assert recipe["init_from_resolved"].endswith("checkpoint_00000004/model")
+    assert recipe["init_from_step"] == 4
+    assert "init_from_resolved" not in json.loads((inductive / "recipe.json").read_text())
 
 
 def test_init_from_loads_the_inductive_weights(data: Path, tmp_path: Path):

@@ -10,6 +10,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,6 +118,23 @@ def resolve_init(path: str | Path, step: int | None = None) -> Path:
     )
 
 
+def init_facts(recipe: Recipe, source: Path | None) -> dict[str, Any]:
+    """What ``recipe.init_from`` resolved to, for the log, ``recipe.json`` and the model card:
+    ``init_from_resolved`` (absolute model directory) and ``init_from_step`` (the step of the
+    checkpoint or of the exported run, None when unknown); empty without ``init_from``."""
+    from train.checkpoint import META
+
+    if source is None:
+        return {}
+    step = None
+    if (source.parent / META).is_file():  # a checkpoint's model
+        step = json.loads((source.parent / META).read_text()).get("step")
+    else:  # an exported model: its card's steps
+        _, info = read_config(source / CONFIG_NAME)
+        step = (info.get("card") or {}).get("training", {}).get("steps")
+    return {"init_from_resolved": str(source.resolve()), "init_from_step": step}
+
+
 def load_frozen_clip(config: OTSegConfig, weights: str | None = None):
     """The frozen open_clip model and tokenizer of ``config`` (weights from a local file when
     given), with an actionable error when the weights are neither cached nor downloadable."""
@@ -151,11 +169,23 @@ def training_text_bank(
     return random_text_bank(config, recipe.seed) if config.clip_model is None else None
 
 
-def build_training_model(recipe: Recipe, config: OTSegConfig) -> OTSeg:
+def init_source(recipe: Recipe) -> Path | None:
+    """The model directory ``recipe.init_from`` resolves to (:func:`resolve_init`), or None."""
+    return resolve_init(recipe.init_from, recipe.init_from_iter) if recipe.init_from else None
+
+
+def build_training_model(
+    recipe: Recipe, config: OTSegConfig, *, source: Path | None = None
+) -> OTSeg:
     """The model to train: frozen CLIP (``load_clip``) or the config's random frozen tower,
-    fresh prompts and decoder, or the weights of ``recipe.init_from`` (weights only)."""
+    fresh prompts and decoder, or the weights of ``recipe.init_from`` (weights only).
+
+    source: the model directory ``recipe.init_from`` resolved to (:func:`init_source`);
+    resolved here when not given.
+    """
     torch.manual_seed(recipe.seed)
-    source = resolve_init(recipe.init_from, recipe.init_from_iter) if recipe.init_from else None
+    if source is None:
+        source = init_source(recipe)
     if model_type(config) == "zegot":  # random towers when clip_model is None
         clip = tokenizer = None
         if config.clip_model is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 logger = logging.getLogger("train")
 
@@ -34,6 +35,11 @@ def push_problem(repo_id: str) -> str | None:
     return None
 
 
+# train.train's exit status when training and the local export succeeded but the upload failed
+# (2 is bad input, 1 a crash): a script can tell, and push the intact export later.
+PUSH_FAILED_EXIT_CODE = 3
+
+
 def push_later_hint(directory: Path, repo_id: str) -> str:
     return f"push it later with: hf upload {repo_id} {directory} --repo-type model"
 
@@ -45,12 +51,15 @@ def export_model(
     *,
     card: dict[str, Any],
     push_to_hub: str | None = None,
-) -> None:
+) -> str | None:
     """Write ``directory`` (config.json, model.safetensors, text embeddings when stored,
     README.md model card with ``card``) on the main process, atomically: a folder is written
-    beside it and renamed into place. Collective: call on every process.
+    beside it and renamed into place, then upload it to ``push_to_hub``. Collective: call on
+    every process.
 
-    A failed upload does not raise: it is logged with how to push the intact export later."""
+    A failed upload does not raise: it is logged with how to push the intact export later, and
+    that message is returned on every process (None: no upload asked, or it succeeded)."""
+    failure = None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         net = accelerator.unwrap_model(model)
@@ -68,9 +77,13 @@ def export_model(
                 url = net.push_to_hub(push_to_hub, card=card)
                 logger.info(f"pushed to https://huggingface.co/{push_to_hub} ({url})")
             except Exception as e:  # network, auth, quota...: the local export is what matters
-                logger.error(
+                failure = (
                     f"push to {push_to_hub} failed ({type(e).__name__}: {str(e)[:300]}); the "
                     f"exported model in {directory} is intact; "
                     f"{push_later_hint(directory, push_to_hub)}"
                 )
+                logger.error(failure)
     accelerator.wait_for_everyone()
+    if push_to_hub and accelerator.num_processes > 1:
+        failure = broadcast_object_list([failure])[0]
+    return failure

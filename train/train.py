@@ -48,12 +48,14 @@ from train.build import (
     describe_model,
     dump_json,
     freeze_unreached,
+    init_facts,
+    init_source,
     use_tf32,
 )
 from train.checkpoint import CheckpointManager, TrainState
 from train.engine import train_loop
 from train.evaluate import evaluate, metrics_summary, write_metrics
-from train.export import export_model, push_later_hint, push_problem
+from train.export import PUSH_FAILED_EXIT_CODE, export_model, push_later_hint, push_problem
 from train.objective import build_objective
 from train.optim import batch_layout, build_optimizer, build_scheduler, describe_batch
 from train.recipe import Recipe, add_recipe_args, recipe_from_args
@@ -236,8 +238,9 @@ def warn_if_push_fails(repo_id: str, export_dir: Path) -> None:
     problem = push_problem(repo_id)
     if problem:
         logger.warning(
-            f"--push-to-hub {repo_id} will fail: {problem}. Training goes on and exports to "
-            f"{export_dir}; {push_later_hint(export_dir, repo_id)}"
+            f"--push-to-hub {repo_id} will fail: {problem}. Training goes on, exports to "
+            f"{export_dir} and then exits with status {PUSH_FAILED_EXIT_CODE} if the upload "
+            f"fails; {push_later_hint(export_dir, repo_id)}"
         )
 
 
@@ -253,13 +256,17 @@ class StepHooks:
         run_dir: Path,
         evaluate_at: Callable[[torch.nn.Module, int], dict],
         checkpoints: CheckpointManager,
+        facts: dict | None = None,
     ) -> None:
         self.accelerator, self.model, self.recipe = accelerator, model, recipe
         self.run_dir, self.evaluate_at, self.checkpoints = run_dir, evaluate_at, checkpoints
+        self.facts = dict(facts or {})
 
     def card(self, state: TrainState, summary: dict | None) -> dict:
-        """Model-card facts: the metrics and the recipe with the steps trained."""
-        return {"metrics": summary or {}, "training": self.recipe.to_dict() | {"steps": state.step}}
+        """Model-card facts: the metrics and the recipe with the run's facts (the resolved
+        ``init_from``) and the steps trained."""
+        training = self.recipe.to_dict() | self.facts | {"steps": state.step}
+        return {"metrics": summary or {}, "training": training}
 
     def keep_if_best(self, state: TrainState, summary: dict) -> None:
         score = headline(summary)
@@ -278,7 +285,8 @@ class StepHooks:
 
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
-    """Train, evaluate and export; returns the evaluation summary (percent) or None."""
+    """Train, evaluate and export; returns the evaluation summary (percent) or None. A failed
+    ``--push-to-hub`` upload exits with ``PUSH_FAILED_EXIT_CODE`` (3) after the export."""
     args = parse_args(argv)
     recipe = build_recipe(args)
     run_dir = Path(args.output_dir) if args.output_dir else recipe.run_dir
@@ -295,7 +303,15 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         )
         if args.push_to_hub and accelerator.is_main_process:
             warn_if_push_fails(args.push_to_hub, run_dir / "model")
-        model = build_training_model(recipe, config)
+        source = init_source(recipe)
+        facts = init_facts(recipe, source)
+        if source is not None:
+            step = facts["init_from_step"]
+            logger.info(
+                f"init_from {recipe.init_from}: starting from {facts['init_from_resolved']}"
+                + (f" (step {step})" if step is not None else "")
+            )
+        model = build_training_model(recipe, config, source=source)
         if args.gradient_checkpointing:  # else as built (ZegOT: config.head.text_checkpointing)
             model.set_grad_checkpointing(True)
         unreached = freeze_unreached(model)
@@ -320,7 +336,10 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     logger.info(f"{describe_model(model)}; mixed precision {recipe.mixed_precision}")
     logger.info(f"{len(unreached)} parameter tensors get no gradient and stay fixed: {unreached}")
     if accelerator.is_main_process:
-        dump_json(run_dir / "recipe.json", recipe.to_dict() | {"model_config": config.to_dict()})
+        dump_json(
+            run_dir / "recipe.json",
+            recipe.to_dict() | facts | {"model_config": config.to_dict()},
+        )
     model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
     accelerator.init_trackers(recipe.name, config={k: str(v) for k, v in recipe.to_dict().items()})
     checkpoints = CheckpointManager(
@@ -336,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         accelerator.register_for_checkpointing(objective)  # its frozen teacher, when taken
     state = resume(checkpoints, args.resume_from, fresh)
     evaluate_at = make_evaluator(accelerator, recipe, config, run_dir)
-    hooks = StepHooks(accelerator, model, recipe, run_dir, evaluate_at, checkpoints)
+    hooks = StepHooks(accelerator, model, recipe, run_dir, evaluate_at, checkpoints, facts)
     state = train_loop(
         accelerator, model, optimizer, scheduler, loader, sampler, objective, state,
         iterations=recipe.iterations, after_step=hooks,
@@ -345,12 +364,14 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     summary = None if args.no_eval else evaluate_at(model, state.step)
     if summary is not None and recipe.eval_every:
         hooks.keep_if_best(state, summary)
-    export_model(
+    push_failure = export_model(
         accelerator, model, run_dir / "model", card=hooks.card(state, summary),
         push_to_hub=args.push_to_hub,
     )  # fmt: skip
     logger.info(f"exported {run_dir / 'model'}")
     accelerator.end_training()
+    if push_failure:  # logged with the command that pushes the export later
+        raise SystemExit(PUSH_FAILED_EXIT_CODE)
     return summary
 
 
