@@ -7,12 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from factories import tiny_zegot
 from otseg.errors import CheckpointError, UserError
 from otseg.inference.predictor import OTSegPredictor
 from otseg.models.zegot import PRESETS, ZegOT, build_zegot, zegot_tiny_config
-from otseg.models.zegot.mpot import block_similarities, geometric_mean, mpot, refine
+from otseg.models.zegot.mpot import block_similarities, geometric_mean, mpot, refine_layer
 from otseg.registry import get_preset
 from otseg.weights.pretrained import from_pretrained
 
@@ -90,8 +91,39 @@ def test_none_equals_untransported_maps(model, images):
     maps = mpot(sims, (3, 4), "none", model.config.head)
     torch.testing.assert_close(maps.refined, sims[2:4])
     assert maps.transports == []
-    refined, _ = refine(sims[3], "sinkhorn", model.config.head)
+    refined, _ = refine_layer(sims[3], "sinkhorn", model.config.head)
     assert not torch.allclose(refined, sims[3])
+
+
+def test_block_similarities_stay_float32_under_bf16_autocast():
+    """ZegOT's maps go through OTSeg's fp32 similarity: bf16 activations (as autocast makes
+    them) give the float64 cosine of those activations to 1e-6; a bf16 similarity is off by
+    ~1e-2 and moves the Sinkhorn plans by ~2 %."""
+    g = torch.Generator().manual_seed(0)
+    blocks = F.normalize(torch.randn(2, 1, 32, 4, 4, generator=g), dim=2)
+    queries = torch.randn(1, 3, 4, 32, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        b16, q16 = blocks @ torch.eye(4), queries @ torch.eye(32)  # bf16 activations
+        assert b16.dtype == q16.dtype == torch.bfloat16
+        sims = block_similarities(b16, q16)
+    assert sims.dtype == torch.float32 and sims.shape == (2, 1, 3, 16, 4)
+    p = F.normalize(b16.double().flatten(3), dim=2)  # (L, B, C, M)
+    q = F.normalize(q16.double(), dim=-1)
+    exact = torch.einsum("lbcm,bknc->lbkmn", p, q)
+    torch.testing.assert_close(sims.double(), exact, rtol=0, atol=1e-6)
+
+
+def test_zegot_transports_are_solved_on_float32_similarities_under_bf16(model, images):
+    emb = model.encode_image(images[:1])
+    text = model.embed_text(list(model.config.class_names))
+    with torch.no_grad():
+        fp32 = model.decode(emb, text)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model.decode(emb, text)
+    for tr, ref in zip(bf16.transports, fp32.transports, strict=True):
+        assert tr.similarity.dtype == torch.float32
+        # only the GA layer's bf16 matmul differs now: ~0.5 % (a bf16 similarity: ~1.8 %)
+        assert ((tr.plan - ref.plan).abs().sum() / ref.plan.abs().sum()).item() < 0.01
 
 
 @pytest.mark.parametrize("last", ["identity", "sigmoid"])

@@ -74,12 +74,21 @@ class TextTower(nn.Module):
     def forward(self, prompts: Sequence[str]) -> torch.Tensor:
         """prompts: n strings → (n, C) unit-norm embeddings (float32)."""
         self.check_lengths(prompts)
-        device = self.token_embedding.weight.device
-        tokens = self.tokenizer(list(prompts)).to(device)  # (n, context) zero-padded
+        tokens, eot = self.tokenize(prompts)
+        return self.encode_embeddings(self.token_embedding(tokens), eot)
+
+    def tokenize(
+        self, prompts: Sequence[str], device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """n prompts → (n, L) token ids up to the longest prompt's end token and the (n,) end
+        positions, on ``device`` (default: the tower's). The end handling of every text
+        encoding (templates here, ZegOT's learned prompts): L is computed on the host."""
+        tokens = self.tokenizer(list(prompts))  # (n, context) zero-padded, start token first
         eot = tokens.argmax(dim=-1)  # the end-of-text token has the largest id
         # Causal attention: tokens after the longest prompt's end cannot change earlier ones.
         length = int(eot.max()) + 1
-        return self.encode_embeddings(self.token_embedding(tokens[:, :length]), eot)
+        device = self.token_embedding.weight.device if device is None else device
+        return tokens[:, :length].to(device), eot.to(device)
 
     def encode_embeddings(
         self, x: torch.Tensor, eot: torch.Tensor, *, checkpointing: bool = False

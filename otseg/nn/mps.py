@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +45,47 @@ def transport_plan(
 
 
 def cosine_similarity(pixels: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """S[b,k,m,n] = ⟨n(pixel_bm), n(query_bkn)⟩ in float32, also under autocast (a bf16 S would
-    move the Sinkhorn plan by ~2 %).  pixels (B, M, C), queries (B, K, N, C) → (B, K, M, N)."""
+    """S[..., k, m, n] = ⟨n(pixel_m), n(query_kn)⟩ in float32, also under autocast (a bf16 S
+    would move the Sinkhorn plan by ~2 %). The one similarity of OTSeg's MPS map and decoder
+    attention and of ZegOT's block maps.
+
+    pixels (..., M, C), queries (..., K, N, C), leading dims broadcast (B, or ZegOT's (L, B)
+    blocks against (B,) queries) → (..., K, M, N).
+    """
     with torch.autocast(device_type=pixels.device.type, enabled=False):
         p = F.normalize(pixels.float(), dim=-1)
         q = F.normalize(queries.float(), dim=-1)
-        return torch.einsum("bmc,bknc->bkmn", p, q)
+        return torch.einsum("...mc,...knc->...kmn", p, q)
+
+
+class SinkhornConstants(Protocol):
+    """The transport constants of a head config (OTSeg's ``HeadConfig``, ZegOT's head)."""
+
+    sinkhorn_eps: float
+    sinkhorn_max_iter: int
+    sinkhorn_thresh: float | None
+
+
+def transport_args(cfg: SinkhornConstants, kind: str) -> dict[str, float | int | None]:
+    """The keyword arguments of :func:`transport_plan` from a head config (OTSeg's or ZegOT's:
+    ``sinkhorn_eps``, ``sinkhorn_max_iter``, ``sinkhorn_thresh``); ``softmax`` takes only ε."""
+    if kind == "softmax":
+        return {"eps": cfg.sinkhorn_eps}
+    return {"eps": cfg.sinkhorn_eps, "max_iter": cfg.sinkhorn_max_iter, "tol": cfg.sinkhorn_thresh}
+
+
+def refine(
+    similarity: torch.Tensor, kind: str = "sinkhorn", **plan_args
+) -> tuple[torch.Tensor, Transport]:
+    """The transport refinement S* = M·N·T ⊙ S of OTSeg's MPS map and ZegOT's MPOT layers.
+
+    similarity: (B, K, M, N) S; ``plan_args`` go to :func:`transport_plan` (see
+    :func:`transport_args`). M·N scaling: T has mean 1/(M·N), so S* stays at the scale of S.
+    Returns S* (B, K, M, N) and the :class:`Transport`.
+    """
+    plan = transport_plan(similarity, kind, **plan_args)
+    m, n = similarity.shape[-2:]
+    return m * n * plan * similarity, Transport(similarity=similarity, plan=plan)
 
 
 def mps_score(
@@ -67,10 +103,8 @@ def mps_score(
     Returns:
         score (B, K, M) and the :class:`Transport` (per-prompt maps are M·N·T·S).
     """
-    sim = cosine_similarity(pixels, queries)
-    plan = transport_plan(sim, kind, **sinkhorn_args)
-    m, n = sim.shape[-2:]
-    return (m * n * plan * sim).sum(-1), Transport(similarity=sim, plan=plan)
+    refined, tr = refine(cosine_similarity(pixels, queries), kind, **sinkhorn_args)
+    return refined.sum(-1), tr
 
 
 def mps_maps(
@@ -84,10 +118,7 @@ def mps_maps(
 
     Returns score (B, K, h, w), per-prompt maps M·N·T·S (B, K, N, h, w) and the transport.
     """
-    sargs = (
-        {} if kind == "softmax" else {"max_iter": cfg.sinkhorn_max_iter, "tol": cfg.sinkhorn_thresh}
-    )
-    score, tr = mps_score(pixels, queries, kind, eps=cfg.sinkhorn_eps, **sargs)
-    b, k, m, n = tr.plan.shape
-    per_prompt = (m * n * tr.plan * tr.similarity).permute(0, 1, 3, 2)  # (B, K, N, M)
-    return score.reshape(b, k, *grid), per_prompt.reshape(b, k, n, *grid), tr
+    refined, tr = refine(cosine_similarity(pixels, queries), kind, **transport_args(cfg, kind))
+    b, k, m, n = refined.shape
+    per_prompt = refined.permute(0, 1, 3, 2)  # (B, K, N, M)
+    return refined.sum(-1).reshape(b, k, *grid), per_prompt.reshape(b, k, n, *grid), tr

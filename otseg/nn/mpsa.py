@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import HeadConfig
 from . import onednn
-from .mps import Transport, mps_score
+from .mps import Transport, mps_score, transport_args
 
 ATTENTIONS = ("sinkhorn", "softmax")
 
@@ -40,14 +40,9 @@ class PromptPixelAttention(nn.Module):
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
 
     def _sinkhorn(self, queries, pixels):
-        c = self.cfg
+        kind = "sinkhorn"
         mask, tr = mps_score(
-            self.k(pixels),
-            self.q(queries),
-            "sinkhorn",
-            eps=c.sinkhorn_eps,
-            max_iter=c.sinkhorn_max_iter,
-            tol=c.sinkhorn_thresh,
+            self.k(pixels), self.q(queries), kind, **transport_args(self.cfg, kind)
         )
         v = self.v(pixels)
         # The plan is not rescaled: each query's weights over pixels sum to 1/N, as the original.

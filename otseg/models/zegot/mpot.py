@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ...nn.mps import Transport, transport_plan
+from ...nn.mps import Transport, cosine_similarity, refine, transport_args
 from .config import ZegOTHeadConfig
 
 TRANSPORTS = ("sinkhorn", "softmax", "none")  # "none": S_i* = S_i (the paper's no-MPOT row)
@@ -28,30 +28,25 @@ class MPOTMaps:
 
 
 def block_similarities(blocks: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of every block's pixels with every class prompt.
+    """Cosine similarity of every block's pixels with every class prompt, in float32 (OTSeg's
+    :func:`~otseg.nn.mps.cosine_similarity`, also under autocast).
 
     blocks: (L, B, C, h, w) unit-norm patch embeddings; queries: (B, K, N, C) (any norm).
     Returns (L, B, K, M, N) with m = y·w + x.
     """
-    pixels = blocks.flatten(3).to(queries.dtype)  # (L, B, C, M)
-    return torch.einsum("lbcm,bknc->lbkmn", pixels, F.normalize(queries, dim=-1))
+    return cosine_similarity(blocks.flatten(3).transpose(-1, -2), queries)  # (L, B, M, C)
 
 
-def refine(
+def refine_layer(
     similarity: torch.Tensor, kind: str, cfg: ZegOTHeadConfig
 ) -> tuple[torch.Tensor, Transport | None]:
-    """One layer: (B, K, M, N) S → S* = M·N·T ⊙ S (``none``: S itself) and its transport."""
+    """One layer: (B, K, M, N) S → S* = M·N·T ⊙ S (OTSeg's :func:`~otseg.nn.mps.refine`;
+    ``none``: S itself) and its transport."""
     if kind == "none":
         return similarity, None
     if kind not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")
-    sargs = (
-        {} if kind == "softmax" else {"max_iter": cfg.sinkhorn_max_iter, "tol": cfg.sinkhorn_thresh}
-    )
-    plan = transport_plan(similarity, kind, eps=cfg.sinkhorn_eps, **sargs)
-    m, n = similarity.shape[-2:]
-    # M·N scaling: T has mean 1/(M·N), so S* stays at the scale of S (σ below is not flat).
-    return m * n * plan * similarity, Transport(similarity=similarity, plan=plan)
+    return refine(similarity, kind, **transport_args(cfg, kind))
 
 
 def geometric_mean(
@@ -80,7 +75,7 @@ def mpot(
     transport problems are solved in their own call (the stopping rule is per call)."""
     refined, transports = [], []
     for i in layers:
-        s, tr = refine(similarities[i - 1], kind, cfg)
+        s, tr = refine_layer(similarities[i - 1], kind, cfg)
         refined.append(s)
         if tr is not None:
             transports.append(tr)

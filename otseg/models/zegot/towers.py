@@ -106,10 +106,7 @@ class LearnedPrompts(LockedCache, nn.Module):
             return hit
         prompts = self.prompts(names)
         self._check_lengths(names, prompts)
-        tokens = self.tower.tokenizer(prompts)  # (K, context), start token first
-        eot = tokens.argmax(dim=-1)  # the end-of-text token has the largest id
-        length = int(eot.max()) + 1  # causal mask: later positions cannot change these
-        hit = (tokens[:, :length].to(self.ctx.device), eot.to(self.ctx.device))
+        hit = self.tower.tokenize(prompts, self.ctx.device)
         with self._lock:
             if len(self._token_cache) >= 16:  # name lists of inference calls: keep it small
                 self._token_cache.clear()
