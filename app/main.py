@@ -1,7 +1,8 @@
 """Command line and environment settings → loaded model → launched demo.
 
 Settings (flag, then environment variable, then default):
-    --model      OTSEG_MODEL      trained OTSeg: Hub repo id, local directory or original:<setting>
+    --model      OTSEG_MODEL      trained model: Hub repo id, local directory, original:<setting>
+                                  or zegclip:<setting>
     --clip       OTSEG_CLIP       CLIP for the training-free mode ("ViT-B-16-quickgelu")
     --clip-pretrained OTSEG_CLIP_PRETRAINED  its weights tag or file ("openai"; "" for none)
     --precision  OTSEG_PRECISION  "fp32" or "bf16" (bf16 autocast: ~1.6× faster than fp32 on
@@ -45,8 +46,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--model",
         default=_env("OTSEG_MODEL"),
-        help="Hub repo id, local otseg directory, or original:<setting> (the authors' weights, "
-        "e.g. original:coco-transductive) [OTSEG_MODEL]",
+        help="Hub repo id, local otseg directory, original:<setting> (the authors' OTSeg "
+        "weights, e.g. original:coco-transductive) or zegclip:<setting> (ZegCLIP's) "
+        "[OTSEG_MODEL]",
     )
     p.add_argument(
         "--clip",
@@ -126,18 +128,17 @@ def check_device(device: str | None) -> str:
 
 def check_model(model: str | None) -> None:
     """A one-line ``UserError`` when ``model`` is not a usable model reference: a missing local
-    path (otseg.weights.hub's rule), a directory without config.json or an unknown ``original:``
-    setting; a typo stops here instead of starting a demo without its model. Whether a Hub repo
+    path (otseg.weights.hub's rule), a directory without config.json or an unknown ``original:`` or
+    ``zegclip:`` setting; a typo stops here instead of starting a demo without its model. Whether a Hub repo
     exists is only known when loading: the demo then shows why it could not load it."""
     if not model:
         return
     from otseg.weights.hub import CONFIG_NAME, locate_model
+    from otseg.weights.original import RELEASED_PREFIXES, get_released
 
-    if model.startswith("original:"):
-        from otseg.weights.original import get_original
-
+    if model.startswith(RELEASED_PREFIXES):
         try:
-            get_original(model)  # an unknown or refused setting
+            get_released(model)  # an unknown or refused setting
         except UserError as e:
             raise UserError(f"--model {model}: {e}") from None
         return

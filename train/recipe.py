@@ -108,6 +108,12 @@ class Recipe:
                 f"recipe {self.name!r} is transductive: it starts from an inductive model; pass "
                 f"the inductive run's folder, e.g. --init-from runs/<inductive run>{step}"
             )
+        if model_type(preset) == "zegclip":
+            raise UserError(
+                f"recipe {self.name!r}: {self.preset!r} is a ZegCLIP preset, for the authors' "
+                "released weights (zegclip:<setting>); training covers OTSeg and ZegOT (an OTSeg "
+                "model also runs ZegCLIP's inference: attention='zegclip')"
+            )
         if model_type(preset) != self.model:
             raise UserError(
                 f"recipe {self.name!r}: preset {self.preset!r} is a {model_type(preset)} model, "

@@ -92,7 +92,7 @@ class OTSeg(PostProcessing, Pretrained, nn.Module):
         emb: ImageEmbedding,
         text: torch.Tensor,
         *,
-        attention: str = "sinkhorn",
+        attention: str | None = None,
         use_mps: bool | None = None,
         mask_combine: str | None = None,
     ) -> HeadMaps:
@@ -103,11 +103,13 @@ class OTSeg(PostProcessing, Pretrained, nn.Module):
             text: (K, N, C) prompt embeddings (see :meth:`embed_text`).
             attention: a variant of :data:`otseg.nn.variants.VARIANTS`: ``"sinkhorn"``
                 (OTSeg), ``"softmax"`` (the multi-prompt softmax ablation) or ``"zegclip"``
-                (ZegCLIP's inference: one query per class from the prompt mean, no MPS).
+                (ZegCLIP's inference: one query per class from the prompt mean, no MPS);
+                default: the model's (:attr:`default_attention`).
             use_mps: include the MPS score-map branch (default: on, except for ``"zegclip"``,
                 which has none: True is refused there).
             mask_combine: ``"sigmoid_geomean"`` or ``"last"`` (default: by attention).
         """
+        attention = self.default_attention if attention is None else attention
         if attention not in self.attentions:
             raise UserError(f"attention must be one of {self.attentions}, got {attention!r}")
         if attention in NO_MPS:
@@ -140,7 +142,7 @@ class OTSeg(PostProcessing, Pretrained, nn.Module):
         images: torch.Tensor | ImageEmbedding,
         text: torch.Tensor,
         *,
-        attention: str = "sinkhorn",
+        attention: str | None = None,
         use_mps: bool | None = None,
         lam: float | None = None,
         seen: torch.Tensor | None = None,
@@ -158,6 +160,7 @@ class OTSeg(PostProcessing, Pretrained, nn.Module):
             seen: (K,) bool, classes that get the seen calibration (default: none).
             calibration: value subtracted on seen classes (default: config).
         """
+        attention = self.default_attention if attention is None else attention
         if attention in NO_MPS and lam is not None:
             raise UserError(f"attention={attention!r} has no MPS score map, so λ does not apply")
         emb = images if isinstance(images, ImageEmbedding) else self.encode_image(images)

@@ -33,10 +33,15 @@ from ..errors import CheckpointError, UserError, WeightsNotFoundError, fail
 from ..nn.clip_image import PromptedViT
 from .clip import load_clip
 from .download import DownloadError
-from .original import PREFIX, OriginalModel, cache_root, card_for, fetch, get_original
+from .original import (
+    ZEGCLIP_PREFIX,
+    OriginalModel,
+    cache_root,
+    card_for,
+    fetch,
+    get_released,
+)
 from .store import load_weights
-
-RELEASED_PREFIXES = (PREFIX,)  # references from_pretrained resolves here
 
 # Original prefix → ours. Everything else must be dropped explicitly below.
 RENAMES = (
@@ -126,11 +131,14 @@ def map_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], l
 
 
 def read_text_embeddings(path: str | Path, config: OTSegConfig) -> dict[str, torch.Tensor]:
-    """The original (K, N, C) ``.npy`` as a name → (N, C) bank, values kept as stored (fp16)."""
+    """The original (K, N, C) ``.npy`` as a name → (N, C) bank, values kept as stored (fp16).
+    A model with one prompt per class (ZegCLIP) also takes ZegCLIP's (K, C) files."""
     try:
         arr = np.load(path)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read text embeddings {path} ({e})") from None
+    if arr.ndim == 2 and config.num_prompts == 1:
+        arr = arr[:, None, :]
     want = (len(config.class_names), config.num_prompts, config.vision.embed_dim)
     if arr.ndim != 3 or arr.shape != want:
         hint = ""
@@ -246,10 +254,11 @@ def check_image_tower(state: dict[str, torch.Tensor], config: OTSegConfig) -> di
 
 
 def cached(name: str, *, quiet: bool = False) -> Path:
-    """The converted directory of ``original:<name>``: from the cache, else downloaded and
-    converted once (built in a temporary folder, renamed into place only when complete)."""
-    entry = get_original(name)
-    root = cache_root() / "original"
+    """The converted directory of ``original:<setting>`` or ``zegclip:<setting>`` (a bare
+    setting is OTSeg's): from the cache, else downloaded and converted once (built in a
+    temporary folder, renamed into place only when complete)."""
+    entry = get_released(name)
+    root = cache_root() / entry.release.family
     final = root / entry.name
     if (final / "config.json").is_file():
         return final
@@ -283,7 +292,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--original",
         metavar="SETTING",
-        help="download and convert the authors' released model instead: " + ", ".join(available()),
+        help="download and convert the authors' released OTSeg model instead: "
+        + ", ".join(available()),
+    )
+    p.add_argument(
+        "--zegclip",
+        metavar="SETTING",
+        help="download and convert ZegCLIP's released model instead: "
+        + ", ".join(available(ZEGCLIP_PREFIX)),
     )
     p.add_argument("--output", required=True, help="directory to write")
     p.add_argument(
@@ -300,12 +316,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--text-embeddings": args.text_embeddings,
         "--preset/--config": args.preset or args.config,
     }
-    if args.original and any(local.values()):
+    if args.original and args.zegclip:
+        fail("give --original or --zegclip, not both")
+    released = "--original" if args.original else "--zegclip" if args.zegclip else None
+    if released and any(local.values()):
         given = ", ".join(k for k, v in local.items() if v)
-        fail(f"--original brings its own checkpoint, embeddings and preset; drop {given}")
+        fail(f"{released} brings its own checkpoint, embeddings and preset; drop {given}")
     missing = [k for k, v in local.items() if not v]
-    if not args.original and missing:
-        fail(f"give {', '.join(missing)}, or --original SETTING")
+    if not released and missing:
+        fail(f"give {', '.join(missing)}, or --original SETTING, or --zegclip SETTING")
     return args
 
 
@@ -334,7 +353,8 @@ def _convert_local(args: argparse.Namespace) -> tuple[nn.Module, dict]:
 def _convert_original(args: argparse.Namespace) -> tuple[nn.Module, dict]:
     import tempfile
 
-    entry = get_original(args.original)
+    ref = f"{ZEGCLIP_PREFIX}{args.zegclip}" if args.zegclip else args.original
+    entry = get_released(ref)
     parent = Path(args.output).resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".otseg-download-", dir=parent) as work:
@@ -344,7 +364,8 @@ def _convert_original(args: argparse.Namespace) -> tuple[nn.Module, dict]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        model, card = _convert_original(args) if args.original else _convert_local(args)
+        released = args.original or args.zegclip
+        model, card = _convert_original(args) if released else _convert_local(args)
     except (UserError, WeightsNotFoundError) as e:  # CheckpointError is a UserError
         print(f"error: {e}", file=sys.stderr)  # a key mismatch report spans several lines
         return 2

@@ -1,13 +1,16 @@
-"""The authors' nine released OTSeg checkpoints: one table, their sources (download → verify) and
-where converted copies are cached (the conversion is :mod:`otseg.weights.convert`).
+"""The authors' released checkpoints: OTSeg's nine (``original:<setting>``) and ZegCLIP's six
+(``zegclip:<setting>``), one table each, their sources (download → verify) and where converted
+copies are cached (the conversion is :mod:`otseg.weights.convert`).
 
     OTSegPredictor.from_pretrained("original:coco-transductive")     # cached after first use
+    OTSegPredictor.from_pretrained("zegclip:coco-transductive")      # ZegCLIP's own weights
     otseg convert --original coco-transductive --output otseg-coco-transductive
+    otseg convert --zegclip coco-transductive --output zegclip-coco-transductive
 
-Checkpoints come from the Google-Drive links in the README of github.com/cubeyoung/OTSeg, the
-prompt embeddings (``.npy``) from the same repository at the pinned commit. With
-``OTSEG_ORIGINAL_MIRROR=URL`` both come from ``$URL/<drive id>`` and ``$URL/<npy name>`` instead
-(plain HTTP; for firewalled machines and for the tests).
+Checkpoints come from the Google-Drive links in the README of github.com/cubeyoung/OTSeg (or
+github.com/ZiqinZhou66/ZegCLIP), the text embeddings (``.npy``) from the same repository at the
+pinned commit. With ``OTSEG_ORIGINAL_MIRROR=URL`` all come from ``$URL/<drive id>`` and
+``$URL/<npy name>`` instead (plain HTTP; for firewalled machines and for the tests).
 """
 
 from __future__ import annotations
@@ -51,6 +54,29 @@ DATASET_TITLES = {"voc": "PASCAL VOC", "context": "PASCAL Context", "coco": "COC
 
 
 @dataclass(frozen=True)
+class Release:
+    """Where one family of released checkpoints comes from."""
+
+    prefix: str  # "original:" — how references name them
+    family: str  # "original" — the cache folder
+    model: str  # "OTSeg" — in titles
+    repo: str  # GitHub owner/name whose README links the checkpoints
+    commit: str  # the pinned commit of that repository
+    reported_source: str  # where the reported numbers come from
+    repo_stem: str  # "otseg" — published as ORG/<repo_stem>-<setting>
+
+    @property
+    def embedding_url(self) -> str:
+        return (
+            f"https://raw.githubusercontent.com/{self.repo}/{self.commit}/configs/_base_/"
+            "datasets/text_embedding/"
+        )
+
+
+OTSEG_RELEASE = Release(PREFIX, "original", "OTSeg", REPO, COMMIT, REPORTED_SOURCE, "otseg")
+
+
+@dataclass(frozen=True)
 class OriginalModel:
     """One released checkpoint. ``reported``: the authors' numbers (None: not in the source)."""
 
@@ -66,6 +92,12 @@ class OriginalModel:
     embeddings_sha256: str | None = None
     note: str = ""  # known problems, shown in the model card
     refused: str = ""  # non-empty: this setting cannot be used, and why
+    release: Release = OTSEG_RELEASE
+
+    @property
+    def ref(self) -> str:
+        """The one-word reference: ``original:coco-transductive``."""
+        return self.release.prefix + self.name
 
     @property
     def config(self) -> OTSegConfig:
@@ -127,10 +159,67 @@ ORIGINALS: dict[str, OriginalModel] = {
     )
 }  # fmt: skip
 
+# -- ZegCLIP (CVPR 2023): OTSeg's baseline, six released checkpoints ---------------------------
+ZEGCLIP_PREFIX = "zegclip:"
+ZEGCLIP_RELEASE = Release(
+    prefix=ZEGCLIP_PREFIX,
+    family="zegclip",
+    model="ZegCLIP",
+    repo="ZiqinZhou66/ZegCLIP",
+    commit="9ba4bb5c9b621c04005fb9cef7254e79bb9c9991",  # 9ba4bb5 (2023-05-11)
+    reported_source=(
+        "the 'Pretrained models' table of the README of github.com/ZiqinZhou66/ZegCLIP at "
+        "commit 9ba4bb5 (paper arXiv 2212.03588); the authors report the average of several "
+        "training runs and release one of them"
+    ),
+    repo_stem="zegclip",
+)
+# name → (bytes, sha256) of the (K, C) float16 .npy files the released configs load
+ZEGCLIP_EMBEDDING_FILES = {
+    "voc12_single.npy": (  # "a photo of a {}"
+        20608, "72d3642e34bc3031fefa2fe31a43ee84b52ebb5f97b85d380f7b0d777b253ea7"
+    ),
+    "coco_multi.npy": (  # renormalised mean of 15 templates
+        175232, "49190f380a10e8b0df5c006b7f0a9d14aedba5ae7382d43a606d7fb8b39e7798"
+    ),
+}  # fmt: skip
 
-def available() -> list[str]:
-    """Names of the settings that can be downloaded, in table order."""
-    return [name for name, m in ORIGINALS.items() if not m.refused]
+
+def _zegclip(dataset: str, setting: str, drive_id: str, pacc, s, u, h) -> OriginalModel:
+    npy = "voc12_single.npy" if dataset == "voc" else "coco_multi.npy"
+    size, sha = ZEGCLIP_EMBEDDING_FILES[npy]
+    return OriginalModel(
+        name=f"{dataset}-{setting}",
+        title=f"{DATASET_TITLES[dataset]} {'fully supervised' if setting == 'fully' else setting}",
+        drive_id=drive_id,
+        embeddings=npy,
+        preset=f"zegclip-{dataset}-{setting}",
+        reported={"pAcc": pacc, "mIoU(S)": s, "mIoU(U)": u, "hIoU": h},
+        embeddings_size=size,
+        embeddings_sha256=sha,
+        release=ZEGCLIP_RELEASE,
+    )
+
+
+ZEGCLIPS: dict[str, OriginalModel] = {
+    m.name: m
+    for m in (
+        _zegclip("voc", "inductive", "1MqIFntWtTQk3HPiZp8hysI7CQIDTXteS", 94.6, 91.9, 77.8, 84.3),
+        _zegclip("voc", "transductive", "1PsXOd_A9Pww3ftclTDVWKcAvNIOAn6E-", 96.2, 92.3, 89.9, 91.1),
+        _zegclip("voc", "fully", "1oBj2FRV17TAKKrSexg4SUKa4I0egEwaj", 96.3, 92.4, 90.9, 91.6),
+        _zegclip("coco", "inductive", "12M6T97o9wyxbJKrR7zLfFMDsGVTiq4WY", 62.0, 40.2, 41.1, 40.8),
+        _zegclip("coco", "transductive", "1S8ia0-0oAUELxQXWqz0OlKoEv68gUuMp", 69.2, 40.7, 59.9, 48.5),
+        _zegclip("coco", "fully", "1DvUpYZa0rtPUBOjsYWwt-TEs6YdvUG0C", 69.9, 40.7, 63.2, 49.6),
+    )
+}  # fmt: skip
+TABLES = {PREFIX: ORIGINALS, ZEGCLIP_PREFIX: ZEGCLIPS}  # prefix → its table
+RELEASED_PREFIXES = tuple(TABLES)
+
+
+def available(prefix: str = PREFIX) -> list[str]:
+    """Names of the settings of one release (``"original:"`` or ``"zegclip:"``) that can be
+    downloaded, in table order."""
+    return [name for name, m in TABLES[prefix].items() if not m.refused]
 
 
 def get_original(name: str) -> OriginalModel:
@@ -150,6 +239,20 @@ def get_original(name: str) -> OriginalModel:
     return entry
 
 
+def get_released(ref: str) -> OriginalModel:
+    """The table entry of ``original:<setting>`` or ``zegclip:<setting>`` (a bare setting is
+    OTSeg's); a one-line :class:`UserError` naming the choices otherwise."""
+    if not ref.startswith(ZEGCLIP_PREFIX):
+        return get_original(ref)
+    key = ref.removeprefix(ZEGCLIP_PREFIX).strip().lower()
+    if key not in ZEGCLIPS:
+        raise UserError(
+            f"unknown ZegCLIP setting {ref!r}; choose one of: "
+            + ", ".join(ZEGCLIP_PREFIX + n for n in available(ZEGCLIP_PREFIX))
+        )
+    return ZEGCLIPS[key]
+
+
 # -- sources --------------------------------------------------------------------------------
 def _mirror() -> str | None:
     url = os.environ.get(MIRROR_ENV, "").strip()
@@ -160,13 +263,13 @@ def fetch(entry: OriginalModel, directory: Path, *, quiet: bool = False) -> tupl
     """Download and verify the checkpoint and its ``.npy`` into ``directory``."""
     if offline():
         raise DownloadError(
-            f"{PREFIX}{entry.name} must be downloaded, but HF_HUB_OFFLINE=1 forbids it; run "
+            f"{entry.ref} must be downloaded, but HF_HUB_OFFLINE=1 forbids it; run "
             "once with network access (the converted model is cached) or unset HF_HUB_OFFLINE"
         )
     mirror = _mirror()
     npy = download(
         directory / entry.embeddings,
-        url=f"{mirror or EMBEDDING_URL.rstrip('/')}/{entry.embeddings}",
+        url=f"{mirror or entry.release.embedding_url.rstrip('/')}/{entry.embeddings}",
         what=f"the text embeddings {entry.embeddings}",
         size=entry.embeddings_size,
         sha256=entry.embeddings_sha256,
@@ -186,23 +289,24 @@ def fetch(entry: OriginalModel, directory: Path, *, quiet: bool = False) -> tupl
 
 def card_for(entry: OriginalModel) -> dict[str, Any]:
     """Model-card facts: where the weights come from, and the authors' reported numbers."""
+    release = entry.release
     numbers = {k: ("not in the source" if v is None else v) for k, v in entry.reported.items()}
     lines = [
         f"Converted from the authors' released checkpoint, Google-Drive file `{entry.drive_id}` "
-        f"({entry.drive_url}), linked from the README of https://github.com/{REPO} at commit "
-        f"`{COMMIT[:7]}`, with the prompt embeddings `{entry.embeddings}` of that commit. The "
-        "conversion keeps every trained weight and checks every key; the numbers below are the "
-        "authors' reported ones, not measured on this copy.",
+        f"({entry.drive_url}), linked from the README of https://github.com/{release.repo} at "
+        f"commit `{release.commit[:7]}`, with the text embeddings `{entry.embeddings}` of that "
+        "commit. The conversion keeps every trained weight and checks every key; the numbers "
+        "below are the authors' reported ones, not measured on this copy.",
     ]
     if entry.note:
         lines += ["", f"Known problems: {entry.note}"]
     return {
-        "title": f"OTSeg (authors' weights, {entry.title})",
+        "title": f"{release.model} (authors' weights, {entry.title})",
         "description": "\n".join(lines),
-        "reported": {"source": REPORTED_SOURCE, **numbers} if entry.reported else {},
+        "reported": {"source": release.reported_source, **numbers} if entry.reported else {},
         "source": {
-            "repository": f"https://github.com/{REPO}",
-            "commit": COMMIT,
+            "repository": f"https://github.com/{release.repo}",
+            "commit": release.commit,
             "setting": entry.name,
             "checkpoint": {
                 "google_drive_id": entry.drive_id,
@@ -212,7 +316,7 @@ def card_for(entry: OriginalModel) -> dict[str, Any]:
             },
             "text_embeddings": {
                 "file": entry.embeddings,
-                "url": EMBEDDING_URL + entry.embeddings,
+                "url": release.embedding_url + entry.embeddings,
                 "sha256": entry.embeddings_sha256 or "unknown",
             },
         },

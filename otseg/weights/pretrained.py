@@ -2,7 +2,8 @@
 ``from_pretrained`` methods every model class inherits.
 
 A reference is a local model directory, a Hub repo id (cache first; works offline) or a released
-checkpoint's name (``original:<setting>``: downloaded, converted and cached on first use).
+checkpoint's name (``original:<setting>``, ``zegclip:<setting>``: downloaded, converted and
+cached on first use).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any, Self
 import torch
 from torch import nn
 
-from .convert import RELEASED_PREFIXES, cached
+from .convert import cached
 from .hub import upload_folder
+from .original import RELEASED_PREFIXES
 from .store import load_directory, save_pretrained
 
 
@@ -28,8 +30,9 @@ def from_pretrained(
     device: str | torch.device | None = None,
 ) -> nn.Module:
     """Load a model (its type as its config.json says) from a local directory, a Hub repo id
-    (cache first; offline-friendly) or ``original:<setting>`` (the authors' checkpoint,
-    downloaded and converted on first use), in eval mode."""
+    (cache first; offline-friendly), ``original:<setting>`` or ``zegclip:<setting>`` (the
+    authors' OTSeg or ZegCLIP checkpoint, downloaded and converted on first use), in eval
+    mode."""
     if str(repo_or_dir).startswith(RELEASED_PREFIXES):
         repo_or_dir = cached(str(repo_or_dir))
     model = load_directory(repo_or_dir, revision=revision, cache_dir=cache_dir, token=token)

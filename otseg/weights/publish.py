@@ -1,8 +1,10 @@
-"""Maintainers: convert every available original setting and push each to ``ORG/otseg-<setting>``.
+"""Maintainers: convert every available released checkpoint and push each to the Hub: OTSeg's as
+``ORG/otseg-<setting>``, ZegCLIP's as ``ORG/zegclip-<setting>``.
 
-    otseg publish ORG [--only coco-transductive ...] [--output DIR] [--dry-run]
+    otseg publish ORG [--only coco-transductive zegclip:coco-transductive ...] [--output DIR]
+                      [--dry-run]
 
-Each model is written to ``DIR/otseg-<setting>`` (with its model card) and then uploaded; with
+Each model is written to ``DIR/<repo name>`` (with its model card) and then uploaded; with
 ``--dry-run`` only the folders are written. A failing setting does not stop the others.
 """
 
@@ -15,13 +17,21 @@ from pathlib import Path
 
 from ..errors import UserError, fail, run
 from .convert import build_original
-from .original import ORIGINALS, available, get_original
+from .original import TABLES, OriginalModel, get_released
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="otseg publish", description=__doc__.split("\n\n")[0])
-    p.add_argument("org", help="Hub user or organisation that receives ORG/otseg-<setting>")
-    p.add_argument("--only", nargs="+", metavar="SETTING", help="a subset of the settings")
+    p.add_argument(
+        "org", help="Hub user or organisation that receives ORG/otseg-… and ORG/zegclip-…"
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="SETTING",
+        help="a subset: OTSeg settings (coco-transductive or original:coco-transductive) and "
+        "ZegCLIP ones (zegclip:coco-transductive)",
+    )
     p.add_argument("--output", default="published", help="folder for the converted models")
     p.add_argument("--dry-run", action="store_true", help="write the folders, upload nothing")
     p.add_argument("--private", action="store_true", help="create the Hub repos as private")
@@ -30,29 +40,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    entries: list[OriginalModel] = []
     try:
-        names = [get_original(n).name for n in args.only] if args.only else available()
+        if args.only:
+            entries = [get_released(n) for n in args.only]
+            refused = [e for e in entries if e.refused]
+            if refused:
+                fail(f"{refused[0].ref} cannot be used: {refused[0].refused}")
     except UserError as e:
         fail(str(e))
-    for name, entry in ORIGINALS.items():
-        if entry.refused and not args.only:
-            print(f"skip {name}: {entry.refused}")
+    if not args.only:
+        for table in TABLES.values():
+            for entry in table.values():
+                if entry.refused:
+                    print(f"skip {entry.ref}: {entry.refused}")
+                else:
+                    entries.append(entry)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     failed = []
-    for name in names:
-        repo = f"{args.org}/otseg-{name}"
+    for entry in entries:
+        stem = f"{entry.release.repo_stem}-{entry.name}"
+        repo = f"{args.org}/{stem}"
         try:
             with tempfile.TemporaryDirectory(prefix=".otseg-download-", dir=out) as work:
-                model, card = build_original(ORIGINALS[name], Path(work))
-            folder = model.save_pretrained(out / f"otseg-{name}", card=card)
+                model, card = build_original(entry, Path(work))
+            folder = model.save_pretrained(out / stem, card=card)
             if args.dry_run:
-                print(f"{name}: wrote {folder} (dry run, not pushed to {repo})")
+                print(f"{entry.ref}: wrote {folder} (dry run, not pushed to {repo})")
             else:
-                print(f"{name}: {model.push_to_hub(repo, card=card, private=args.private)}")
+                print(f"{entry.ref}: {model.push_to_hub(repo, card=card, private=args.private)}")
         except (UserError, OSError) as e:  # CheckpointError included; OSError: Hub uploads too
-            print(f"error: {name}: {e}", file=sys.stderr)
-            failed.append(name)
+            print(f"error: {entry.ref}: {e}", file=sys.stderr)
+            failed.append(entry.ref)
         model = None  # free the previous model before building the next
     if failed:
         print(f"failed: {', '.join(failed)}; run again with --only {' '.join(failed)}")
