@@ -112,7 +112,9 @@ def load_model(ref: str, clip: str, clip_pretrained: str | None):
     if ref == "training-free":
         from .models.training_free import build_training_free
 
-        return build_training_free(clip, clip_pretrained)
+        return build_training_free(
+            clip, None if clip_pretrained in ("", "none") else clip_pretrained
+        )
     from .weights.pretrained import from_pretrained
 
     return from_pretrained(ref)
@@ -310,7 +312,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        "come back at full size (default 2048, 0: never)")  # fmt: skip
     knobs.add_argument("--clip", default="ViT-B-16-quickgelu", help="CLIP of --model training-free")
     knobs.add_argument("--clip-pretrained", default="openai",
-                       help="its weights tag or file (default openai)")  # fmt: skip
+                       help="its weights tag or file (default openai; none for a local-dir: CLIP)")  # fmt: skip
     outputs = parser.add_argument_group("outputs")
     outputs.add_argument("--masks", action="store_true", help="also one mask PNG per class present")
     outputs.add_argument("--no-overlay", action="store_true", help="no overlay JPEG")

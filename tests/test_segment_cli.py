@@ -18,7 +18,7 @@ from PIL import Image
 
 import otseg.segment_cli as seg
 import otseg.segment_files as files
-from factories import random_photo, save_tiny_clip, tiny_model
+from factories import random_photo, save_tiny_clip, tiny_model, tiny_zegot
 from otseg import cli
 from otseg.errors import UserError
 from otseg.inference.predictor import OTSegPredictor
@@ -192,6 +192,42 @@ def test_other_settings_are_refused_until_overwrite(photos, model_dir, tmp_path,
     assert info["settings"]["names"] == ["cat", "dog"]
     assert otseg_segment(*base, "--names", "cat, dog", "--masks") == 0  # new output kind: redone
     assert "masks" in json.loads((out / "a.json").read_text())["outputs"]
+
+
+@pytest.fixture(scope="module")
+def other_models(tmp_path_factory) -> dict[str, list[str]]:
+    """``--model`` arguments of the other kinds the library loads: ZegOT and training-free CLIP."""
+    root = tmp_path_factory.mktemp("models")
+    tiny_zegot().save_pretrained(root / "zegot")
+    clip = save_tiny_clip(root / "clip")
+    return {
+        "zegot": ["--model", str(root / "zegot")],
+        "training-free": ["--model", "training-free", "--clip", f"local-dir:{clip}",
+                          "--clip-pretrained", "none"],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["zegot", "training-free"])
+@pytest.mark.parametrize("iterations", ["original", "3"])
+def test_every_kind_of_model_segments(kind, iterations, other_models, photos, tmp_path):
+    """The labels of ZegOT and training-free CLIP, with the original stopping rule (the
+    predictor) and with fixed iterations (batched windows), equal the predictor's."""
+    from otseg.nn.mpsa import fixed_sinkhorn
+
+    args = other_models[kind]
+    out = tmp_path / "out"
+    code = otseg_segment(photos / "a.jpg", photos / "b.png", *args, "--names", "cat, dog",
+                         "--iterations", iterations, "--out", out, "-q")  # fmt: skip
+    assert code == 0
+    model = seg.load_model(args[1], *(args[3], None) if kind == "training-free" else ("", None))
+    predictor = OTSegPredictor(model)
+    predictor.set_vocabulary(["cat", "dog"])
+    for name in ("a.jpg", "b.png"):
+        predictor.set_image(photos / name)
+        with fixed_sinkhorn(model, None if iterations == "original" else int(iterations)):
+            want = predictor.predict()
+        labels = np.array(Image.open(out / f"{stem(name)}.labels.png"))
+        assert (labels == want.labels).mean() > 0.999  # batched windows: float-order ties only
 
 
 def test_bad_arguments_are_one_line_errors(photos, model_dir, tmp_path, capsys):
