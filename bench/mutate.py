@@ -2,7 +2,7 @@
 that the tests named for each bug fail.
 
     python bench/mutate.py                       # every mutation in bench/mutations.toml
-    python bench/mutate.py -k sinkhorn           # the mutations whose id contains "sinkhorn"
+    python bench/mutate.py -k "^sinkhorn"        # the mutations whose id matches a regex
     python bench/mutate.py --list                # ids and files only, nothing is run
     python bench/mutate.py --check               # each original snippet occurs exactly once
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -141,13 +142,13 @@ def run_one(m: Mutation, work: Path, timeout: float) -> Outcome:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--file", type=Path, default=DEFAULT_LIST, help="the mutation list (TOML)")
-    p.add_argument("-k", dest="select", default="", help="only ids containing this text")
+    p.add_argument("-k", dest="select", default="", help="only ids matching this regular expression")
     p.add_argument("--list", action="store_true", help="list the mutations and stop")
     p.add_argument("--check", action="store_true", help="check that every mutation applies")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per pytest run")
     args = p.parse_args(argv)
 
-    mutations = [m for m in read_mutations(args.file) if args.select in m.id]
+    mutations = [m for m in read_mutations(args.file) if re.search(args.select, m.id)]
     if args.list:
         for m in mutations:
             print(f"{m.id:40s} {m.file}")

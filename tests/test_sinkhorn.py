@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import ot
 import torch
+import torch.nn.functional as F
 
 from factories import parity_fixture
 from otseg.nn.sinkhorn import sinkhorn
@@ -56,10 +57,43 @@ def test_gradients_flow_through_the_iterations():
 
 
 def test_runs_in_float32_under_autocast():
+    """Autocast is switched off inside: the plan is the float32 plan, not one of bf16 GEMMs."""
     cost = random_cost(dtype=torch.bfloat16)
+    want = sinkhorn(cost.float())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plan = sinkhorn(cost)
     assert plan.dtype == torch.float32
+    torch.testing.assert_close(plan, want, atol=1e-9, rtol=1e-6)
+
+
+def test_float32_costs_beyond_the_exp_range_take_the_log_domain():
+    """At ε = 0.01 a cosine cost spans up to 200 nats. A pixel far from every prompt then has a
+    kernel row exp(−C/ε) of float32 zeros (below e^−103) and the exp-domain iteration divides
+    by zero. Both with the original stopping rule (domain read from the data) and with fixed
+    iterations, the float32 plan must match POT's float64 log-domain solver."""
+    eps, b, m, n = 0.01, 2, 24, 3
+    g = torch.Generator().manual_seed(1)
+    x = F.normalize(torch.randn(b, m, 8, generator=g, dtype=torch.float64), dim=-1)
+    y = F.normalize(torch.randn(b, n, 8, generator=g, dtype=torch.float64), dim=-1)
+    x[:, 0] = F.normalize(-y.sum(1), dim=-1)  # a pixel far from every prompt
+    x[:, 1] = y[:, 0]  # and one on a prompt
+    cost = 1 - x @ y.transpose(1, 2)
+    row_min = cost.amin(-1)  # the far pixel's row lies entirely below float32's range
+    assert ((row_min.amax(-1) - row_min.amin(-1)) / eps > 104).all()
+    want = np.stack([
+        ot.bregman.sinkhorn_log(
+            np.full(m, 1 / m), np.full(n, 1 / n), c.numpy(), eps, numItermax=1000,
+            stopThr=1e-15, warn=False,
+        )
+        for c in cost
+    ])  # fmt: skip
+    fixed = sinkhorn(cost.float(), eps=eps, max_iter=300, tol=None)
+    np.testing.assert_allclose(fixed.numpy(), want, atol=2e-6, rtol=0)
+    ruled, iterations = sinkhorn(
+        cost.float(), eps=eps, max_iter=1000, tol=1e-8, return_iterations=True
+    )
+    assert iterations < 1000
+    np.testing.assert_allclose(ruled.numpy(), want, atol=2e-6, rtol=0)
 
 
 def test_stopping_rule_is_the_original_batch_global_mean():
