@@ -142,7 +142,9 @@ def run_one(m: Mutation, work: Path, timeout: float) -> Outcome:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--file", type=Path, default=DEFAULT_LIST, help="the mutation list (TOML)")
-    p.add_argument("-k", dest="select", default="", help="only ids matching this regular expression")
+    p.add_argument(
+        "-k", dest="select", default="", help="only ids matching this regular expression"
+    )
     p.add_argument("--list", action="store_true", help="list the mutations and stop")
     p.add_argument("--check", action="store_true", help="check that every mutation applies")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per pytest run")

@@ -120,3 +120,118 @@ def test_per_prompt_maps_follow_the_template_order(model):
     tile = p._head_maps("sinkhorn", True)[0].prompt_maps[0]  # (K, N, 4, 4)
     want = torch.nn.functional.interpolate(tile, size=(8, 8), mode="bilinear", align_corners=False)
     np.testing.assert_allclose(got, want.numpy(), atol=1e-6)
+
+
+# -- OTSeg's own head: MPSA, the sigmoid-geomean decoder map and the MPS map ------------------
+EPS, ITERATIONS = 0.08, 40  # not the defaults (0.05, stopping rule): the config must reach them
+
+
+def sinkhorn_plan(cost: np.ndarray, eps: float, iterations: int) -> np.ndarray:
+    """The original's log-domain iteration, float64 numpy, a fixed number of (u, v) updates
+    with marginals 1/M + 1e-8 and 1/N + 1e-8. cost (M, N) → plan (M, N)."""
+    m, n = cost.shape
+    u, v = np.zeros(m), np.zeros(n)
+    for _ in range(iterations):
+        u = u + eps * (np.log(1 / m + 1e-8) - _lse((-cost + u[:, None] + v) / eps, 1))
+        v = v + eps * (np.log(1 / n + 1e-8) - _lse((-cost + u[:, None] + v) / eps, 0))
+    return np.exp((-cost + u[:, None] + v) / eps)
+
+
+def _lse(x: np.ndarray, axis: int) -> np.ndarray:
+    top = x.max(axis=axis, keepdims=True)
+    return (top + np.log(np.exp(x - top).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (M, C), b (N, C) → (M, N) cosine similarities, float64."""
+    a = a / a.norm(dim=-1, keepdim=True)
+    b = b / b.norm(dim=-1, keepdim=True)
+    return a @ b.T
+
+
+def transported_map(pixels, queries, transport: str):
+    """MPS map of one class: pixels (M, C), queries (N, C) → (M,) Σ_n M·N·T·S, plan (M, N) and
+    S (M, N). ``softmax``: T = softmax over pixels of S/ε, divided by N."""
+    s = cosine(pixels, queries)
+    m, n = s.shape
+    if transport == "sinkhorn":
+        t = torch.from_numpy(sinkhorn_plan((1 - s).numpy(), EPS, ITERATIONS))
+    else:
+        t = torch.softmax(s / EPS, dim=0) / n
+    return (m * n * t * s).sum(1), t, s
+
+
+def otseg_maps(model, pixels, cls, text, transport: str):
+    """OTSeg's head from the paper, per class, float64: pixels (M, C), cls (C,), text (K, N, C)
+    → MPS map (K, M), per-layer maps [(K, M)], decoder map (K, M)."""
+    dec = model.decoder
+    q0 = linear(dec.q_proj, torch.cat([cls * text, text], dim=-1))  # (K, N, C)
+    k_cls, m = q0.shape[0], pixels.shape[0]
+    mps = torch.stack([transported_map(pixels, q0[c], transport)[0] for c in range(k_cls)])
+    q, layer_maps = q0, []
+    for layer in dec.layers:
+        att = layer.multihead_attn
+        keys, values = linear(att.k, pixels), linear(att.v, pixels)
+        out, layer_map = torch.zeros_like(q), torch.zeros(k_cls, m, dtype=q.dtype)
+        for c in range(k_cls):
+            layer_map[c], plan, _ = transported_map(keys, linear(att.q, q[c]), "sinkhorn")
+            out[c] = plan.T @ values  # the plan is not rescaled: weights sum to 1/N
+        q = layer_norm(layer.norm2, q + linear(att.proj, out))
+        q = layer_norm(layer.norm3, q + linear(layer.linear2, torch.relu(linear(layer.linear1, q))))
+        layer_maps.append(layer_map)
+    power = 1 / (len(layer_maps) - 1)
+    decoder = layer_maps[-1]
+    for x in layer_maps[:-1]:
+        decoder = decoder * torch.sigmoid(x) ** power
+    return mps, layer_maps, decoder
+
+
+@pytest.fixture(scope="module")
+def otseg_model():
+    head = {"sinkhorn_eps": EPS, "sinkhorn_max_iter": ITERATIONS, "sinkhorn_thresh": None}
+    m = tiny_model(seed=11, head=head).double()
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():  # every decoder parameter random: biases, norms, distinct layers
+        for name, p in m.decoder.named_parameters():
+            gain = 1.0 if name.endswith(("norm2.weight", "norm3.weight")) else 0.0
+            p.copy_(gain + 0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return m
+
+
+def random_window(seed: int, c: int, h: int = 3, w: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(1, c, h, w, generator=g, dtype=torch.float64)
+    pixels = pixels / pixels.norm(dim=1, keepdim=True)
+    cls = torch.randn(1, c, generator=g, dtype=torch.float64)
+    return pixels, cls / cls.norm(), g
+
+
+def test_sinkhorn_head_matches_the_paper(otseg_model):
+    """MPSA in every decoder layer, the sigmoid-geomean decoder map and the MPS map (with this
+    config's ε and iteration count) equal a per-class float64 transcription of the paper.
+    The model computes cosines and plans in float32, hence the 1e-5."""
+    model = otseg_model
+    c, n = model.config.vision.embed_dim, model.config.num_prompts
+    pixels, cls, g = random_window(13, c)
+    text = torch.randn(4, n, c, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        maps = model.decode(ImageEmbedding(pixels, cls), text, attention="sinkhorn")
+        mps, layer_maps, decoder = otseg_maps(
+            model, pixels[0].flatten(1).T, cls[0], text, "sinkhorn"
+        )
+    for got, want in zip(maps.layer_masks, layer_maps, strict=True):
+        torch.testing.assert_close(got[0].flatten(1).double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(maps.decoder[0].flatten(1).double(), decoder, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(maps.score[0].flatten(1).double(), mps, atol=1e-5, rtol=1e-5)
+
+
+def test_mps_map_under_softmax_matches_the_formula(otseg_model):
+    """The MPS branch with ``attention="softmax"``: T = softmax over pixels of S/ε, over N."""
+    model = otseg_model
+    c, n = model.config.vision.embed_dim, model.config.num_prompts
+    pixels, cls, g = random_window(14, c)
+    text = torch.randn(3, n, c, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        maps = model.decode(ImageEmbedding(pixels, cls), text, attention="softmax")
+        mps, _, _ = otseg_maps(model, pixels[0].flatten(1).T, cls[0], text, "softmax")
+    torch.testing.assert_close(maps.score[0].flatten(1).double(), mps, atol=1e-5, rtol=1e-5)
