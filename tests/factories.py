@@ -74,6 +74,29 @@ def save_tiny_clip(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def randomise_(module: torch.nn.Module, seed: int, spread: float = 0.3) -> torch.nn.Module:
+    """Give every parameter of ``module`` a random value, in place: at their default
+    initialisation (LayerNorms at weight 1 / bias 0, zero attention biases) two norms or a bias
+    left unscaled cannot be told apart. Matrices get fan-in-scaled normal entries; vectors
+    ``spread``-wide normal entries (around 1 for norm weights). Returns ``module``."""
+    g = torch.Generator().manual_seed(seed)
+    norms = {
+        id(m.weight)
+        for m in module.modules()
+        if isinstance(m, torch.nn.LayerNorm | torch.nn.GroupNorm) and m.weight is not None
+    }
+    with torch.no_grad():
+        for p in module.parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+            if id(p) in norms:
+                p.copy_(1.0 + spread * noise)
+            elif p.dim() >= 2:
+                p.copy_(noise * p[0].numel() ** -0.5)
+            else:
+                p.copy_(spread * noise)
+    return module
+
+
 def tiny_model(seed: int = 0, clip: str | None = None, **changes) -> OTSeg:
     """A tiny OTSeg; with ``clip`` (an open_clip name such as 'local-dir:/x') it has a text tower."""
     from otseg.weights.clip import load_clip

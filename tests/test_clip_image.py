@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import otseg.nn.clip_image as clip_image
-from factories import tiny_model
+from factories import randomise_, tiny_model
 from otseg.nn.clip_image import block_forward
 
 
@@ -14,8 +14,8 @@ from otseg.nn.clip_image import block_forward
 def block():
     from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 
-    torch.manual_seed(0)
-    return ResidualAttentionBlock(96, 4, act_layer=QuickGELU).eval()
+    # every weight random: zero attention biases and unit LayerNorms hide scaling and swaps
+    return randomise_(ResidualAttentionBlock(96, 4, act_layer=QuickGELU), seed=0).eval()
 
 
 @pytest.mark.parametrize("tokens", [1, 37, 130])
@@ -102,15 +102,14 @@ def test_packed_weights_follow_weight_changes():
     (``load_state_dict``) or when a weight tensor is replaced."""
     from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 
-    torch.manual_seed(1)
-    a = ResidualAttentionBlock(64, 4, act_layer=QuickGELU).eval()
-    b = ResidualAttentionBlock(64, 4, act_layer=QuickGELU).eval()
+    a = randomise_(ResidualAttentionBlock(64, 4, act_layer=QuickGELU), seed=1).eval()
+    b = randomise_(ResidualAttentionBlock(64, 4, act_layer=QuickGELU), seed=3).eval()
     x = torch.randn(1, 17, 64)
     with torch.inference_mode():
         block_forward(a, x)
         a.load_state_dict(b.state_dict())
         torch.testing.assert_close(block_forward(a, x), b(x), atol=1e-5, rtol=0)
-        a.mlp.c_fc.weight = torch.nn.Parameter(torch.randn_like(a.mlp.c_fc.weight))
+        a.mlp.c_fc.weight = torch.nn.Parameter(torch.randn_like(a.mlp.c_fc.weight) / 8)
         torch.testing.assert_close(block_forward(a, x), a(x), atol=1e-5, rtol=0)
 
 
@@ -120,8 +119,7 @@ def test_onednn_path_from_several_threads(block):
 
     from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 
-    torch.manual_seed(2)
-    fresh = ResidualAttentionBlock(96, 4, act_layer=QuickGELU).eval()
+    fresh = randomise_(ResidualAttentionBlock(96, 4, act_layer=QuickGELU), seed=2).eval()
     xs = [torch.randn(1, 40, 96) for _ in range(4)]
 
     def run(x):
@@ -146,9 +144,10 @@ def test_zegot_tower_equals_open_clip_blocks(monkeypatch):
     torch.testing.assert_close(ours.cls, ref.cls, atol=1e-5, rtol=0)
 
 
-def test_zegot_tower_global_embedding_equals_open_clip_visual():
-    """The token path (patch embedding, class token, positions, ln_pre) and the pooled output of
-    ZegOT's tower equal open_clip's own ``VisionTransformer`` forward on the same weights."""
+def test_zegot_tower_equals_open_clip_visual_block_by_block():
+    """ZegOT's tower against open_clip's own ``VisionTransformer`` on random weights: the global
+    embedding equals ``visual(images)``, and block i's patch tokens equal the tokens after
+    open_clip's first i blocks, through ``ln_post`` and ``proj`` (written out here)."""
     import torch.nn.functional as F
 
     from otseg.models.zegot import zegot_tiny_config
@@ -156,9 +155,47 @@ def test_zegot_tower_global_embedding_equals_open_clip_visual():
     from otseg.nn.clip_image import build_visual
 
     cfg = zegot_tiny_config().vision
-    torch.manual_seed(0)
-    visual = build_visual(cfg).eval()
+    visual = randomise_(build_visual(cfg), seed=4).eval()
     images = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    got = FrozenViT(cfg, visual)(images)
     with torch.no_grad():
-        want = F.normalize(visual(images), dim=-1)
-    torch.testing.assert_close(FrozenViT(cfg, visual)(images).cls, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.cls, F.normalize(visual(images), dim=-1), atol=1e-5, rtol=0)
+        x = visual.conv1(images).flatten(2).transpose(1, 2)  # (B, h·w, W)
+        cls = visual.class_embedding.expand(2, 1, -1)
+        x = visual.ln_pre(torch.cat([cls, x], dim=1) + visual.positional_embedding)
+        for i, block in enumerate(visual.transformer.resblocks):
+            x = block(x)
+            tokens = F.normalize(visual.ln_post(x[:, 1:]) @ visual.proj, dim=-1)  # (B, M, C)
+            want = tokens.transpose(1, 2).reshape(got.blocks[i].shape)
+            torch.testing.assert_close(got.blocks[i], want, atol=1e-5, rtol=0)
+
+
+def test_prompted_tower_equals_the_paper_on_random_weights():
+    """OTSeg's prompted ViT written out from open_clip's modules: the class embedding added to
+    the class token's position too (as the original), the shallow prompts after the class token,
+    block i ≥ 1 preceded by deep prompt set i − 1 replacing the prompt rows, then
+    ``prompt_norm`` and ``ln_post`` in that order. Every weight random (norms and biases too)."""
+    import torch.nn.functional as F
+
+    encoder = randomise_(tiny_model(seed=3).image_encoder, seed=5).eval()
+    p = encoder.cfg.num_prompt_tokens
+    assert encoder.deep_prompt_embeddings.shape[0] >= 1  # deep prompts are exercised
+    images = torch.randn(2, 3, 64, 64)  # the model size: positions are used as stored
+    with torch.inference_mode():
+        got = encoder(images)
+    with torch.no_grad():
+        x = encoder.conv1(images).flatten(2).transpose(1, 2)  # (B, 16, W)
+        pos, cls = encoder.positional_embedding, encoder.class_embedding
+        first = (cls + pos[0] + cls).expand(2, 1, -1)  # the class embedding, twice
+        x = encoder.ln_pre(torch.cat([first, x + pos[1:]], dim=1))
+        shallow = encoder.prompt_proj(encoder.prompt_embeddings).expand(2, -1, -1)
+        x = torch.cat([x[:, :1], shallow, x[:, 1:]], dim=1)
+        for i, block in enumerate(encoder.transformer.resblocks):
+            if i >= 1:
+                deep = encoder.prompt_proj(encoder.deep_prompt_embeddings[i - 1])
+                x = torch.cat([x[:, :1], deep.expand(2, -1, -1), x[:, 1 + p :]], dim=1)
+            x = block(x)
+        x = encoder.ln_post(encoder.prompt_norm(x)) @ encoder.proj
+        pixels = F.normalize(x[:, 1 + p :], dim=-1).transpose(1, 2).reshape(2, -1, 4, 4)
+    torch.testing.assert_close(got.pixels, pixels, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.cls, F.normalize(x[:, 0], dim=-1), atol=1e-5, rtol=0)
