@@ -231,6 +231,7 @@ class Session:
     seen: list[bool] | None = None
     labels: np.ndarray | None = None  # (H, W) int32 of the last prediction
     knobs: dict = field(default_factory=dict)  # attention, lam, use_mps of the last prediction
+    opacity: float | None = None  # of the overlay the page shows (None: none drawn yet)
     version: int = 0  # +1 per Segment: views computed for an older version are out of date
     compared: tuple | None = None  # (version, λ, use_mps, opacity) the comparison was drawn for
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -277,7 +278,8 @@ class Handlers:
 
         mode: the predictor's inference mode (``INFERENCE_LABELS``); a change re-encodes.
         """
-        step = progress or (lambda *a, **k: None)
+        # not ``progress or ...``: an idle gr.Progress() has length 0, so it is falsy
+        step = progress if progress is not None else _no_progress
         knobs, mode = self._check_knobs(knobs), check_inference(mode)
         upload = image if isinstance(image, Upload) else Upload.from_value(image)
         if upload is None:
@@ -363,8 +365,9 @@ class Handlers:
         session = _require_result(session)
         return overlay.overlay(session.image, session.labels, session.colors, opacity)
 
-    def outputs(self, session: Session, opacity: float) -> dict:
-        """What the overlay tab shows for the session's last prediction (drawing only)."""
+    def outputs(self, session: Session, opacity: float, with_files: bool = True) -> dict:
+        """What the overlay tab shows for the session's last prediction (drawing only);
+        ``files`` is None unless ``with_files``."""
         drawn = self.draw(session, opacity)
         colors = session.colors
         rows = overlay.legend_rows(session.names, colors, session.labels, session.seen)
@@ -376,7 +379,9 @@ class Handlers:
             "overlay": drawn,
             "legend": overlay.legend_html(rows),
             "summary": info,
-            "files": render.write_downloads(self.download_dir, session.labels, colors, info, stem),
+            "files": render.write_downloads(self.download_dir, session.labels, colors, info, stem)
+            if with_files
+            else None,
         }
 
     def compare(self, session: Session | None, knobs: dict, opacity: float) -> dict:
@@ -415,6 +420,10 @@ class Handlers:
                 )
                 overlap[att] = render.prompt_overlap(np.clip(result.prompt_maps[k], 0, None))
         return {"grids": grids, "overlap": overlap}
+
+
+def _no_progress(*args, **kwargs) -> None:
+    pass
 
 
 def parse_names(text) -> list[str]:

@@ -3,16 +3,19 @@
 API (``gradio_client``; state is kept per client session):
     /segment      image, vocabulary, attention, lam, use_mps, opacity[, inference] → overlay
                   outputs; inference "slide" (default, the paper's) or "whole" (fast)
-    /rerender     attention, lam, use_mps, opacity → overlay outputs (cached embeddings)
+    /rerender     attention, lam, use_mps, opacity[, files] → overlay outputs (cached
+                  embeddings); files=True also writes and returns the downloads (else None)
     /redraw       opacity → overlay image (drawing only)
     /compare      lam, use_mps, opacity → (sinkhorn, softmax) slider, Markdown
-    /prompt_maps  class name → sinkhorn grid, softmax grid, Markdown
+    /prompt_maps  class_name → sinkhorn grid, softmax grid, overlap note
     /preset       preset name → vocabulary text
-Overlay outputs: overlay image (JPEG), legend HTML, [label PNG, classes JSON], summary JSON.
+Overlay outputs: overlay (JPEG), legend (HTML), files ([label PNG, classes JSON]), info (dict).
 
-In the page, λ, attention, MPS and opacity apply as soon as they are released; if the image or
-the names changed since the last result, that first re-segments. Views computed for older
-settings say so and offer a button.
+In the page, λ, attention, MPS and opacity apply as they change (drag, click, arrow keys, a
+typed number); if the image or the names changed since the last result, that first
+re-segments, and so does "Show prompt maps". A line under the overlay says which settings the
+shown result has. Views computed for older settings say so and offer a button. Bad input shows
+one message and leaves every view as it was.
 """
 
 from __future__ import annotations
@@ -36,7 +39,22 @@ from app.inference import (
 from otseg.errors import UserError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-CSS = ".otseg-legend{list-style:none;padding-left:0;columns:2}.badge-seen{color:#1a7f37}.badge-novel{color:#9a6700}"
+# Badge colours per theme: each has a contrast of at least 4.5:1 on its theme's background
+# (light: #1a7f37 5.1:1, #9a6700 4.9:1 on white; dark: #3fb950, #d29922 on Gradio's dark blocks).
+CSS = (
+    ".otseg-legend{list-style:none;padding-left:0;columns:2}"
+    ":root{--otseg-seen:#1a7f37;--otseg-novel:#9a6700}"
+    ".dark{--otseg-seen:#3fb950;--otseg-novel:#d29922}"
+    ".badge-seen{color:var(--otseg-seen)}.badge-novel{color:var(--otseg-novel)}"
+)
+# On a narrow screen the result column sits under the inputs: bring it into view when a
+# segmentation starts, where its progress shows (js of the event: returns its inputs as they are)
+SCROLL_TO_RESULT = """(...args) => {
+  if (window.matchMedia("(max-width: 768px)").matches) {
+    document.getElementById("result")?.scrollIntoView({behavior: "smooth", block: "start"});
+  }
+  return args;
+}"""
 API_SNIPPET = """```python
 from gradio_client import Client, handle_file
 client = Client("http://127.0.0.1:7860/")
@@ -64,8 +82,8 @@ def examples() -> list[list[str]]:
 
 
 def user_errors(fn):
-    """Bad input (``UserError``) becomes a toast, its text escaped so it never renders as
-    markup; any other exception propagates, so gradio logs its traceback."""
+    """For the API: bad input (``UserError``) becomes the call's error, its text escaped so it
+    never renders as markup; any other exception propagates, so gradio logs its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -75,6 +93,26 @@ def user_errors(fn):
             raise gr.Error(html.escape(str(e), quote=False), print_exception=False) from None
 
     return wrapper
+
+
+def page_errors(untouched: gr.components.Component):
+    """For the page: bad input (``UserError``) is shown once, as a toast (escaped), and every
+    output keeps what it showed (a raised error would mark each output panel "Error" and drop
+    the last good result). The handler returns a dict of outputs; other exceptions propagate.
+    ``untouched``: one of its outputs (gradio wants a dict that names at least one)."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except UserError as e:
+                gr.Warning(html.escape(str(e), quote=False), title="Not applied")
+                return {untouched: gr.skip()}
+
+        return wrapper
+
+    return decorate
 
 
 def _inputs_column(loaded) -> SimpleNamespace:
@@ -101,8 +139,8 @@ def _inputs_column(loaded) -> SimpleNamespace:
                        label="Inference", elem_id="speed")  # fmt: skip
     c.opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity", elem_id="opacity")
     c.run = gr.Button("Segment", variant="primary", elem_id="segment", interactive=mode != "none")
-    gr.Examples(examples(), inputs=[c.image, c.text], cache_examples=False,
-                label="Examples (mixing seen and novel classes)")  # fmt: skip
+    c.examples = gr.Examples(examples(), inputs=[c.image, c.text], cache_examples=False,
+                             label="Examples (mixing seen and novel classes)")  # fmt: skip
     return c
 
 
@@ -110,6 +148,7 @@ def _overlay_tab() -> SimpleNamespace:
     c = SimpleNamespace()
     c.overlay = gr.Image(label="Segmentation", format="jpeg", interactive=False,
                          elem_id="overlay", height=480)  # fmt: skip
+    c.applied = gr.Markdown(elem_id="applied", label="applied settings")
     c.legend = gr.HTML(elem_id="legend", label="Legend")
     c.files = gr.File(label="Label map (palette PNG, pixel = class id) and class list",
                       file_count="multiple", elem_id="files")  # fmt: skip
@@ -138,7 +177,7 @@ def _prompt_maps_tab(loaded) -> SimpleNamespace:
         c.button = gr.Button("Show prompt maps", scale=1, elem_id="show_maps")
     c.sinkhorn = gr.Image(label=name, type="pil", elem_id="grid_sinkhorn", format="png")
     c.softmax = gr.Image(label="Softmax", type="pil", elem_id="grid_softmax", format="png")
-    c.note = gr.Markdown(elem_id="maps_note")
+    c.note = gr.Markdown(elem_id="maps_note", label="overlap")
     return c
 
 
@@ -155,7 +194,7 @@ def build(handlers: Handlers) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=2):
                 ins = _inputs_column(handlers.loaded)
-            with gr.Column(scale=3):
+            with gr.Column(scale=3, elem_id="result"):
                 stale = gr.Markdown(elem_id="stale")  # above the tabs: it concerns all of them
                 with gr.Tab("Overlay"):
                     ov = _overlay_tab()
@@ -168,57 +207,97 @@ def build(handlers: Handlers) -> gr.Blocks:
                     gr.Markdown(API_SNIPPET)
         _wire_page(handlers, session, ins, ov, cmp, pm)
         _wire_compare(handlers, session, ins, cmp)
-        _wire_prompt_maps(handlers, session, pm)
-        _wire_api(handlers, session, ins, ov)
+        _wire_api(handlers, session, ins, pm)
     return demo
 
 
-def _overlay_values(handlers: Handlers, sess: Session, opacity, redraw: bool = False) -> list:
-    """Values of the overlay tab's outputs (overlay, legend, files, summary)."""
-    if redraw:  # same labels: legend, downloads and summary stay as they are
-        return [handlers.draw(sess, opacity), gr.skip(), gr.skip(), gr.skip()]
-    out = handlers.outputs(sess, opacity)
-    return [out["overlay"], out["legend"], out["files"], out["summary"]]
+def _info_schema() -> dict:
+    """The summary JSON's fields, for the API description (``view_api()``)."""
+    number, text = {"type": "number"}, {"type": "string"}
+    row = {"id": {"type": "integer"}, "name": text, "color": {**text, "description": "#rrggbb"},
+           "seen": {"type": "boolean", "description": "None without a training split"},
+           "share": {**number, "description": "% of the pixels"}}  # fmt: skip
+    return {
+        "type": "object",
+        "properties": {
+            "mode": text, "attention": text, "lam": number, "use_mps": {"type": "boolean"},
+            "inference": text, "note": text,
+            "image_size": {"type": "array", "items": {"type": "integer"},
+                           "description": "[width, height]"},
+            "classes": {"type": "array", "items": {"type": "object", "properties": row}},
+        },
+    }  # fmt: skip
 
 
 def _wire_page(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
-    """Segment, the live settings and the out-of-date banner: each result refreshes every view
-    (the overlay), clears those of an older result or marks them out of date."""
-    overlay_out = [ov.overlay, ov.legend, ov.files, ov.info]
-    page_out = [*overlay_out, ov.stale, pm.choice, pm.sinkhorn, pm.softmax, pm.note,
-                cmp.slider, cmp.note, session]  # fmt: skip
+    """Segment, the live settings, the prompt maps and the out-of-date banner: each result
+    refreshes the overlay, clears the views of an older result or marks them out of date.
+    Handlers return a dict of the outputs they change; bad input changes none (``page_errors``)."""
     settings = [ins.attention, ins.lam, ins.use_mps, ins.opacity]
+    page_in = [ins.image, ins.text, *settings, ins.speed, session]
+    page_out = [ov.overlay, ov.applied, ov.legend, ov.files, ov.info, ov.stale, pm.choice,
+                pm.sinkhorn, pm.softmax, pm.note, cmp.slider, cmp.note, session]  # fmt: skip
 
-    def page_values(sess: Session, opacity, segmented: bool, redraw: bool = False) -> list:
-        """Overlay outputs plus what the other views show after this result."""
-        views = [gr.skip()] * 4
-        if segmented:  # views of the previous result are cleared, the class list refreshed
-            choice = gr.Dropdown(choices=sess.names, value=sess.names[0])
-            views = [choice, None, None, MAPS_STALE]
-        current = (sess.version, sess.knobs["lam"], sess.knobs["use_mps"], opacity)
-        if sess.compared is None or sess.compared == current:
-            compare = [gr.skip(), gr.skip()]
+    def result(sess: Session, opacity: float, segmented: bool, redraw: bool = False) -> dict:
+        """The overlay tab for ``sess``'s prediction, and what the other views show after it."""
+        sess.opacity = opacity
+        out = {ov.stale: "", ov.applied: applied_text(handlers, sess), session: sess}
+        if redraw:  # same labels: legend, downloads and summary stay as they are
+            out[ov.overlay] = handlers.draw(sess, opacity)
         else:
-            compare = [None if segmented else gr.skip(), COMPARE_STALE]
-        return [*_overlay_values(handlers, sess, opacity, redraw), "", *views, *compare, sess]
+            drawn = handlers.outputs(sess, opacity)
+            out.update({ov.overlay: drawn["overlay"], ov.legend: drawn["legend"],
+                        ov.files: drawn["files"], ov.info: drawn["summary"]})  # fmt: skip
+        if segmented:  # views of the previous result are cleared, the class list refreshed
+            out.update({pm.choice: gr.Dropdown(choices=sess.names, value=sess.names[0]),
+                        pm.sinkhorn: None, pm.softmax: None, pm.note: MAPS_STALE})  # fmt: skip
+        current = (sess.version, sess.knobs["lam"], sess.knobs["use_mps"], opacity)
+        if sess.compared is not None and sess.compared != current:
+            out[cmp.note] = COMPARE_STALE
+            if segmented:
+                out[cmp.slider] = None
+        return out
 
-    @user_errors
-    def on_segment(image, text, attention, lam, use_mps, opacity, speed, sess, progress=PROGRESS):
+    def segment(image, text, attention, lam, use_mps, opacity, speed, sess, progress) -> dict:
         knobs, opacity = handlers.check_knobs(attention, lam, use_mps), check_opacity(opacity)
         sess = handlers.segment(sess, image, text, knobs, progress, check_inference(speed))
-        return page_values(sess, opacity, segmented=True)
+        return result(sess, opacity, segmented=True)
 
-    @user_errors
+    @page_errors(session)
+    def on_segment(image, text, attention, lam, use_mps, opacity, speed, sess, progress=PROGRESS):
+        return segment(image, text, attention, lam, use_mps, opacity, speed, sess, progress)
+
+    @page_errors(session)
     def on_settings(image, text, attention, lam, use_mps, opacity, speed, sess, progress=PROGRESS):
-        """A setting released: redraw, re-fuse or re-segment as needed."""
-        if not image:
-            return [gr.skip()] * len(page_out)
+        """A setting changed (dragged, clicked, arrow keys or typed): redraw, re-fuse or
+        re-segment as needed; nothing when it is what the result already shows."""
+        if not image or lam is None or opacity is None:  # None: a number box being retyped
+            return {session: gr.skip()}
         if not handlers.is_current(sess, image, text, speed):
-            return on_segment(image, text, attention, lam, use_mps, opacity, speed, sess, progress)
+            return segment(image, text, attention, lam, use_mps, opacity, speed, sess, progress)
         knobs, opacity = handlers.check_knobs(attention, lam, use_mps), check_opacity(opacity)
         if knobs == sess.knobs:
-            return page_values(sess, opacity, segmented=False, redraw=True)
-        return page_values(handlers.rerender(sess, knobs), opacity, segmented=False)
+            if opacity == sess.opacity:
+                return {session: gr.skip()}  # e.g. the release after the last input event of a drag
+            return result(sess, opacity, segmented=False, redraw=True)
+        return result(handlers.rerender(sess, knobs), opacity, segmented=False)
+
+    @page_errors(session)
+    def on_prompt_maps(image, text, attention, lam, use_mps, opacity, speed, class_name, sess,
+                       progress=PROGRESS):  # fmt: skip
+        """The maps of the image and names on the page: a new image or new names are
+        segmented first (never the maps of an older result)."""
+        out = {}
+        if image and not handlers.is_current(sess, image, text, speed):
+            out = segment(image, text, attention, lam, use_mps, opacity, speed, sess, progress)
+            sess = out[session]
+        if sess is not None and class_name not in sess.names:
+            class_name = sess.names[0] if sess.names else class_name
+        maps = handlers.prompt_maps(sess, class_name)
+        out.update({pm.choice: gr.Dropdown(choices=sess.names, value=class_name),
+                    pm.sinkhorn: maps["grids"]["sinkhorn"], pm.softmax: maps["grids"]["softmax"],
+                    pm.note: overlap_note(handlers, maps)})  # fmt: skip
+        return out
 
     def on_inputs_changed(image, text, speed, sess):
         return "" if sess is None or handlers.is_current(sess, image, text, speed) else STALE
@@ -229,17 +308,23 @@ def _wire_page(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
             raise UserError("Choose a preset first.")
         return vocab.preset_text(preset)
 
-    page_in = [ins.image, ins.text, *settings, ins.speed, session]
-    seg = {"fn": on_segment, "inputs": page_in, "outputs": page_out, "preprocess": False}
-    ins.run.click(**seg, api_name=False)
-    ins.text.submit(**seg, api_name=False)
+    seg = {"fn": on_segment, "inputs": page_in, "outputs": page_out, "preprocess": False,
+           "api_name": False, "js": SCROLL_TO_RESULT}  # fmt: skip
+    ins.run.click(**seg)
+    ins.text.submit(**seg)
+    ins.examples.load_input_event.then(**seg)  # clicking an example runs it
     live = {"fn": on_settings, "inputs": page_in, "outputs": page_out, "preprocess": False,
             "api_name": False, "trigger_mode": "always_last", "show_progress": "minimal"}  # fmt: skip
     ins.attention.input(**live)
     ins.use_mps.input(**live)
-    ins.lam.release(**live)
-    ins.opacity.release(**live)
     ins.speed.input(**live)
+    for slider in (ins.lam, ins.opacity):
+        slider.input(**live)  # dragging, arrow keys, typing in its number box
+        slider.release(**live)  # the number box's value once it is left (clamped to 0-1)
+    maps = {"fn": on_prompt_maps, "inputs": [*page_in[:-1], pm.choice, session],
+            "outputs": page_out, "preprocess": False, "api_name": False}  # fmt: skip
+    pm.button.click(**maps)
+    pm.choice.input(**maps)  # picking a class shows its maps
     changed = {"fn": on_inputs_changed, "inputs": [ins.image, ins.text, ins.speed, session],
                "outputs": ov.stale, "preprocess": False, "api_name": False,
                "concurrency_limit": None, "show_progress": "hidden",
@@ -248,6 +333,22 @@ def _wire_page(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
     ins.text.change(**changed)
     ins.load_preset.click(on_preset, ins.preset, ins.text, api_name="preset",
                           concurrency_limit=None, preprocess=False)  # fmt: skip
+
+
+def applied_text(handlers: Handlers, sess: Session) -> str:
+    """The settings the shown result was computed with (a setting that could not be applied
+    differs from what its control shows)."""
+    k = sess.knobs
+    fusion = f"λ = {k['lam']:.2f}" if k["use_mps"] else "MPS off (λ unused)"
+    return (f"Shown: **{handlers.loaded.attention_labels[k['attention']]}**, {fusion}, "
+            f"opacity {sess.opacity:.2f}, {sess.predictor.mode} inference.")  # fmt: skip
+
+
+def overlap_note(handlers: Handlers, maps: dict) -> str:
+    o = maps["overlap"]
+    return (f"Mean pairwise overlap of the prompt maps (cosine, 1 = identical): "
+            f"{handlers.loaded.transport_name} **{o['sinkhorn']:.2f}**, softmax "
+            f"**{o['softmax']:.2f}**.")  # fmt: skip
 
 
 def _wire_compare(handlers: Handlers, session, ins, cmp) -> None:
@@ -262,47 +363,51 @@ def _wire_compare(handlers: Handlers, session, ins, cmp) -> None:
                      preprocess=False)  # fmt: skip
 
 
-def _wire_prompt_maps(handlers: Handlers, session, pm) -> None:
-    name = handlers.loaded.transport_name
-
-    @user_errors
-    def on_prompt_maps(class_name, sess):
-        out = handlers.prompt_maps(sess, class_name)
-        o = out["overlap"]
-        note = (f"Mean pairwise overlap of the prompt maps (cosine, 1 = identical): "
-                f"{name} **{o['sinkhorn']:.2f}**, softmax **{o['softmax']:.2f}**.")  # fmt: skip
-        return out["grids"]["sinkhorn"], out["grids"]["softmax"], note
-
-    event = {"fn": on_prompt_maps, "inputs": [pm.choice, session],
-             "outputs": [pm.sinkhorn, pm.softmax, pm.note], "preprocess": False}  # fmt: skip
-    pm.button.click(**event, api_name="prompt_maps")
-    pm.choice.input(**event, api_name=False)  # picking a class shows its maps
-
-
-def _wire_api(handlers: Handlers, session, ins, ov) -> None:
-    """/segment, /rerender, /redraw: overlay outputs only, on a button the page never shows."""
-    overlay_out = [ov.overlay, ov.legend, ov.files, ov.info]
+def _wire_api(handlers: Handlers, session, ins, pm) -> None:
+    """/segment, /rerender, /redraw, /prompt_maps: on hidden components named for the API."""
     settings = [ins.attention, ins.lam, ins.use_mps, ins.opacity]
+    overlay = gr.Image(label="overlay", format="jpeg", visible=False)
+    legend = gr.HTML(label="legend", visible=False)
+    files = gr.File(label="files", file_count="multiple", visible=False)
+    info = gr.JSON(label="info", visible=False)
+    info.api_info = _info_schema  # a subclass would make gradio write a .pyi stub beside us
+    want_files = gr.Checkbox(False, label="files", visible=False)
+    class_name = gr.Textbox(label="class_name", visible=False)
+    api_out = [overlay, legend, files, info, session]
+
+    def values(sess: Session, opacity, with_files: bool = True) -> list:
+        out = handlers.outputs(sess, opacity, with_files=with_files)
+        return [out["overlay"], out["legend"], out["files"], out["summary"], sess]
 
     @user_errors
     def api_segment(image, text, attention, lam, use_mps, opacity, speed, sess):
         knobs, opacity = handlers.check_knobs(attention, lam, use_mps), check_opacity(opacity)
         sess = handlers.segment(sess, image, text, knobs, mode=check_inference(speed))
-        return [*_overlay_values(handlers, sess, opacity), sess]
+        return values(sess, opacity)
 
     @user_errors
-    def api_rerender(attention, lam, use_mps, opacity, sess):
-        sess = handlers.rerender(sess, handlers.check_knobs(attention, lam, use_mps))
-        return [*_overlay_values(handlers, sess, opacity), sess]
+    def api_rerender(attention, lam, use_mps, opacity, files, sess):
+        """files: also write and return the label PNG and class JSON (not fetched by default:
+        a re-render is then one image)."""
+        knobs, opacity = handlers.check_knobs(attention, lam, use_mps), check_opacity(opacity)
+        return values(handlers.rerender(sess, knobs), opacity, with_files=files is True)
 
     @user_errors
     def api_redraw(opacity, sess):
         return handlers.draw(sess, opacity)
 
+    @user_errors
+    def api_prompt_maps(class_name, sess):
+        maps = handlers.prompt_maps(sess, class_name)
+        grids = maps["grids"]
+        return grids["sinkhorn"], grids["softmax"], overlap_note(handlers, maps)
+
     hidden = gr.Button(visible=False)
-    hidden.click(api_segment, [ins.image, ins.text, *settings, ins.speed, session],
-                 [*overlay_out, session], api_name="segment", preprocess=False)  # fmt: skip
-    hidden.click(api_rerender, [*settings, session], [*overlay_out, session],
-                 api_name="rerender", preprocess=False)  # fmt: skip
-    hidden.click(api_redraw, [ins.opacity, session], ov.overlay, api_name="redraw",
+    hidden.click(api_segment, [ins.image, ins.text, *settings, ins.speed, session], api_out,
+                 api_name="segment", preprocess=False)  # fmt: skip
+    hidden.click(api_rerender, [*settings, want_files, session], api_out, api_name="rerender",
+                 preprocess=False)  # fmt: skip
+    hidden.click(api_redraw, [ins.opacity, session], overlay, api_name="redraw",
                  concurrency_limit=8, preprocess=False)  # fmt: skip
+    hidden.click(api_prompt_maps, [class_name, session], [pm.sinkhorn, pm.softmax, pm.note],
+                 api_name="prompt_maps", preprocess=False)  # fmt: skip

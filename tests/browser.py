@@ -29,7 +29,7 @@ import pytest
 
 if TYPE_CHECKING:
     import gradio as gr
-    from playwright.sync_api import Page
+    from playwright.sync_api import BrowserContext, Page
 
 DEBIAN_CHROMIUM = Path("/usr/bin/chromium")
 INSTALL_HINT = (
@@ -99,19 +99,14 @@ def launched(demo: gr.Blocks) -> Iterator[str]:
 
 
 @contextmanager
-def browser_session(
-    demo: gr.Blocks, name: str, timeout_ms: float = 30_000
-) -> Iterator[BrowserSession]:
-    """Launch ``demo``, open it in headless Chromium and yield a ``BrowserSession``.
-
-    The page has loaded the Gradio frontend (``gradio-app`` is in the DOM) when it is yielded.
-    """
+def chromium(timeout_ms: float = 30_000) -> Iterator[BrowserContext]:
+    """Headless Chromium with a fresh profile (one per test module is enough: each
+    :func:`open_page` is a new tab)."""
     executable = require_chromium()
     from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
     with (
-        launched(demo) as url,
         sync_playwright() as playwright,
         tempfile.TemporaryDirectory(prefix="otseg-chromium-") as profile,
     ):
@@ -129,16 +124,41 @@ def browser_session(
             raise
         try:
             context.set_default_timeout(timeout_ms)
-            page = context.new_page()
-            session = BrowserSession(page=page, url=url, name=name)
-            page.on("pageerror", lambda error: session.page_errors.append(str(error)))
-            page.goto(url, wait_until="domcontentloaded")
-            page.wait_for_selector("gradio-app .gradio-container", state="attached")
-            try:
-                yield session
-            except BaseException:
-                session.screenshot("failed")
-                raise
-            session.screenshot("final")
+            yield context
         finally:
             context.close()
+
+
+@contextmanager
+def open_page(
+    context: BrowserContext, url: str, name: str, viewport: dict | None = None
+) -> Iterator[BrowserSession]:
+    """A new tab showing ``url`` (the Gradio frontend loaded); screenshots at the end."""
+    page = context.new_page()
+    if viewport:
+        page.set_viewport_size(viewport)
+    session = BrowserSession(page=page, url=url, name=name)
+    page.on("pageerror", lambda error: session.page_errors.append(str(error)))
+    try:
+        page.goto(url, wait_until="domcontentloaded")
+        page.wait_for_selector("gradio-app .gradio-container", state="attached")
+        try:
+            yield session
+        except BaseException:
+            session.screenshot("failed")
+            raise
+        session.screenshot("final")
+    finally:
+        page.close()
+
+
+@contextmanager
+def browser_session(
+    demo: gr.Blocks, name: str, timeout_ms: float = 30_000
+) -> Iterator[BrowserSession]:
+    """Launch ``demo``, open it in headless Chromium and yield a ``BrowserSession``.
+
+    The page has loaded the Gradio frontend (``gradio-app`` is in the DOM) when it is yielded.
+    """
+    with launched(demo) as url, chromium(timeout_ms) as context, open_page(context, url, name) as s:
+        yield s

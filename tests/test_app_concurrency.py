@@ -25,7 +25,7 @@ def test_eight_parallel_clients_get_their_own_results(tmp_path):
             c = client(url)
             first = c.predict(handle_file(str(photos[i])), ", ".join(VOCABULARIES[i]), "sinkhorn",
                               0.5, True, 0.5, api_name="/segment")  # fmt: skip
-            again = c.predict("softmax", i / 8, True, 0.5, api_name="/rerender")
+            again = c.predict("softmax", i / 8, True, 0.5, True, api_name="/rerender")
             return i, [first, again]
 
         with ThreadPoolExecutor(8) as pool:

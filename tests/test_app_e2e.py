@@ -78,7 +78,7 @@ def test_segment_rerender_redraw(trained_url):
     maps = {}
     for attention in ("sinkhorn", "softmax"):
         for lam in (0.0, 1.0):
-            *_, files, info = c.predict(attention, lam, True, 0.5, api_name="/rerender")
+            *_, files, info = c.predict(attention, lam, True, 0.5, True, api_name="/rerender")
             assert (info["attention"], info["lam"]) == (attention, lam)
             maps[attention, lam] = label_map(files)
     assert not np.array_equal(maps["sinkhorn", 1.0], maps["softmax", 1.0])
@@ -224,7 +224,7 @@ def test_training_free_mode(dirs):
             info["mode"] == "training-free" and [k["seen"] for k in info["classes"]] == [None] * 3
         )
         sinkhorn = label_map(files)
-        *_, files, info = c.predict("softmax", 1.0, True, 0.5, api_name="/rerender")
+        *_, files, info = c.predict("softmax", 1.0, True, 0.5, True, api_name="/rerender")
         assert info["attention"] == "softmax" and label_map(files).shape == sinkhorn.shape
         *_, note = c.predict("grass", api_name="/prompt_maps")
         assert "overlap" in note

@@ -55,7 +55,7 @@ def test_segment_with_each_transport_and_prompt_maps(url, monkeypatch):
     assert [k["seen"] for k in info["classes"]] == [False, True, False]
     maps = {}
     for attention in ZEGOT_ATTENTION_LABELS:
-        *_, files, info = c.predict(attention, 1.0, True, 0.5, api_name="/rerender")
+        *_, files, info = c.predict(attention, 1.0, True, 0.5, True, api_name="/rerender")
         assert info["attention"] == attention
         maps[attention] = label_map(files)
     assert maps["sinkhorn"].shape == Image.open(CAT).size[::-1]
