@@ -70,3 +70,52 @@ def test_library_and_demo_mark_seen_names_alike(model):
     cfg = model.config
     assert LoadedModel(model, "trained", "test").mark_seen(names) == want  # demo badges
     assert mark_seen(names, cfg.class_names, cfg.seen) == want
+
+
+def test_every_argument_is_checked_before_any_model_is_loaded_or_run(model, monkeypatch):
+    """A mistake costs no model load and no encoder run: each is refused with its own
+    one-line message while loading or running anything would fail the test."""
+    from otseg.inference import predictor
+    from otseg.inference.preprocess import ImageError
+
+    monkeypatch.setattr(predictor, "_load", lambda source: pytest.fail(f"loaded {source}"))
+    photo = random_photo(40, 40, seed=2)
+    cases = [
+        ((photo, ["cat"]), {"lamda": 0.3}, ValueError, r"unknown keyword argument 'lamda'"),
+        ((photo, ["cat"]), {"lam": 1.5}, ValueError, r"lam must be a number in \[0, 1\]"),
+        ((photo, ["cat"]), {"lam": "0.5"}, ValueError, r"lam must be a number in \[0, 1\]"),
+        ((photo, ["cat"]), {"attention": "sparsemax"}, ValueError, r"attention must be one of"),
+        ((photo, ["cat"]), {"use_mps": "yes"}, ValueError, r"use_mps must be True or False"),
+        ((photo, "cat, dog"), {}, ValueError, r"a list of strings, not one string"),
+        ((photo, ["cat", "cat"]), {}, ValueError, r"duplicate class names"),
+        ((123, ["cat"]), {}, ImageError, r"must be a file path, bytes, .* got int"),
+        ((b"not an image", ["cat"]), {}, ImageError, r"not a readable image"),
+    ]
+    for args, knobs, error, message in cases:
+        with pytest.raises(error, match=message):
+            otseg.segment(*args, model="org/never-loaded", **knobs)
+
+    # a value only another model type takes: refused by the loaded model, before its encoder
+    def no_encoder(*a, **k):
+        pytest.fail("the image encoder ran")
+
+    monkeypatch.setattr(model, "encode_image", no_encoder)
+    with pytest.raises(ValueError, match=r"attention must be one of \('sinkhorn', 'softmax'\)"):
+        otseg.segment(photo, ["cat"], model=model, attention="none")
+
+
+def test_the_predictor_checks_its_settings_before_work(model, monkeypatch):
+    from otseg.weights import pretrained
+
+    monkeypatch.setattr(pretrained, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    for options, message in (({"mode": "fast"}, "mode must be one of"),
+                             ({"precision": "int8"}, "precision must be one of")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            OTSegPredictor.from_pretrained("org/never-loaded", **options)
+    p = OTSegPredictor(model)
+    p.set_image(random_photo(40, 40, seed=3))
+    p.set_vocabulary(["cat", "dog"])
+    for knobs, message in (({"lam": 5}, "lam must be"), ({"calibrate_seen": 1}, "True or False")):
+        with pytest.raises(ValueError, match=message):
+            p.predict(**knobs)
+    assert p.predict(lam=np.float32(0.25)).lam == 0.25

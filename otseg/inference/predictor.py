@@ -23,10 +23,10 @@ import torch
 from ..errors import UserError
 from ..nn.clip_image import ImageEmbedding
 from ..nn.ensemble import TokenMaps, WindowScores, resize
-from ..nn.variants import describe, resolve_for
-from ..vocabulary import check_vocabulary
+from ..nn.variants import check_lam, describe, resolve_for
+from ..vocabulary import check_names, check_vocabulary
 from .allocator import keep_freed_memory
-from .preprocess import ImageLike, ModelInput, prepare
+from .preprocess import ImageLike, ModelInput, load_image, prepare
 from .slide import Box, crops, merge_windows, slide_windows, window_probabilities
 from .whole import whole_input
 
@@ -56,6 +56,40 @@ def precision_context(
         return contextlib.nullcontext()
     kind = torch.device(device).type
     return torch.autocast(kind, dtype=dtype, cache_enabled=cache_enabled)
+
+
+KNOBS = ("attention", "lam", "use_mps", "calibrate_seen")  # predict()'s keyword arguments
+
+
+def known_attentions() -> tuple[str, ...]:
+    """Every ``attention`` value some model of the family accepts (a typo is refused before
+    any model is loaded; the loaded model's own list is checked before its first use)."""
+    from ..models import OTSeg, TrainingFreeOTSeg, ZegOT
+
+    return tuple(dict.fromkeys(a for m in (OTSeg, ZegOT, TrainingFreeOTSeg) for a in m.attentions))
+
+
+def check_knobs(knobs: dict[str, Any], attentions: Sequence[str] | None = None) -> None:
+    """A one-line ``UserError`` unless ``knobs`` are valid keyword arguments of
+    :meth:`OTSegPredictor.predict`, checked before any model is at hand: known names,
+    ``attention`` None or one of ``attentions`` (default :func:`known_attentions`), ``lam``
+    None or a number in [0, 1], the switches None or booleans. What a variant allows (no λ for
+    ``"zegclip"``) is settled by :func:`otseg.nn.variants.resolve_for` once the model is known."""
+    unknown = [k for k in knobs if k not in KNOBS]
+    if unknown:
+        raise UserError(
+            f"unknown keyword argument {', '.join(map(repr, unknown))}; the prediction "
+            f"settings are {', '.join(KNOBS)}"
+        )
+    attentions = tuple(attentions) if attentions is not None else known_attentions()
+    attention = knobs.get("attention")
+    if attention is not None and (not isinstance(attention, str) or attention not in attentions):
+        raise UserError(f"attention must be one of {attentions}, got {attention!r}")
+    if knobs.get("lam") is not None:
+        check_lam(knobs["lam"])
+    for flag in ("use_mps", "calibrate_seen"):
+        if knobs.get(flag) is not None and not isinstance(knobs[flag], bool | np.bool_):
+            raise UserError(f"{flag} must be True or False, got {knobs[flag]!r}")
 
 
 @runtime_checkable
@@ -178,6 +212,9 @@ class OTSegPredictor:
         device = kwargs.pop("device", None)
         precision = kwargs.pop("precision", "fp32")
         options = {k: kwargs.pop(k) for k in ("mode", "backend") if k in kwargs}
+        autocast_dtype(precision)  # bad options fail before the model is loaded
+        if options.get("mode", "slide") not in MODES:
+            raise UserError(f"mode must be one of {MODES}, got {options['mode']!r}")
         model = from_pretrained(repo_or_dir, **kwargs)
         return cls(model, device=device, precision=precision, **options)
 
@@ -359,12 +396,18 @@ def segment(
         knobs: ``attention``, ``lam``, ``use_mps``, ``calibrate_seen`` (see
             :meth:`OTSegPredictor.predict`).
     """
+    # every argument is checked, and the image decoded, before a model is loaded or run
+    check_knobs(knobs)
+    names = check_names(names)
+    rgb = load_image(image)
     if isinstance(model, OTSegPredictor):
         predictor = model
     elif isinstance(model, str | Path):
         predictor = _load(str(model))
     else:
         predictor = OTSegPredictor(model)
-    predictor.set_image(image)
+    knobs_ = {k: knobs.get(k) for k in ("attention", "lam", "use_mps")}
+    resolve_for(predictor.model, **knobs_)  # what this model allows, before its encoder runs
+    predictor.set_image(rgb)
     predictor.set_vocabulary(names)
     return predictor.predict(**knobs)

@@ -41,6 +41,11 @@ def load_image(image: ImageLike, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         if not image:
             raise ImageError("the file is empty (0 bytes)")
         src = io.BytesIO(image)
+    elif not isinstance(image, str | Path):
+        raise ImageError(
+            "an image must be a file path, bytes, a PIL image or an (H, W[, 3|4]) array, "
+            f"got {type(image).__name__}"
+        )
     else:
         path = Path(image)
         if path.is_dir():
