@@ -121,3 +121,21 @@ def test_clip_files_from_two_cached_revisions_are_refused(tmp_path, monkeypatch)
     monkeypatch.setattr(clip, "cached_file", cached_file)
     with pytest.raises(WeightsNotFoundError, match="come from different revisions"):
         clip.load_clip(f"hf-hub:{REPO}")
+
+
+def test_offline_with_nothing_cached_says_so(tmp_path, monkeypatch):
+    """Not "the repo has none of the files": they are not cached and downloads are off; the
+    demo's page says that and what to do."""
+    from huggingface_hub import constants
+
+    from app.inference import load_model
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(hub, "_offline", lambda: True)
+    with pytest.raises(WeightsNotFoundError) as error:
+        clip._clip_weights(REPO, None)
+    assert "not in the Hugging Face cache" in str(error.value)
+    assert "HF_HUB_OFFLINE=1 forbids" in str(error.value) and "has none of" not in str(error.value)
+    loaded = load_model(None, clip_model="ViT-B-16-quickgelu", clip_pretrained="openai")
+    assert loaded.mode == "none"
+    assert "not in the Hugging Face cache" in loaded.status and "run once with" in loaded.status

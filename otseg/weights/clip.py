@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import WeightsNotFoundError
+from . import hub
 from .hub import CLIP_WEIGHT_NAMES, cached_file, resolve_file
 
 
@@ -16,6 +17,13 @@ def _clip_weights(repo: str, cache_dir: str | Path | None) -> Path:
         path = cached_file(repo, name, cache_dir)
         if path is not None:
             return path
+    if hub._offline():  # resolve_file(required=False) would answer None: "absent", not "not cached"
+        raise WeightsNotFoundError(
+            f"the CLIP weights of {repo!r} ({' or '.join(CLIP_WEIGHT_NAMES)}) are not in the "
+            "Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading them; run once with "
+            f"network access (or `hf download {repo} {CLIP_WEIGHT_NAMES[0]}`), then offline "
+            "starts use the cached copy"
+        )
     for name in CLIP_WEIGHT_NAMES:
         path = resolve_file(repo, name, cache_dir=cache_dir, required=False)
         if path is not None:
