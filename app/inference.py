@@ -10,6 +10,7 @@ re-runs the head, an opacity change only re-draws.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import tempfile
@@ -21,6 +22,7 @@ import numpy as np
 from torch import nn
 
 from app import gpu, overlay, render, vocab
+from app.loading import ModelLoader
 from otseg.errors import UserError
 from otseg.inference.predictor import OTSegPredictor
 from otseg.inference.preprocess import ImageError, load_image
@@ -33,9 +35,14 @@ ZEGOT_ATTENTION_LABELS = {  # ZegOT's transport between its learned prompts and 
     "softmax": "softmax",
     "none": "no transport",
 }
+# The demo's model when none is named: the authors' COCO-Stuff transductive OTSeg (its 171
+# names cover everyday photos best); downloaded and converted once, then cached.
+DEFAULT_MODEL = "original:coco-transductive"
+NO_MODEL = "none"  # --model none / OTSEG_MODEL=none: the training-free mode, chosen explicitly
 HOW_TO_TRAINED = (
-    "To see real OTSeg, start the app with `python app.py --model original:coco-transductive` "
-    "(the authors' weights, downloaded once) or `--model HUB_ID_OR_DIR`, or set `OTSEG_MODEL`."
+    f"To see real OTSeg, start the app without `--model none` (the default, `{DEFAULT_MODEL}`, is "
+    "the authors' weights, downloaded once and cached) or with `--model HUB_ID_OR_DIR` / "
+    "`OTSEG_MODEL`."
 )
 NEED_RESULT = "Upload an image and press Segment first."
 INFERENCE_LABELS = {  # the predictor's modes
@@ -52,6 +59,8 @@ class LoadedModel:
     mode: str  # "trained" | "training-free" | "none"
     status: str  # Markdown shown at the top of the page
     precision: str = "fp32"  # of the towers and head, applied inside app.gpu
+    kind: str = "otseg"  # without a model: the type the page is laid out for (see ``planned``)
+    lam: float = 0.5  # without a model: the λ the page starts with
     key: str | None = field(default=None, init=False)  # app.gpu registry key
 
     def __post_init__(self) -> None:
@@ -65,7 +74,9 @@ class LoadedModel:
 
     @property
     def is_zegot(self) -> bool:
-        return self.model is not None and model_type(self.model) == "zegot"
+        if self.model is None:
+            return self.kind == "zegot"
+        return model_type(self.model) == "zegot"
 
     @property
     def model_name(self) -> str:
@@ -86,7 +97,7 @@ class LoadedModel:
     @property
     def default_lam(self) -> float:
         """The model's ensemble λ (ZegOT 0.8, OTSeg 0.5)."""
-        return float(getattr(getattr(self.model, "config", None), "ensemble_lambda", 0.5))
+        return float(getattr(getattr(self.model, "config", None), "ensemble_lambda", self.lam))
 
     def mark_seen(self, names: list[str]) -> list[bool] | None:
         """Seen flags for a trained model; None (no badges) when there is no training split."""
@@ -94,6 +105,31 @@ class LoadedModel:
             return None
         cfg = self.model.config
         return mark_seen(names, cfg.class_names, cfg.seen)
+
+
+def planned(model: str | None) -> LoadedModel:
+    """What the page can say about ``model`` before it has loaded (no weights read): its type
+    and λ from a local or cached config.json, OTSeg's for ``original:`` and anything else."""
+    kind, lam = "otseg", 0.5
+    try:
+        if model and model.startswith("original:"):
+            from otseg.weights.original import get_original
+
+            lam = float(get_original(model).config.ensemble_lambda)
+        elif model:
+            from otseg.weights.hub import CONFIG_NAME, cached_file
+
+            local = Path(model) / CONFIG_NAME
+            found = local if local.is_file() else cached_file(model, CONFIG_NAME, None)
+            if found is not None:
+                info = json.loads(Path(found).read_text())
+                kind = info.get("model", "otseg")
+                lam = float(
+                    info.get("config", {}).get("ensemble_lambda", 0.8 if kind == "zegot" else 0.5)
+                )
+    except (OSError, ValueError, UserError, AttributeError, TypeError):
+        pass  # the page keeps OTSeg's layout; loading says what is wrong
+    return LoadedModel(None, "loading", "", kind=kind, lam=lam)
 
 
 def load_model(
@@ -110,6 +146,7 @@ def load_model(
     Never raises for missing or wrong weights: the reason goes into ``status``. ``device`` must
     already be usable (see ``app.main.check_device``).
     """
+    from otseg import progress
     from otseg.errors import WeightsNotFoundError
     from otseg.models.training_free import build_training_free
     from otseg.weights.pretrained import from_pretrained
@@ -128,7 +165,10 @@ def load_model(
             )
             return LoadedModel(net.to(device), "trained", status, precision)
         except (WeightsNotFoundError, UserError) as e:  # CheckpointError is a UserError
-            problem = f"⚠️ Could not load `{model}`: {_first_line(e)}\n\n"
+            what = "the default model, the authors' OTSeg trained on COCO-Stuff, " if (
+                model == DEFAULT_MODEL) else ""  # fmt: skip
+            problem = f"⚠️ Could not load {what}`{model}`: {_first_line(e)}\n\n"
+    progress.report(f"Loading the training-free CLIP {clip_model}")
     try:
         net = build_training_free(clip_model, clip_pretrained)
     except (WeightsNotFoundError, UserError, RuntimeError) as e:  # RuntimeError: open_clip's
@@ -139,8 +179,9 @@ def load_model(
             f"directory (`local-dir:/path`). {HOW_TO_TRAINED}"
         )
         return LoadedModel(None, "none", status, precision)
+    why = "instead" if problem else f"(`--model {NO_MODEL}`)"
     status = (
-        f"{problem}**Training-free mode** — no OTSeg checkpoint is configured, so this runs the "
+        f"{problem}**Training-free mode** {why} — no OTSeg checkpoint, so this runs the "
         f"frozen CLIP `{clip_model}` (MaskCLIP-style dense features) scored against "
         f"{net.config.num_prompts} prompts per class with MPS; masks are coarse and every name "
         f"is novel. {HOW_TO_TRAINED}"
@@ -255,9 +296,49 @@ class Handlers:
     Each returns plain numpy / PIL / dicts / file paths; ``app.ui`` turns them into components.
     """
 
-    def __init__(self, loaded: LoadedModel, download_dir: Path | None = None) -> None:
-        self.loaded = loaded
+    def __init__(
+        self,
+        loaded: LoadedModel | ModelLoader,
+        download_dir: Path | None = None,
+        reference: str | None = None,
+    ) -> None:
+        """loaded: the model, or a loader still loading it (``reference``: what it loads)."""
+        if isinstance(loaded, LoadedModel):
+            loaded = ModelLoader.finished(loaded)
+        self.loader = loaded
+        self.reference = reference
+        self.planned = planned(reference) if not loaded.done else loaded.result
         self.download_dir = download_dir or Path(tempfile.gettempdir()) / "otseg-demo"
+
+    @property
+    def loaded(self) -> LoadedModel:
+        """The model once loaded; until then what the page can say about it (``planned``)."""
+        return self.loader.result if self.loader.done else self.planned
+
+    def status(self) -> str:
+        """The mode line: the loaded model, or the loading stage with its progress."""
+        if self.loader.done:
+            return self.loader.result.status
+        return (
+            f"⏳ **Loading the model** `{self.reference}` — {self.loader.stage} "
+            f"({self.loader.elapsed:.0f} s). The page works meanwhile: a Segment waits for it."
+        )
+
+    def wait_for_model(self, progress=None) -> LoadedModel:
+        """The loaded model, waiting for it while it loads (``progress`` shows the stage)."""
+        if not self.loader.done:
+            step = progress if progress is not None else _no_progress
+
+            def show(stage) -> None:
+                step(stage.fraction, desc=f"Loading the model: {stage}")
+
+            try:
+                self.loader.wait(show)
+            except TimeoutError as e:
+                raise UserError(
+                    f"The model is still loading ({e}); try again in a minute."
+                ) from None
+        return self.loader.result
 
     def new_session(self, mode: str = "slide") -> Session:
         if self.loaded.model is None:
@@ -285,6 +366,7 @@ class Handlers:
         if upload is None:
             raise UserError("Upload an image (or pick an example) first.")
         names = parse_names(text)
+        self.wait_for_model(step)  # bad input is refused at once, even while the model loads
         session = session or self.new_session(mode)
         data = _read(upload.path)
         key = hashlib.sha1(data).hexdigest()

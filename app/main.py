@@ -2,7 +2,8 @@
 
 Settings (flag, then environment variable, then default):
     --model      OTSEG_MODEL      trained model: Hub repo id, local directory, original:<setting>
-                                  or zegclip:<setting>
+                                  or zegclip:<setting> (default original:coco-transductive;
+                                  "none": training-free CLIP)
     --clip       OTSEG_CLIP       CLIP for the training-free mode ("ViT-B-16-quickgelu")
     --clip-pretrained OTSEG_CLIP_PRETRAINED  its weights tag or file ("openai"; "" for none)
     --precision  OTSEG_PRECISION  "fp32" or "bf16" (bf16 autocast: ~1.6× faster than fp32 on
@@ -23,12 +24,14 @@ from pathlib import Path
 import gradio as gr
 
 from app.gpu import PRECISIONS
-from app.inference import Handlers, LoadedModel, load_model
+from app.inference import DEFAULT_MODEL, NO_MODEL, Handlers, LoadedModel, load_model
+from app.loading import ModelLoader
 from app.ui import CSS, build
 from otseg.errors import UserError
 
 QUEUE_MAX_SIZE = 32  # waiting requests beyond this are refused with "queue full"
 MAX_FILE_SIZE = "25mb"
+LAUNCH = {"css": CSS, "max_file_size": MAX_FILE_SIZE}  # launch() settings of every demo server
 
 
 def _env(*names: str, default: str | None = None) -> str | None:
@@ -41,14 +44,15 @@ def _env(*names: str, default: str | None = None) -> str | None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="OTSeg zero-shot segmentation demo. Every flag has an environment variable "
-        "(shown in brackets); without --model the demo runs the training-free CLIP mode."
+        "(shown in brackets). The page is served at once and shows the model loading."
     )
     p.add_argument(
         "--model",
-        default=_env("OTSEG_MODEL"),
+        default=_env("OTSEG_MODEL", default=DEFAULT_MODEL),
         help="Hub repo id, local otseg directory, original:<setting> (the authors' OTSeg "
-        "weights, e.g. original:coco-transductive) or zegclip:<setting> (ZegCLIP's) "
-        "[OTSEG_MODEL]",
+        "weights) or zegclip:<setting> (ZegCLIP's), or "
+        f"'{NO_MODEL}' for the training-free CLIP mode (default: %(default)s, downloaded once "
+        "and cached; if it cannot be had, the page says why and runs training-free) [OTSEG_MODEL]",
     )
     p.add_argument(
         "--clip",
@@ -94,9 +98,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_demo(loaded: LoadedModel) -> gr.Blocks:
-    """The queued demo around an already loaded model (tests call this directly)."""
-    demo = build(Handlers(loaded))
+def build_demo(loaded: LoadedModel | ModelLoader, reference: str | None = None) -> gr.Blocks:
+    """The queued demo around a loaded model (tests call this directly) or a loader that is
+    still loading ``reference``."""
+    demo = build(Handlers(loaded, reference=reference))
     # two inference workers: one per CPU core of a free Space; cheap events set their own limit
     return demo.queue(default_concurrency_limit=2, max_size=QUEUE_MAX_SIZE)
 
@@ -152,22 +157,34 @@ def check_model(model: str | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the settings, check them (a ``UserError`` for ``otseg.cli.run`` to print as one
-    line), load the model and serve the demo."""
+    line), start loading the model and serve the page at once: it shows the loading, and
+    requests wait for the model."""
     args = parse_args(argv)
-    device = check_device(args.device)
-    check_model(args.model)
-    loaded = load_model(
-        args.model,
-        clip_model=args.clip,
-        clip_pretrained=args.clip_pretrained or None,
-        precision=args.precision,
-        device=device,
-    )
-    print(loaded.status)
-    build_demo(loaded).launch(
+    device = check_device(args.device) if args.device else None  # torch only when asked
+    model = None if args.model.strip().lower() == NO_MODEL else args.model
+    check_model(model)
+
+    def load() -> LoadedModel:
+        loaded = load_model(
+            model,
+            clip_model=args.clip,
+            clip_pretrained=args.clip_pretrained or None,
+            precision=args.precision,
+            device=device or check_device(None),
+        )
+        print(loaded.message, flush=True)
+        return loaded
+
+    def failed(error: BaseException) -> LoadedModel:
+        status = (f"**No model loaded.** Loading failed with an internal error "
+                  f"({type(error).__name__}); the server log has the details.")  # fmt: skip
+        return LoadedModel(None, "none", status)
+
+    loader = ModelLoader(load, failed).start()
+    print(f"Loading {model or 'the training-free CLIP'}; the page is served meanwhile.")
+    build_demo(loader, reference=model or args.clip).launch(
         server_name=args.host,
         server_port=args.port,
         share=args.share,
-        css=CSS,
-        max_file_size=MAX_FILE_SIZE,
+        **LAUNCH,
     )

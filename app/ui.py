@@ -45,7 +45,8 @@ CSS = (
     ".otseg-legend{list-style:none;padding-left:0;columns:2}"
     ":root{--otseg-seen:#1a7f37;--otseg-novel:#9a6700}"
     ".dark{--otseg-seen:#3fb950;--otseg-novel:#d29922}"
-    ".badge-seen{color:var(--otseg-seen)}.badge-novel{color:var(--otseg-novel)}"
+    ".otseg-legend small.badge-seen{color:var(--otseg-seen)}"
+    ".otseg-legend small.badge-novel{color:var(--otseg-novel)}"
 )
 # On a narrow screen the result column sits under the inputs: bring it into view when a
 # segmentation starts, where its progress shows (js of the event: returns its inputs as they are)
@@ -189,7 +190,7 @@ def build(handlers: Handlers) -> gr.Blocks:
             f"# {loaded.model_name}: zero-shot semantic segmentation\nUpload a photo, list what "
             f"to find, press **Segment**. {COMPARE_INTRO[loaded.model_name]}"
         )
-        gr.Markdown(handlers.loaded.status, elem_id="mode")
+        status = gr.Markdown(handlers.status, elem_id="mode")  # called at every page load
         session = gr.State(None, time_to_live=3600)
         with gr.Row():
             with gr.Column(scale=2):
@@ -208,6 +209,7 @@ def build(handlers: Handlers) -> gr.Blocks:
         _wire_page(handlers, session, ins, ov, cmp, pm)
         _wire_compare(handlers, session, ins, cmp)
         _wire_api(handlers, session, ins, pm)
+        _wire_loading(handlers, status, ins)
     return demo
 
 
@@ -333,6 +335,28 @@ def _wire_page(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
     ins.text.change(**changed)
     ins.load_preset.click(on_preset, ins.preset, ins.text, api_name="preset",
                           concurrency_limit=None, preprocess=False)  # fmt: skip
+
+
+def _wire_loading(handlers: Handlers, status, ins) -> None:
+    """While the model loads, the mode line follows the stage once a second; when it is
+    ready it shows the model (and Segment is disabled if there is none)."""
+    planned = handlers.planned
+    timer = gr.Timer(1.0, active=not handlers.loader.done)
+
+    def on_tick():
+        if not handlers.loader.done:
+            return {status: handlers.status()}
+        loaded = handlers.loaded
+        out = {status: loaded.status, timer: gr.Timer(active=False),
+               ins.run: gr.Button(interactive=loaded.mode != "none")}  # fmt: skip
+        if loaded.attention_labels != planned.attention_labels:  # e.g. ZegOT → training-free
+            choices = [(v, k) for k, v in loaded.attention_labels.items()]
+            out[ins.attention] = gr.Radio(choices=choices, value="sinkhorn")
+            out[ins.lam] = gr.Slider(value=loaded.default_lam)
+        return out
+
+    timer.tick(on_tick, None, [status, timer, ins.run, ins.attention, ins.lam], api_name=False,
+               show_progress="hidden", queue=False)  # fmt: skip
 
 
 def applied_text(handlers: Handlers, sess: Session) -> str:

@@ -83,14 +83,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def launched(demo: gr.Blocks) -> Iterator[str]:
-    """Serve ``demo`` on a free localhost port in this process; yields its URL."""
+def launched(demo: gr.Blocks, **options) -> Iterator[str]:
+    """Serve ``demo`` on a free localhost port in this process; yields its URL. ``options``:
+    more ``launch()`` settings (the demo's CSS, say)."""
     demo.launch(
         prevent_thread_lock=True,
         server_name="127.0.0.1",
         server_port=free_port(),
         quiet=True,
         share=False,
+        **options,
     )
     try:
         yield demo.local_url

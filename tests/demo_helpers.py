@@ -26,10 +26,10 @@ def tiny_dirs(root: Path) -> tuple[Path, Path]:
 @contextmanager
 def served(loaded) -> Iterator[str]:
     """Serve the demo around ``loaded`` on a free localhost port; yields its URL."""
-    from app.main import build_demo
+    from app.main import LAUNCH, build_demo
     from tests.browser import launched
 
-    with launched(build_demo(loaded)) as url:
+    with launched(build_demo(loaded), **LAUNCH) as url:
         yield url
 
 

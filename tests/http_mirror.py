@@ -14,12 +14,14 @@ HTML_PAGE = b"<!DOCTYPE html><html><head><title>Quota exceeded</title></head><bo
 @dataclass
 class Mirror:
     """Files by name; ``modes[name]``: "truncate" (half the bytes, full Content-Length),
-    "truncate-unannounced" (half the bytes, no Content-Length) or "html" (a web page)."""
+    "truncate-unannounced" (half the bytes, no Content-Length), "html" (a web page) or "hold"
+    (three quarters of the bytes, then the rest once ``release`` is set: a slow download)."""
 
     url: str
     files: dict[str, bytes]
     modes: dict[str, str] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
 
 
 @contextmanager
@@ -42,6 +44,11 @@ def serve(files: dict[str, bytes]) -> Iterator[Mirror]:
             if mode != "truncate-unannounced":
                 self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            if mode == "hold":
+                self.wfile.write(body[: 3 * len(body) // 4])
+                self.wfile.flush()
+                mirror.release.wait(120)
+                body = body[3 * len(body) // 4 :]
             self.wfile.write(body[: len(body) // 2] if mode.startswith("truncate") else body)
             self.close_connection = True
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from app.inference import load_model
-from app.main import build_demo
+from app.main import LAUNCH, build_demo
 from tests.browser import chromium, launched, open_page
 from tests.demo_helpers import tiny_dirs, write_photo
 
@@ -49,7 +49,7 @@ def served(tmp_path_factory):
         loaded = load_model(model_dir.name)
     gate = Gate(loaded.model.encode_image)
     loaded.model.encode_image = gate
-    with launched(build_demo(loaded)) as url, chromium() as context:
+    with launched(build_demo(loaded), **LAUNCH) as url, chromium() as context:
         yield url, context, gate, root
 
 

@@ -102,3 +102,47 @@ def test_environment_settings_are_checked_like_flags(monkeypatch, capsys):
             parse_args([])
         assert e.value.code == 2 and message in capsys.readouterr().err
         monkeypatch.delenv(name)
+
+
+def test_the_default_is_otseg_and_none_chooses_training_free(tmp_path, monkeypatch, capsys):
+    """No --model: the authors' COCO-Stuff OTSeg; --model none / OTSEG_MODEL=none: the
+    training-free mode, said so on the page; the default that cannot be had falls back to it
+    and the page says why."""
+    import gradio as gr
+
+    from app.inference import DEFAULT_MODEL, LoadedModel, load_model
+    from app.main import main, parse_args
+    from tests.browser import free_port
+    from tests.demo_helpers import tiny_dirs
+
+    monkeypatch.delenv("OTSEG_MODEL", raising=False)
+    assert parse_args([]).model == DEFAULT_MODEL == "original:coco-transductive"
+    requested = []
+
+    def fake_load(model, **kwargs):
+        requested.append(model)
+        return LoadedModel(None, "none", "nothing")
+
+    monkeypatch.setattr("app.main.load_model", fake_load)
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)  # main() returns
+    try:
+        main(["--model", "none", "--port", str(free_port())])
+        monkeypatch.setenv("OTSEG_MODEL", "none")
+        main(["--port", str(free_port())])
+    finally:
+        gr.close_all()
+    assert requested == [None, None]
+
+    clip, _ = tiny_dirs(tmp_path)
+    monkeypatch.setenv("OTSEG_CACHE", str(tmp_path / "empty-cache"))  # offline, nothing cached
+    chosen = load_model(None, clip_model=f"local-dir:{clip}", clip_pretrained=None)
+    assert chosen.mode == "training-free" and "(`--model none`)" in chosen.status
+    fallback = load_model(DEFAULT_MODEL, clip_model=f"local-dir:{clip}", clip_pretrained=None)
+    assert fallback.mode == "training-free"
+    assert fallback.status.startswith(
+        "⚠️ Could not load the default model, the authors' OTSeg trained on COCO-Stuff, "
+        "`original:coco-transductive`: "
+    )
+    assert (
+        "HF_HUB_OFFLINE" in fallback.status and "**Training-free mode** instead" in fallback.status
+    )

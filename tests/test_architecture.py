@@ -14,7 +14,14 @@ PACKAGES = ("otseg", "train", "app")
 
 # otseg's layers, bottom first: a module may import its own layer or lower ones only.
 LAYERS = (
-    {"otseg.errors", "otseg._compat", "otseg.data.classes", "otseg.data.prompts", "otseg.draw"},
+    {
+        "otseg.errors",
+        "otseg._compat",
+        "otseg.data.classes",
+        "otseg.data.prompts",
+        "otseg.draw",
+        "otseg.progress",
+    },
     {"otseg.config", "otseg.registry", "otseg.vocabulary", "otseg.metrics", "otseg.data"},
     {"otseg.nn"},
     {"otseg.weights"},

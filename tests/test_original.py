@@ -294,29 +294,46 @@ def test_pinned_embedding_files_fit_their_presets():
         assert np.isfinite(next(iter(bank.values())).float().numpy()).all()
 
 
-def test_app_starts_with_an_original_model(mirror, monkeypatch, capsys):
-    """``python app.py --model original:...`` in-process: downloads from the mirror, says
-    "authors' weights" in the mode line, segments through gradio_client."""
+@pytest.mark.browser
+def test_app_serves_its_page_while_the_model_downloads(mirror, monkeypatch, capsys):
+    """``python app.py --model original:...`` in-process, the checkpoint held half-way by the
+    mirror: the page is up and shows the download with its percentage, a Segment sent
+    meanwhile waits instead of failing, and both finish once the download does."""
+    import re
+
     import gradio as gr
     from gradio_client import handle_file
 
     from app.main import main
-    from tests.browser import free_port
+    from tests.browser import chromium, free_port, open_page
     from tests.demo_helpers import client, write_photo
 
+    mirror.modes[DRIVE_ID] = "hold"
     monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)  # main() returns
     port = free_port()
+    url = f"http://127.0.0.1:{port}/"
     main(["--model", f"original:{NAME}", "--port", str(port)])
     try:
-        assert "**OTSeg (authors' weights, tiny parity fixture)**" in capsys.readouterr().out
-        photo = write_photo(Path(os.environ["OTSEG_CACHE"]) / "photo.png")
-        c = client(f"http://127.0.0.1:{port}/")
-        *_, info = c.predict(
-            handle_file(str(photo)), "class0, class3", "sinkhorn", 0.5, True, 0.5,
-            api_name="/segment",
-        )  # fmt: skip
-        assert [k["seen"] for k in info["classes"]] == [True, False]
+        with chromium() as context, open_page(context, url, "loading") as session:
+            page = session.page
+            mode = "(document.querySelector('#mode') || {}).innerText || ''"
+            page.wait_for_function(f"({mode}).includes('Downloading the tiny parity fixture')")
+            shown = re.search(r"checkpoint: (\d+) %", page.evaluate(mode))
+            assert shown and 0 < int(shown.group(1)) < 100, page.evaluate(mode)
+            photo = write_photo(Path(os.environ["OTSEG_CACHE"]) / "photo.png")
+            job = client(url).submit(
+                handle_file(str(photo)), "class0, class3", "sinkhorn", 0.5, True, 0.5,
+                api_name="/segment",
+            )  # fmt: skip
+            time.sleep(1.0)
+            assert not job.done()  # waiting for the model, not refused
+            mirror.release.set()
+            *_, info = job.result(timeout=120)
+            assert [k["seen"] for k in info["classes"]] == [True, False]
+            page.wait_for_function(f'({mode}).includes("authors\' weights, tiny parity")')
+        assert "OTSeg (authors' weights, tiny parity fixture)" in capsys.readouterr().out
     finally:
+        mirror.release.set()
         gr.close_all()
     assert len(mirror.requests) == 2
 

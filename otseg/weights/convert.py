@@ -27,7 +27,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from .. import registry
+from .. import progress, registry
 from ..config import PRESETS, OTSegConfig
 from ..errors import CheckpointError, UserError, WeightsNotFoundError, fail
 from ..nn.clip_image import PromptedViT
@@ -196,6 +196,7 @@ def build_original(
             f"the downloaded {entry.title} checkpoint is an incomplete zip archive (the "
             "transfer was cut short); run the command again"
         )
+    progress.report(f"Converting the {entry.title} checkpoint")
     try:
         state = read_checkpoint(checkpoint)
     except CheckpointError as e:
@@ -207,6 +208,7 @@ def build_original(
     model = convert_checkpoint(state, config, npy)
     card = card_for(entry)
     if config.clip_model is not None:
+        progress.report("Checking the checkpoint's image tower against open_clip's")
         card["image_tower_check"] = check_image_tower(state, config)
     return model, card
 
@@ -271,6 +273,7 @@ def cached(name: str, *, quiet: bool = False) -> Path:
         try:
             (work / "download").mkdir(parents=True)
             model, card = build_original(entry, work / "download", quiet=quiet)
+            progress.report("Saving the converted model to the cache")
             model.save_pretrained(work / "model", card=card)
             shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover, if any
             os.replace(work / "model", final)

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .. import progress
 from ..errors import WeightsNotFoundError
 
 TIMEOUT = (10.0, 60.0)  # seconds: connect, then between bytes
@@ -59,6 +60,7 @@ def download(
             use_cookies=url is None,
             hasher=hasher,
             timeout=TIMEOUT,
+            progress=_reporter(what),
         )
     except FileURLRetrievalError as e:
         raise DownloadError(
@@ -89,6 +91,15 @@ def download(
         raise
     os.replace(tmp, dest)
     return dest
+
+
+def _reporter(what: str):
+    """gdown's progress callback, passed on to :mod:`otseg.progress` (None: nobody listens)."""
+    if not progress.listening():
+        return None
+    text = f"Downloading {what}"
+    progress.report(text, 0, None)
+    return lambda done, total: progress.report(text, done, total)
 
 
 def _verify(

@@ -25,6 +25,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
+from .. import progress
 from ..errors import UserError, WeightsNotFoundError
 
 CONFIG_NAME = "config.json"
@@ -162,7 +163,8 @@ def resolve_file(
             f"to the internet, or download it elsewhere and pass a local directory"
         )
     try:
-        return Path(hf_hub_download(repo, filename, etag_timeout=5, **kw))
+        shown = progress.tqdm_class(f"Downloading {filename} of {repo}")
+        return Path(hf_hub_download(repo, filename, etag_timeout=5, tqdm_class=shown, **kw))
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise WeightsNotFoundError(
             f"no model at {repo!r} on the Hub ({type(e).__name__})"

@@ -15,6 +15,7 @@ from typing import Any, Self
 import torch
 from torch import nn
 
+from .. import progress
 from .convert import cached
 from .hub import upload_folder
 from .original import RELEASED_PREFIXES
@@ -35,6 +36,7 @@ def from_pretrained(
     mode."""
     if str(repo_or_dir).startswith(RELEASED_PREFIXES):
         repo_or_dir = cached(str(repo_or_dir))
+    progress.report("Loading the model (CLIP and the trained weights)")
     model = load_directory(repo_or_dir, revision=revision, cache_dir=cache_dir, token=token)
     return model.to(device) if device is not None else model
 
