@@ -293,6 +293,8 @@ class OTSegPredictor:
             calibrate_seen: subtract the model's calibration from seen classes.
         """
         knobs = resolve_for(self.model, attention, lam, use_mps)
+        if not isinstance(calibrate_seen, bool | np.bool_):
+            raise UserError(f"calibrate_seen must be True or False, got {calibrate_seen!r}")
         if not self.is_image_set:
             raise RuntimeError("call set_image() before predict()")
         if self._text is None:
