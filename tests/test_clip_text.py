@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from factories import save_tiny_clip
-from otseg.data.prompts import TEMPLATES_6, fill
+from otseg.data.prompts import TEMPLATES_6
 from otseg.nn.clip_text import PromptEmbedder, TextTower
 from otseg.weights.clip import load_clip
 
@@ -20,7 +20,9 @@ def clip(tmp_path_factory):
 def test_short_context_equals_open_clip_encode_text(clip):
     model, tokenizer = clip
     tower = TextTower(model, tokenizer)
-    prompts = fill(TEMPLATES_6, "dining table") + ["a photo of a very long and unusual thing."]
+    prompts = ["a photo of a dining table.", "a part of a dining table."] + [
+        "a photo of a very long and unusual thing."
+    ]
     with torch.no_grad():
         ref = model.encode_text(tokenizer(prompts), normalize=True)
     torch.testing.assert_close(tower(prompts), ref, atol=1e-6, rtol=1e-5)
@@ -52,20 +54,42 @@ def test_cpu_inference_runs_our_masked_block_forward(clip, monkeypatch):
     torch.testing.assert_close(got.detach(), ref, atol=1e-6, rtol=1e-5)
 
 
-def test_embedder_caches_and_keeps_order(clip):
+def test_embedder_fills_the_templates_in_order_for_each_name(clip):
+    """Row k, prompt n = the tower's embedding of template n filled with name k, the prompt
+    strings written out here (not through the template filling under test)."""
+    tower = TextTower(*clip)
+    emb = PromptEmbedder(("a photo of a {}.", "there is a {} in the scene.", "a {}."), tower=tower)
+    got = emb(["red car", "sky"])
+    with torch.no_grad():
+        want = tower([
+            "a photo of a red car.", "there is a red car in the scene.", "a red car.",
+            "a photo of a sky.", "there is a sky in the scene.", "a sky.",
+        ]).reshape(2, 3, -1)  # fmt: skip
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_embedder_caches_and_outputs_follow_a_reordering(clip):
     model, tokenizer = clip
     tower = TextTower(model, tokenizer)
+    with torch.no_grad():
+        single = {name: tower([t.replace("{}", name) for t in TEMPLATES_6]) for name in
+                  ("cat", "dog", "bird")}  # fmt: skip
     calls = []
     original = tower.forward
     tower.forward = lambda prompts: calls.append(len(prompts)) or original(prompts)
     emb = PromptEmbedder(TEMPLATES_6, tower=tower)
     a = emb(["cat", "dog"])
     assert a.shape == (2, 6, 32) and calls == [12]
-    b = emb(["dog", "cat", "bird"])  # only the new name is encoded
+    b = emb(["dog", "cat", "bird"])  # only the new name is encoded, the cached ones reordered
+    c = emb(["bird", "dog", "cat"])
     assert calls == [12, 6]
-    torch.testing.assert_close(b[0], a[1])
-    torch.testing.assert_close(b[1], a[0])
-    torch.testing.assert_close(a.norm(dim=-1), torch.ones(2, 6))
+    for out, names in (
+        (a, ["cat", "dog"]),
+        (b, ["dog", "cat", "bird"]),
+        (c, ["bird", "dog", "cat"]),
+    ):
+        want = torch.stack([single[n] for n in names])
+        torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
 
 
 def test_bank_rows_are_used_as_stored_and_unknown_names_fail_without_tower():

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from factories import random_photo, tiny_model
+from factories import random_photo, randomise_, tiny_model, tiny_zegot
 from otseg.inference.predictor import OTSegPredictor
 from otseg.nn.clip_image import ImageEmbedding
 
 
 def linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return x @ layer.weight.T + layer.bias
+    return x @ layer.weight.T.to(x.dtype) + layer.bias.to(x.dtype)
 
 
 def layer_norm(norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -235,3 +235,78 @@ def test_mps_map_under_softmax_matches_the_formula(otseg_model):
         maps = model.decode(ImageEmbedding(pixels, cls), text, attention="softmax")
         mps, _, _ = otseg_maps(model, pixels[0].flatten(1).T, cls[0], text, "softmax")
     torch.testing.assert_close(maps.score[0].flatten(1).double(), mps, atol=1e-5, rtol=1e-5)
+
+
+# -- ZegOT: GA, DFA, MPOT and the decoder's independence of the other classes -----------------
+@pytest.fixture(scope="module")
+def zegot_model():
+    head = {"sinkhorn_eps": EPS, "sinkhorn_max_iter": ITERATIONS, "sinkhorn_thresh": None}
+    return randomise_(tiny_zegot(seed=15, head=head), seed=16)  # float32: ZegOT's head computes in it
+
+
+def zegot_maps(model, blocks, cls, text, transport: str):
+    """ZegOT's Eqs. per class, float64: blocks (L, M, C), cls (C,), text (K, N, C) → DFA maps
+    (K, L, M) = Σ_n S_i, MPOT map (K, M) = Σ_n Π_i φ_i(S_i*)^{1/d} with φ = σ except the last
+    layer (clamped identity), and the per-prompt maps (K, N, M)."""
+    g = linear(model.q_proj, torch.cat([cls * text, text], dim=-1))  # (K, N, C), the GA layer
+    layers = model.config.head.mpot_layers
+    dfa, mpot_map, prompt_maps = [], [], []
+    for c in range(g.shape[0]):
+        sims = [cosine(block, g[c]) for block in blocks]  # L × (M, N)
+        dfa.append(torch.stack([s.sum(1) for s in sims]))
+        refined = []
+        for i in layers:
+            s = sims[i - 1]
+            if transport == "none":
+                refined.append(s)
+            else:
+                refined.append(transported_map(blocks[i - 1], g[c], transport)[1] * s.numel() * s)
+        d = len(refined)
+        combined = refined[-1].clamp(min=1e-6) ** (1 / d)
+        for r in refined[:-1]:
+            combined = combined * torch.sigmoid(r) ** (1 / d)
+        mpot_map.append(combined.sum(1))
+        prompt_maps.append(combined.T)
+    return torch.stack(dfa), torch.stack(mpot_map), torch.stack(prompt_maps)
+
+
+@pytest.mark.parametrize("transport", ["sinkhorn", "softmax", "none"])
+def test_zegot_dfa_and_mpot_maps_match_the_paper(zegot_model, transport):
+    from otseg.models.zegot.towers import LayeredEmbedding
+
+    model = zegot_model
+    cfg = model.config
+    layers, c, n = cfg.vision.layers, cfg.vision.embed_dim, cfg.num_prompts
+    g = torch.Generator().manual_seed(17)
+    blocks = torch.randn(layers, 1, c, 3, 4, generator=g, dtype=torch.float64)
+    blocks = blocks / blocks.norm(dim=2, keepdim=True)
+    cls = torch.randn(1, c, generator=g, dtype=torch.float64)
+    text = torch.randn(3, n, c, generator=g, dtype=torch.float64)
+    cls = cls / cls.norm()
+    emb = LayeredEmbedding(pixels=blocks[-1].float(), cls=cls.float(), blocks=blocks.float())
+    with torch.no_grad():
+        maps = model.decode(emb, text.float(), attention=transport)
+        dfa, mpot_map, prompt_maps = zegot_maps(
+            model, blocks[:, 0].flatten(2).transpose(1, 2), cls[0], text, transport
+        )
+    close = {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(maps.dfa[0].flatten(2).double(), dfa, **close)
+    torch.testing.assert_close(maps.score[0].flatten(1).double(), mpot_map, **close)
+    torch.testing.assert_close(maps.prompt_maps[0].flatten(2).double(), prompt_maps, **close)
+
+
+def test_zegot_class_logits_do_not_depend_on_the_other_classes(zegot_model):
+    """Adding a class leaves the other classes' maps unchanged (permuting them, as the ZegOT
+    tests check, cannot see a pooling over classes)."""
+    model = zegot_model
+    g = torch.Generator().manual_seed(18)
+    images = torch.randn(1, 3, 64, 64, generator=g)
+    text = torch.randn(4, model.config.num_prompts, 32, generator=g)
+    with torch.no_grad():
+        emb = model.encode_image(images)
+        three = model.decode(emb, text[:3])
+        four = model.decode(emb, text)
+    for field in ("decoder", "score", "dfa", "prompt_maps"):
+        torch.testing.assert_close(
+            getattr(four, field)[:, :3], getattr(three, field), atol=1e-6, rtol=0
+        )
