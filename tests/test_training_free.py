@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from otseg.errors import WeightsNotFoundError
 from otseg.inference.predictor import OTSegPredictor
 from otseg.models.training_free import CLIP_MEAN, TrainingFreeOTSeg, build_training_free
+from otseg.nn.clip_image import ImageEmbedding
 from otseg.weights.clip import load_clip
-from tests.factories import random_photo, save_tiny_clip
+from tests.factories import random_photo, randomise_, save_tiny_clip
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,53 @@ def test_clearclip_variant_differs(clip_dir):
     assert not torch.allclose(clear.encode_image(images).pixels, mask.encode_image(images).pixels)
     with pytest.raises(ValueError, match="dense must be one of"):
         build_training_free(f"local-dir:{clip_dir}", None, dense="nope")
+
+
+@pytest.mark.parametrize("dense", ["maskclip", "clearclip"])
+def test_dense_features_on_random_weights(clip_dir, dense):
+    """Both dense modes written out from the last block's weights, every weight random (norms
+    and attention biases too): MaskCLIP's value path, ClearCLIP's query–query attention per
+    head; no residual, no feed-forward; then ln_post and proj."""
+    net = build_training_free(f"local-dir:{clip_dir}", None, dense=dense)
+    v = randomise_(net.visual, seed=7)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        got = net.encode_image(images).pixels
+        x = v.conv1(images).flatten(2).transpose(1, 2)  # the model's grid: positions as stored
+        x = v.ln_pre(torch.cat([v.class_embedding.expand(2, 1, -1), x], 1) + v.positional_embedding)
+        x = v.transformer.resblocks[0](x)
+        last = v.transformer.resblocks[1]
+        attn = last.attn
+        width, heads = x.shape[-1], attn.num_heads
+        q, _, values = (last.ln_1(x) @ attn.in_proj_weight.T + attn.in_proj_bias).split(width, -1)
+        if dense == "clearclip":
+            d = width // heads
+            out = torch.empty_like(values)
+            for h in range(heads):
+                cols = slice(h * d, (h + 1) * d)
+                weights = torch.softmax(q[..., cols] @ q[..., cols].transpose(1, 2) / d**0.5, -1)
+                out[..., cols] = weights @ values[..., cols]
+            values = out
+        tokens = attn.out_proj(values)[:, 1:]
+        want = F.normalize(v.ln_post(tokens) @ v.proj, dim=-1).transpose(1, 2).reshape(got.shape)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_head_maps_are_centred_prompt_averages(model):
+    """Decoder map = 50·(mean over prompts of the cosine − its mean over classes); score map =
+    50·(Σ_n M·N·T·S / N − mean over classes) with T = softmax over pixels of S/0.05, over N."""
+    g = torch.Generator().manual_seed(9)
+    pixels = F.normalize(torch.randn(1, 32, 3, 4, generator=g), dim=1)
+    cls = F.normalize(torch.randn(1, 32, generator=g), dim=1)
+    text = F.normalize(torch.randn(3, 8, 32, generator=g), dim=-1)
+    maps = model.decode(ImageEmbedding(pixels, cls), text, attention="softmax")
+    s = torch.einsum("cm,knc->kmn", pixels[0].flatten(1).double(), text.double())  # (K, M, N)
+    m, n = s.shape[1:]
+    decoder = s.mean(-1)
+    score = (m * n * torch.softmax(s / 0.05, dim=1) / n * s).sum(-1) / n
+    for got, want in ((maps.decoder, decoder), (maps.score, score)):
+        want = 50 * (want - want.mean(0, keepdim=True))
+        torch.testing.assert_close(got[0].flatten(1).double(), want, atol=1e-4, rtol=1e-5)
 
 
 def test_decode_both_transports(model):
