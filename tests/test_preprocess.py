@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from otseg.inference.preprocess import ImageError, load_image, resized_size, to_model_input
-from otseg.inference.slide import merge_windows, slide_windows
+from otseg.inference.slide import merge_windows, slide_windows, window_probabilities
 
 
 def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -102,6 +102,22 @@ def test_slide_windows_cover_the_image_as_mmseg():
     merged = merge_windows([torch.ones(1, 2, 64, 64) * i for i in range(4)], boxes, (80, 112))
     assert merged[0, 0, 0, 0] == 0 and merged[0, 0, 79, 111] == 3
     assert merged[0, 0, 20, 50] == pytest.approx(1.5)  # covered by all four windows
+
+
+def test_window_probabilities_average_resize_then_softmax():
+    """Two windows over a 4×6 image: scores averaged where they overlap, the average resized
+    to the original size (bilinear, no corner alignment), then a softmax over classes."""
+    boxes = slide_windows(4, 6, 4, 2)
+    assert boxes == [(0, 0, 4, 4), (0, 2, 4, 6)]
+    left = torch.tensor([3.0, 0.0]).reshape(1, 2, 1, 1).expand(1, 2, 4, 4)
+    right = torch.tensor([0.0, 5.0]).reshape(1, 2, 1, 1).expand(1, 2, 4, 4)
+    merged = torch.tensor([[3.0] * 2 + [1.5] * 2 + [0.0] * 2, [0.0] * 2 + [2.5] * 2 + [5.0] * 2])
+    merged = merged[None, :, None, :].expand(1, 2, 4, 6)  # (1, K, H, W), written out
+    want = torch.nn.functional.interpolate(
+        merged, size=(6, 9), mode="bilinear", align_corners=False
+    ).softmax(dim=1)
+    got = window_probabilities([left, right], boxes, (4, 6), (6, 9))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
 def test_unreadable_bytes_name_no_python_object():

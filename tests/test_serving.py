@@ -54,6 +54,20 @@ def test_batched_windows_equal_the_per_window_predictor(model):
     assert got.class_names == names and got.seen == want.seen
 
 
+def test_lambda_reaches_the_server(model):
+    """SlideServer(lam=0.2) equals the per-window predictor's predict(lam=0.2), and λ matters."""
+    names = list(model.config.class_names)
+    got = SlideServer(model, names, iterations=5, lam=0.2)(PHOTO)
+    assert got.lam == 0.2
+    p = OTSegPredictor(model)
+    p.set_vocabulary(names)
+    p.set_image(PHOTO)
+    with fixed_sinkhorn(model, 5):
+        want, default = p.predict(lam=0.2), p.predict()
+    np.testing.assert_allclose(got.probs, want.probs, atol=1e-5, rtol=0)
+    assert np.abs(want.probs - default.probs).max() > 1e-3
+
+
 def test_the_iteration_count_reaches_the_transport(model):
     names = list(model.config.class_names)
     few = SlideServer(model, names, iterations=1)(PHOTO).probs
