@@ -75,6 +75,45 @@ def test_eval_every_keeps_the_best_and_logs_at_the_right_step(
     assert reads == [1, 1]
 
 
+def test_the_best_model_stays_when_the_score_falls(tmp_path: Path, monkeypatch):
+    """Periodic evaluations scoring 40, 55, 50, 55 (a tie), 30: ``<run>/best`` is exported at
+    the first two only, and the state keeps 55 from step 4. hIoU decides; mIoU only without it."""
+    import dataclasses
+
+    import train.train as train_main
+    from train.checkpoint import TrainState
+
+    exported = []
+    monkeypatch.setattr(
+        train_main, "export_model",
+        lambda acc, model, path, card: exported.append((path.name, card["metrics"])),
+    )  # fmt: skip
+    scores = iter([40.0, 55.0, 50.0, 55.0, 30.0])
+    summaries = []
+
+    def evaluate_at(model, step):
+        summaries.append({"miou": 90.0 - step, "hiou": next(scores)})  # mIoU falls all along
+        return summaries[-1]
+
+    class Checkpoints:
+        def save(self, state):
+            return "saved"
+
+    recipe = dataclasses.replace(
+        load_recipe("tiny"), iterations=100, eval_every=2, checkpoint_interval=1000, keep_steps=()
+    )
+    hooks = train_main.StepHooks(
+        Accelerator(cpu=True), torch.nn.Linear(1, 1), recipe, tmp_path, evaluate_at, Checkpoints()
+    )
+    state = TrainState()
+    for step in range(1, 11):
+        state.step = step
+        hooks(state)
+    assert [e[0] for e in exported] == ["best", "best"]
+    assert [e[1] for e in exported] == summaries[:2]
+    assert (state.best_score, state.best_step) == (55.0, 4)
+
+
 def test_resume_keeps_the_best_score_even_when_the_batch_layout_changes():
     """A resumed run compares its evaluations with the best before the interruption (else it
     would overwrite ``<run>/best`` with a worse model)."""
