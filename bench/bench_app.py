@@ -64,26 +64,29 @@ def timed(fn) -> float:
 
 
 def through_http(
-    url: str, photo: Path, names: str, rounds: int, download: bool = True
+    url: str, photo: Path, names: str, rounds: int, files: bool = False
 ) -> dict[str, list[float]]:
-    """One client session on one photo. ``download=False``: the client does not fetch the
-    output files (a browser fetches only the overlay image, not the download files)."""
+    """One client session on one photo, ``gradio_client`` with its defaults (it downloads every
+    file an endpoint returns). ``files=True``: /rerender also returns the label PNG and the
+    class JSON (what every re-render returned before it became optional)."""
     from gradio_client import Client, handle_file
 
-    c = Client(url, verbose=False, download_files=download)
+    c = Client(url, verbose=False)
     t: dict[str, list[float]] = {k: [] for k in STEPS}
     t["first"].append(timed(lambda: c.predict(handle_file(str(photo)), names, "sinkhorn", 0.5,
                                               True, 0.5, api_name="/segment")))  # fmt: skip
     t["attention_first"].append(
-        timed(lambda: c.predict("softmax", 0.5, True, 0.5, api_name="/rerender"))
+        timed(lambda: c.predict("softmax", 0.5, True, 0.5, files, api_name="/rerender"))
     )
     for r in range(rounds):  # alternate the three cheap steps
         lam = 0.3 + 0.1 * (r % 4)
         t["lambda"].append(
-            timed(lambda: c.predict("softmax", lam, True, 0.5, api_name="/rerender"))
+            timed(lambda: c.predict("softmax", lam, True, 0.5, files, api_name="/rerender"))
         )
         att = ("sinkhorn", "softmax")[r % 2]
-        t["attention"].append(timed(lambda: c.predict(att, lam, True, 0.5, api_name="/rerender")))
+        t["attention"].append(
+            timed(lambda: c.predict(att, lam, True, 0.5, files, api_name="/rerender"))
+        )
         t["opacity"].append(timed(lambda: c.predict(0.3 + 0.1 * (r % 5), api_name="/redraw")))
     return t
 
@@ -156,7 +159,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", nargs="+", default=["fp32"])
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"load before: {os.getloadavg()[0]:.2f} (1-min average), {os.cpu_count()} CPUs")
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()  # fmt: skip
+    print(
+        f"CPU: {cpu}; load before: {os.getloadavg()[0]:.2f} (1-min average), {os.cpu_count()} CPUs"
+    )
     if os.getloadavg()[0] > 1.0:
         print("the machine is busy: HTTP times include waiting for a CPU")
     for precision in args.precision:
@@ -174,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
                     for k, v in through_http(demo.local_url, photo, names, args.rounds).items():
                         http[k] += v
                     for k, v in through_http(
-                        demo.local_url, photo, names, args.rounds, False
+                        demo.local_url, photo, names, args.rounds, files=True
                     ).items():
                         bare[k] += v
                     for k, v in in_process(handlers, photo, names, args.rounds).items():
@@ -187,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
             old, new = encoding_ratio(handlers, session)
         print(f"\n{precision}, ViT-B/16, the 5 example photos with their vocabularies (5–6 "
               f"classes), {args.threads} threads; median (max) in ms\n")  # fmt: skip
-        print("| step | HTTP (gradio_client) | HTTP, files not fetched | handler |")
+        print("| step | HTTP, gradio_client defaults | HTTP, /rerender files=True | handler |")
         print("|---|---|---|---|")
         for key, label in LABELS.items():
             cells = [f"{1e3 * statistics.median(t[key]):.0f} ({1e3 * max(t[key]):.0f})"
