@@ -200,3 +200,69 @@ def test_overlay_outputs_count_the_pixels_once(handlers, tmp_path, monkeypatch):
     assert [c["share"] for c in out["summary"]["classes"]] == [
         round(float(s), 2) for s in shares(session.labels, 2)
     ]
+
+
+def _library_prediction(handlers, path: Path, names: list[str], seen: list[bool], knobs: dict):
+    """What the library says for this file, names and knobs: a fresh OTSegPredictor on the
+    demo's model (no demo code in between)."""
+    from otseg.inference.predictor import OTSegPredictor
+
+    reference = OTSegPredictor(handlers.loaded.model)
+    reference.set_image(np.asarray(Image.open(path).convert("RGB")))
+    reference.set_vocabulary(names, seen=seen)
+    return reference.predict(**knobs)
+
+
+def _check_views(handlers, session, path: Path, names, seen, knobs) -> None:
+    """Labels equal the library's exactly; the overlay is the blend of this image with the
+    legend's colours (each label's pixels at opacity 1 are its legend row's colour)."""
+    want = _library_prediction(handlers, path, names, seen, knobs)
+    assert session.names == names and session.seen == seen
+    np.testing.assert_array_equal(session.labels, want.labels)
+    image = np.asarray(Image.open(path).convert("RGB"))
+    out = handlers.outputs(session, 1.0, with_files=False)
+    rows = out["summary"]["classes"]
+    assert [r["name"] for r in rows] == names
+    colors = np.array([[int(r["color"][i : i + 2], 16) for i in (1, 3, 5)] for r in rows])
+    np.testing.assert_array_equal(out["overlay"], colors[want.labels])
+    for r in rows:
+        assert f"background:{r['color']}\"></span> {r['name']}" in out["legend"]
+    half = handlers.draw(session, 0.5)
+    blend = np.rint(0.5 * image + 0.5 * colors[want.labels].astype(np.float64))
+    np.testing.assert_array_equal(half, blend.astype(np.uint8))
+
+
+def test_each_view_after_each_kind_of_change_equals_the_library(handlers, tmp_path):
+    """A sequence as a user clicks it: segment, upload a second image, change λ, switch the
+    attention, reorder the names. After each step the labels equal the library's
+    ``predict(...)`` for that image, order and knobs exactly, and overlay and legend agree."""
+    first = write_photo(tmp_path / "first.png", 96, 128, seed=0)
+    second = write_photo(tmp_path / "second.png", 80, 112, seed=3)
+    names, seen = ["cat", "class0", "dog"], [False, True, False]  # class0: seen in tiny
+    knobs = {"attention": "sinkhorn", "lam": 0.5, "use_mps": True}
+    session = handlers.segment(None, str(first), ", ".join(names), knobs)
+    _check_views(handlers, session, first, names, seen, knobs)
+    session = handlers.segment(session, str(second), ", ".join(names), knobs)
+    _check_views(handlers, session, second, names, seen, knobs)
+    for change in ({"lam": 0.2}, {"attention": "softmax", "lam": 0.9}, {"use_mps": False}):
+        knobs = {**knobs, **change}
+        handlers.rerender(session, knobs)
+        _check_views(handlers, session, second, names, seen, knobs)
+    reordered = ["dog", "class0", "cat"]
+    session = handlers.segment(session, str(second), ", ".join(reordered), knobs)
+    _check_views(handlers, session, second, reordered, [False, True, False], knobs)
+
+
+def test_legend_and_overlay_colours_agree_beyond_twenty_classes(handlers, tmp_path):
+    """25 classes: past the 20 hand-picked colours, each label's overlay colour is still its
+    legend row's colour."""
+    photo = write_photo(tmp_path / "many.png", 96, 128, seed=5)
+    names = [f"thing {i}" for i in range(25)]
+    knobs = {"attention": "sinkhorn", "lam": 0.5, "use_mps": True}
+    session = handlers.segment(None, str(photo), ", ".join(names), knobs)
+    _check_views(handlers, session, photo, names, [False] * 25, knobs)
+    present = [names[k] for k in np.unique(session.labels)]  # these names go last
+    names = [n for n in names if n not in present] + present
+    session = handlers.segment(session, str(photo), ", ".join(names), knobs)
+    assert session.labels.max() >= 20  # colours beyond the first 20 are drawn
+    _check_views(handlers, session, photo, names, [False] * 25, knobs)
