@@ -226,7 +226,7 @@ def _check_views(handlers, session, path: Path, names, seen, knobs) -> None:
     colors = np.array([[int(r["color"][i : i + 2], 16) for i in (1, 3, 5)] for r in rows])
     np.testing.assert_array_equal(out["overlay"], colors[want.labels])
     for r in rows:
-        assert f"background:{r['color']}\"></span> {r['name']}" in out["legend"]
+        assert f'background:{r["color"]}"></span> {r["name"]}' in out["legend"]
     half = handlers.draw(session, 0.5)
     blend = np.rint(0.5 * image + 0.5 * colors[want.labels].astype(np.float64))
     np.testing.assert_array_equal(half, blend.astype(np.uint8))
