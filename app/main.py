@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -98,10 +99,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_demo(loaded: LoadedModel | ModelLoader, reference: str | None = None) -> gr.Blocks:
+def build_demo(
+    loaded: LoadedModel | ModelLoader, reference: str | None = None, warm_examples: bool = False
+) -> gr.Blocks:
     """The queued demo around a loaded model (tests call this directly) or a loader that is
-    still loading ``reference``."""
-    demo = build(Handlers(loaded, reference=reference))
+    still loading ``reference``. ``warm_examples``: segment the examples in the background once
+    the model is there, so clicking one answers from the cache (not on ZeroGPU, where GPU time
+    is only granted to requests)."""
+    handlers = Handlers(loaded, reference=reference)
+    demo = build(handlers)
+    if warm_examples and not os.environ.get("SPACES_ZERO_GPU"):
+        threading.Thread(target=handlers.warm_examples, name="otseg-examples", daemon=True).start()
     # two inference workers: one per CPU core of a free Space; cheap events set their own limit
     return demo.queue(default_concurrency_limit=2, max_size=QUEUE_MAX_SIZE)
 
@@ -182,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     loader = ModelLoader(load, failed).start()
     print(f"Loading {model or 'the training-free CLIP'}; the page is served meanwhile.")
-    build_demo(loader, reference=model or args.clip).launch(
+    build_demo(loader, reference=model or args.clip, warm_examples=True).launch(
         server_name=args.host,
         server_port=args.port,
         share=args.share,

@@ -185,6 +185,7 @@ def _prompt_maps_tab(loaded) -> SimpleNamespace:
 def build(handlers: Handlers) -> gr.Blocks:
     """The demo's ``gr.Blocks`` (not launched; queue settings are applied by ``app.main``)."""
     loaded = handlers.loaded
+    handlers.set_examples([(Path(path), text) for path, text in examples()])
     with gr.Blocks(title=f"{loaded.model_name} — zero-shot segmentation") as demo:
         gr.Markdown(
             f"# {loaded.model_name}: zero-shot semantic segmentation\nUpload a photo, list what "

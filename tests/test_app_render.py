@@ -266,3 +266,27 @@ def test_legend_and_overlay_colours_agree_beyond_twenty_classes(handlers, tmp_pa
     session = handlers.segment(session, str(photo), ", ".join(names), knobs)
     assert session.labels.max() >= 20  # colours beyond the first 20 are drawn
     _check_views(handlers, session, photo, names, [False] * 25, knobs)
+
+
+def test_examples_are_answered_from_the_cache(handlers, tmp_path):
+    """An example segmented once (warmed at start, or its first click) answers every later
+    click, in any session, without running the encoders, with the same labels; other images
+    and other names for the example's image are segmented as usual."""
+    photo = write_photo(tmp_path / "example.png", seed=7)
+    handlers.set_examples([(photo, "cat, class0, sky")])
+    handlers.warm_examples()
+    windows = handlers.calls["image"]
+    knobs = {"attention": "sinkhorn", "lam": 0.5, "use_mps": True}
+    copy = tmp_path / "uploaded-copy.png"  # gradio hands the page its own copy of the file
+    copy.write_bytes(photo.read_bytes())
+    first = handlers.segment(None, str(copy), "cat, class0, sky", knobs)
+    again = handlers.segment(first, str(copy), "cat, class0, sky", {**knobs, "lam": 0.2})
+    assert handlers.calls["image"] == windows  # no encoder run for either
+    assert first.image_path == str(copy) and first.image_name == "uploaded-copy"
+    fresh = Handlers(handlers.loader, handlers.download_dir)  # the reference, computed anew
+    want = fresh.segment(None, str(photo), "cat, class0, sky", {**knobs, "lam": 0.2})
+    assert np.array_equal(again.labels, want.labels) and again.knobs["lam"] == 0.2
+    assert handlers.calls["image"] > windows
+    before = handlers.calls["image"]
+    other = handlers.segment(None, str(copy), "cat, dog", knobs)  # other names: not cached
+    assert other.names == ["cat", "dog"] and handlers.calls["image"] > before
