@@ -31,6 +31,10 @@ def test_cli_converts_and_the_result_reproduces_the_original(fx, tmp_path, confi
     assert main([*args, "--config", str(config_json), "--output", str(out)]) == 0
     assert "stored class names" in capsys.readouterr().out
     model = OTSeg.from_pretrained(out)
+    stored = np.load(fx / "text_embedding.npy")  # (K, N, C) float16, used exactly as stored
+    for i, name in enumerate(model.config.class_names):
+        row = model.text.bank[name]
+        assert row.dtype == torch.float16 and np.array_equal(row.numpy(), stored[i]), name
     ref = torch.load(fx / "outputs.pt", weights_only=True)
     seen = torch.tensor([i in model.config.seen for i in range(5)])
     with torch.no_grad():

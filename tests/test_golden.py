@@ -241,9 +241,7 @@ def test_mps_map_under_softmax_matches_the_formula(otseg_model):
 @pytest.fixture(scope="module")
 def zegot_model():
     head = {"sinkhorn_eps": EPS, "sinkhorn_max_iter": ITERATIONS, "sinkhorn_thresh": None}
-    return randomise_(
-        tiny_zegot(seed=15, head=head), seed=16
-    )  # float32: ZegOT's head computes in it
+    return randomise_(tiny_zegot(seed=15, head=head), seed=16)  # float32, as ZegOT's head runs
 
 
 def zegot_maps(model, blocks, cls, text, transport: str):

@@ -35,8 +35,24 @@ def test_round_trip_without_clip_source(tmp_path):
     card = (tmp_path / "m" / "README.md").read_text()
     assert "mIoU | 12.50" in card and "| hIoU | n/a |" in card  # undefined, e.g. no unseen class
     loaded = OTSeg.from_pretrained(tmp_path / "m")
+    assert loaded.config == model.config  # tuples come back as tuples, nested configs as such
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(outputs(loaded, x), outputs(model, x), atol=0, rtol=0)
+
+
+def test_stored_embeddings_round_trip_by_name_and_dtype(tmp_path):
+    """Unsorted class names with float16 rows (as converted from the original .npy): each name
+    gets its own row back, bit for bit, still float16."""
+    names = ("sofa", "cat", "bus", "aeroplane", "dog")
+    model = tiny_model(seed=6, class_names=names)
+    g = torch.Generator().manual_seed(7)
+    rows = {n: torch.randn(3, 32, generator=g).half() for n in names}
+    model.text.bank = dict(rows)
+    model.save_pretrained(tmp_path / "m")
+    bank = OTSeg.from_pretrained(tmp_path / "m").text.bank
+    assert list(bank) == list(names)
+    for n in names:
+        assert bank[n].dtype == torch.float16 and torch.equal(bank[n], rows[n]), n
 
 
 def test_only_trained_weights_are_stored_when_clip_comes_from_open_clip(tmp_path):
