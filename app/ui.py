@@ -191,7 +191,8 @@ def build(handlers: Handlers) -> gr.Blocks:
             f"# {loaded.model_name}: zero-shot semantic segmentation\nUpload a photo, list what "
             f"to find, press **Segment**. {COMPARE_INTRO[loaded.model_name]}"
         )
-        status = gr.Markdown(handlers.status, elem_id="mode")  # called at every page load
+        # called at every page load; also the API endpoint /status (the loading stage, or the model)
+        status = gr.Markdown(handlers.status, elem_id="mode", label="mode")
         session = gr.State(None, time_to_live=3600)
         with gr.Row():
             with gr.Column(scale=2):

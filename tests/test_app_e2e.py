@@ -276,3 +276,21 @@ def test_internal_errors_keep_their_traceback(dirs, capfd):
     assert "internal bug" not in str(error.value)  # no internals shown as a toast
     log = capfd.readouterr().err
     assert "Traceback" in log and "RuntimeError: an internal bug" in log
+
+
+def test_the_api_names_every_output_and_types_the_summary(trained_url):
+    api = client(trained_url).view_api(print_info=False, return_format="dict")["named_endpoints"]
+    returns = {
+        name: [r["label"] for r in api[name]["returns"]]
+        for name in ("/segment", "/rerender", "/redraw", "/prompt_maps", "/status")
+    }
+    assert returns["/segment"] == returns["/rerender"] == ["overlay", "legend", "files", "info"]
+    assert [r.lower() for r in returns["/prompt_maps"]] == ["sinkhorn", "softmax", "overlap"]
+    assert returns["/redraw"] == ["overlay"] and returns["/status"] == ["mode"]
+    info = api["/segment"]["returns"][3]["python_type"]["type"]
+    assert info.startswith("dict(mode: str,") and "classes: list[dict(id: int" in info
+    class_name = api["/prompt_maps"]["parameters"][0]["python_type"]["type"]
+    assert class_name == "str"
+    files = api["/rerender"]["parameters"][4]
+    assert (files["parameter_name"], files["parameter_default"]) == ("files", False)
+    assert "Trained OTSeg" in client(trained_url).predict(api_name="/status")
