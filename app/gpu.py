@@ -14,6 +14,7 @@ key, the config and that user's text embeddings, so a whole predictor pickles in
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -33,15 +34,26 @@ GPU_FUNCTIONS = ("encode_image", "embed_text", "decode")
 PRECISIONS = ("fp32", "bf16")  # the demo's choices of the predictor's precisions
 
 _MODELS: dict[str, tuple[nn.Module, str]] = {}  # key → (model on its device, precision)
+_COUNTER = itertools.count()  # keys are never reused, also after unregister()
 
 
 def register(model: nn.Module, precision: str = "fp32") -> str:
     """Make ``model`` (already on its device, in eval mode) callable through this boundary."""
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    key = f"{type(model).__name__}-{len(_MODELS)}"
+    key = f"{type(model).__name__}-{next(_COUNTER)}"
     _MODELS[key] = (model.eval(), precision)
     return key
+
+
+def unregister(key: str | None) -> None:
+    """Forget a model (the comparison tab drops second models it no longer keeps); sessions
+    still holding its key get a new predictor on their next comparison."""
+    _MODELS.pop(key, None)
+
+
+def is_registered(key: str | None) -> bool:
+    return key in _MODELS
 
 
 def _lookup(key: str) -> tuple[nn.Module, str]:

@@ -28,10 +28,15 @@ from app.loading import ModelLoader
 from otseg.errors import UserError
 from otseg.inference.predictor import OTSegPredictor
 from otseg.inference.preprocess import ImageError, load_image
+from otseg.nn.variants import NO_MPS, default_attention
 from otseg.registry import model_type
 from otseg.vocabulary import mark_seen
 
-ATTENTION_LABELS = {"sinkhorn": "Sinkhorn (OTSeg: MPS + MPSA)", "softmax": "Softmax (baseline)"}
+ATTENTION_LABELS = {  # otseg.VARIANTS says what each computes
+    "sinkhorn": "Sinkhorn (OTSeg: MPS + MPSA)",
+    "softmax": "Softmax (multi-prompt ablation)",
+    "zegclip": "ZegCLIP's inference (one query per class, no MPS)",
+}
 ZEGOT_ATTENTION_LABELS = {  # ZegOT's transport between its learned prompts and the pixels
     "sinkhorn": "MPOT (optimal transport)",
     "softmax": "softmax",
@@ -94,8 +99,16 @@ class LoadedModel:
 
     @property
     def attention_labels(self) -> dict[str, str]:
-        """Attention value → radio label, for the loaded model."""
-        return ZEGOT_ATTENTION_LABELS if self.is_zegot else ATTENTION_LABELS
+        """Attention value → radio label, for the loaded model's variants."""
+        if self.is_zegot:
+            return ZEGOT_ATTENTION_LABELS
+        accepted = getattr(self.model, "attentions", ATTENTION_LABELS)
+        return {k: v for k, v in ATTENTION_LABELS.items() if k in accepted}
+
+    @property
+    def default_attention(self) -> str:
+        """The variant the model runs by default (ZegCLIP's weights: ``"zegclip"``)."""
+        return default_attention(self.model)
 
     @property
     def default_lam(self) -> float:
@@ -277,7 +290,9 @@ class Session:
     knobs: dict = field(default_factory=dict)  # attention, lam, use_mps of the last prediction
     opacity: float | None = None  # of the overlay the page shows (None: none drawn yet)
     version: int = 0  # +1 per Segment: views computed for an older version are out of date
-    compared: tuple | None = None  # (version, λ, use_mps, opacity) the comparison was drawn for
+    compared: tuple | None = None  # app.compare.inputs_key the comparison was drawn for
+    compare_predictors: dict = field(default_factory=dict)  # comparison side source → predictor
+    comparison: dict | None = None  # the last comparison's per-side results (prompt maps)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
@@ -447,8 +462,13 @@ class Handlers:
                 log.warning("example %s could not be cached", path, exc_info=True)
 
     def check_knobs(self, attention, lam, use_mps) -> dict:
-        """:func:`check_knobs` against the loaded model's attention choices."""
-        return check_knobs(attention, lam, use_mps, self.loaded.attention_labels)
+        """:func:`check_knobs` against the loaded model's attention choices; a variant without
+        the MPS map (``"zegclip"``) gets ``lam=None, use_mps=False`` (the page's λ and MPS
+        switch do not apply to it)."""
+        knobs = check_knobs(attention, lam, use_mps, self.loaded.attention_labels)
+        if knobs["attention"] in NO_MPS:
+            knobs.update(lam=None, use_mps=False)
+        return knobs
 
     def _check_knobs(self, knobs: dict) -> dict:
         return self.check_knobs(knobs["attention"], knobs["lam"], knobs["use_mps"])
@@ -511,24 +531,6 @@ class Handlers:
             else None,
         }
 
-    def compare(self, session: Session | None, knobs: dict, opacity: float) -> dict:
-        """Sinkhorn and softmax overlays of the same image and vocabulary."""
-        knobs = check_knobs("sinkhorn", knobs["lam"], knobs["use_mps"])
-        opacity = check_opacity(opacity)
-        session = _require_result(session)
-        with session.lock:
-            labels = {
-                att: session.predictor.predict(**{**knobs, "attention": att}).labels
-                for att in ("sinkhorn", "softmax")
-            }
-        colors = session.colors
-        drawn = {
-            att: overlay.overlay(session.image, lab, colors, opacity) for att, lab in labels.items()
-        }
-        changed = render.changed_share(labels["sinkhorn"], labels["softmax"])
-        session.compared = (session.version, knobs["lam"], knobs["use_mps"], opacity)
-        return {"images": (drawn["sinkhorn"], drawn["softmax"]), "changed": changed}
-
     def prompt_maps(self, session: Session | None, class_name) -> dict:
         """Per-prompt MPS maps of one class under Sinkhorn and under softmax (λ-independent)."""
         session = _require_result(session)
@@ -538,14 +540,22 @@ class Handlers:
                 f"Class must be one of the segmented classes ({shown}); got {_shown(class_name)}."
             )
         k = session.names.index(class_name)
-        grids, overlap = {}, {}
         with session.lock:
-            for att in ("sinkhorn", "softmax"):
-                result = session.predictor.predict(attention=att, use_mps=True)
-                grids[att] = overlay.prompt_score_grid(
-                    result.prompt_maps, k, result.templates, class_name
-                )
-                overlap[att] = render.prompt_overlap(np.clip(result.prompt_maps[k], 0, None))
+            results = {
+                att: session.predictor.predict(attention=att, use_mps=True)
+                for att in ("sinkhorn", "softmax")
+            }
+        lo, hi = overlay.shared_range([r.prompt_maps[k] for r in results.values()])
+        grids = {
+            att: overlay.prompt_score_grid(
+                r.prompt_maps, k, r.templates, class_name, vmin=lo, vmax=hi, shared=True
+            )
+            for att, r in results.items()
+        }
+        overlap = {
+            att: render.prompt_overlap(np.clip(r.prompt_maps[k], 0, None))
+            for att, r in results.items()
+        }
         return {"grids": grids, "overlap": overlap}
 
 

@@ -160,12 +160,17 @@ def prompt_score_grid(
     class_name: str = "",
     tile: int = 240,
     columns: int = 4,
+    *,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    shared: bool = False,
 ) -> Image.Image:
     """One colour-mapped tile per prompt for one class, captioned by the filled template, and a
     colour scale with the value range underneath.
 
-    All N tiles share one colour scale (the class's min and max over prompts), so tiles can be
-    compared with each other. Rows are full where a divisor of N allows; otherwise the last row
+    All N tiles share one colour scale (the class's min and max over prompts, or ``vmin`` to
+    ``vmax``: pass one range, see :func:`shared_range`, to several grids so that their colours
+    compare too; ``shared`` says so under the scale), so tiles can be compared with each other. Rows are full where a divisor of N allows; otherwise the last row
     is centred. Captions use :func:`caption_font`; a class name that font cannot draw is left
     out of the captions rather than drawn as boxes.
 
@@ -190,7 +195,8 @@ def prompt_score_grid(
     if not 0 <= class_id < scores.shape[0]:
         raise ValueError(f"class_id {class_id} out of range for {scores.shape[0]} classes")
     maps = scores[class_id].astype(np.float32)
-    lo, hi = float(np.nanmin(maps)), float(np.nanmax(maps))
+    lo = float(np.nanmin(maps)) if vmin is None else float(vmin)
+    hi = float(np.nanmax(maps)) if vmax is None else float(vmax)
     font = caption_font(max(12, tile // 11))
     name = class_name if can_draw(font, class_name) else "(class)"
     pad, caption_h = 4, font.size + 10
@@ -212,11 +218,23 @@ def prompt_score_grid(
         title = template.replace("{}", name) if "{}" in template else template
         draw.text((x + 2, y + tile_h + 4), _fit(draw, title, font, tile - 4), fill=(0, 0, 0),
                   font=font)  # fmt: skip
-    _colour_scale(draw, grid, font, lo, hi, top=pad + rows * row_h + 4)
+    label = "score (one scale for both grids)" if shared else "score (one scale for all prompts)"
+    _colour_scale(draw, grid, font, lo, hi, top=pad + rows * row_h + 4, label=label)
     return grid
 
 
-def _colour_scale(draw, grid: Image.Image, font, lo: float, hi: float, top: int) -> None:
+def shared_range(maps: Sequence[np.ndarray]) -> tuple[float, float]:
+    """(min, max) over several arrays of maps: one colour scale for grids drawn side by side."""
+    values = [np.asarray(m, dtype=np.float32) for m in maps]
+    return (
+        float(min(np.nanmin(v) for v in values)),
+        float(max(np.nanmax(v) for v in values)),
+    )
+
+
+def _colour_scale(
+    draw, grid: Image.Image, font, lo: float, hi: float, top: int, label: str
+) -> None:
     """A horizontal viridis bar across the grid, labelled with the value at each end."""
     left, right = 8, grid.width - 8
     bar = colormap(np.linspace(0.0, 1.0, right - left)[None].repeat(font.size // 2 + 4, 0))
@@ -225,6 +243,7 @@ def _colour_scale(draw, grid: Image.Image, font, lo: float, hi: float, top: int)
     draw.text((left, y), f"{lo:.3g}", fill=(0, 0, 0), font=font)
     high = f"{hi:.3g}"
     draw.text((right - draw.textlength(high, font=font), y), high, fill=(0, 0, 0), font=font)
-    middle = "score (one scale for all prompts)"
-    draw.text(((grid.width - draw.textlength(middle, font=font)) / 2, y), middle,
-              fill=(80, 80, 80), font=font)  # fmt: skip
+    ends = draw.textlength(f"{lo:.3g}", font=font) + draw.textlength(high, font=font)
+    if draw.textlength(label, font=font) + ends + 16 <= right - left:  # else the ends only
+        draw.text(((grid.width - draw.textlength(label, font=font)) / 2, y), label,
+                  fill=(80, 80, 80), font=font)  # fmt: skip

@@ -6,7 +6,10 @@ API (``gradio_client``; state is kept per client session):
     /rerender     attention, lam, use_mps, opacity[, files] → overlay outputs (cached
                   embeddings); files=True also writes and returns the downloads (else None)
     /redraw       opacity → overlay image (drawing only)
-    /compare      lam, use_mps, opacity → (sinkhorn, softmax) slider, Markdown
+    /compare      image, vocabulary, inference, lam, use_mps, opacity, left model, left
+                  attention, right model, right attention → side labels, (left, right) slider,
+                  Markdown, per-class table (on the given image and names; app.compare)
+    /compare_maps class name → left grid, right grid, Markdown (one colour scale)
     /prompt_maps  class_name → sinkhorn grid, softmax grid, overlap note
     /preset       preset name → vocabulary text
 Overlay outputs: overlay (JPEG), legend (HTML), files ([label PNG, classes JSON]), info (dict).
@@ -28,7 +31,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from app import vocab
+from app import compare, vocab
 from app.inference import (
     INFERENCE_LABELS,
     Handlers,
@@ -68,7 +71,8 @@ client.predict("softmax", 0.8, True, 0.5, api_name="/rerender")  # no encoder re
 STALE = "⚠️ The image or the class names changed since this result: press **Segment** (or Enter)."
 COMPARE_STALE = "⚠️ Out of date (settings or image changed): press **Compare** to update."
 COMPARE_INTRO = {
-    "OTSeg": "Compare Sinkhorn attention (OTSeg, ECCV 2024) with softmax.",
+    "OTSeg": "Compare Sinkhorn attention (OTSeg, ECCV 2024) with softmax and with ZegCLIP's "
+    "inference on the same weights, or with a second model (ZegCLIP's own weights, say).",
     "ZegOT": "Compare MPOT (ZegOT's optimal transport between its learned prompts and the "
     "pixels) with softmax.",
 }
@@ -131,8 +135,9 @@ def _inputs_column(loaded) -> SimpleNamespace:
         c.load_preset = gr.Button("Load preset", scale=1, size="sm")
     with gr.Accordion("No background class? Read this", open=False):
         gr.Markdown(vocab.BACKGROUND_NOTE)
-    c.attention = gr.Radio([(v, k) for k, v in loaded.attention_labels.items()], value="sinkhorn",
-                           label="Attention", elem_id="attention")  # fmt: skip
+    c.attention = gr.Radio([(v, k) for k, v in loaded.attention_labels.items()],
+                           value=loaded.default_attention, label="Attention",
+                           elem_id="attention")  # fmt: skip
     c.lam = gr.Slider(0, 1, value=loaded.default_lam, step=0.05, elem_id="lam",
                       label="Ensemble λ (0: decoder only, 1: MPS score map only)")  # fmt: skip
     c.use_mps = gr.Checkbox(value=True, label="Use the MPS score map", elem_id="use_mps")
@@ -158,12 +163,41 @@ def _overlay_tab() -> SimpleNamespace:
     return c
 
 
-def _compare_tab(loaded) -> SimpleNamespace:
+def _compare_tab(comparisons: compare.Comparisons) -> SimpleNamespace:
+    """Two sides, each a model (this demo's or a second one, loaded on demand) and a variant."""
     c = SimpleNamespace()
+    models = comparisons.models.choices()
+    variants = compare.variant_choices(comparisons.handlers.loaded)
+    left, right = comparisons.default_sides()
+    gr.Markdown("Each side: a model (this demo's, or a second one — downloaded and converted "
+                "on first use, then kept) and its attention variant. Runs on the image and "
+                "names above, with the λ and MPS settings where a variant has them.")  # fmt: skip
+    with gr.Row():
+        c.left_model = gr.Dropdown(models, value=left.source, label="Left: model",
+                                   elem_id="left_model", scale=3)  # fmt: skip
+        c.left_attention = gr.Dropdown(variants, value=left.attention, label="Left: attention",
+                                       elem_id="left_attention", scale=2)  # fmt: skip
+    with gr.Row():
+        c.right_model = gr.Dropdown(models, value=right.source, label="Right: model",
+                                    elem_id="right_model", scale=3)  # fmt: skip
+        c.right_attention = gr.Dropdown(variants, value=right.attention,
+                                        label="Right: attention", elem_id="right_attention",
+                                        scale=2)  # fmt: skip
     c.button = gr.Button("Compare on this image", elem_id="compare")
-    c.slider = gr.ImageSlider(label=f"left: {loaded.transport_name} · right: softmax",
-                              elem_id="slider", format="jpeg")  # fmt: skip
+    c.sides = gr.Markdown(elem_id="compare_sides")
+    c.slider = gr.ImageSlider(label="left · right", elem_id="slider", format="jpeg")
     c.note = gr.Markdown(elem_id="compare_note")
+    c.table = gr.Dataframe(headers=compare.TABLE_HEADERS, interactive=False,
+                           elem_id="compare_table", label="Per class")  # fmt: skip
+    with gr.Row():
+        c.choice = gr.Dropdown([], label="Class", elem_id="compare_class", scale=3)
+        c.maps_button = gr.Button("Prompt maps of both sides", scale=1, elem_id="compare_maps")
+    with gr.Row():
+        c.left_maps = gr.Image(label="Left", type="pil", format="png",
+                               elem_id="compare_grid_left")  # fmt: skip
+        c.right_maps = gr.Image(label="Right", type="pil", format="png",
+                                elem_id="compare_grid_right")  # fmt: skip
+    c.maps_note = gr.Markdown(elem_id="compare_maps_note")
     return c
 
 
@@ -186,6 +220,7 @@ def build(handlers: Handlers) -> gr.Blocks:
     """The demo's ``gr.Blocks`` (not launched; queue settings are applied by ``app.main``)."""
     loaded = handlers.loaded
     handlers.set_examples([(Path(path), text) for path, text in examples()])
+    comparisons = compare.Comparisons(handlers)
     with gr.Blocks(title=f"{loaded.model_name} — zero-shot segmentation") as demo:
         gr.Markdown(
             f"# {loaded.model_name}: zero-shot semantic segmentation\nUpload a photo, list what "
@@ -202,14 +237,14 @@ def build(handlers: Handlers) -> gr.Blocks:
                 with gr.Tab("Overlay"):
                     ov = _overlay_tab()
                 ov.stale = stale
-                with gr.Tab(f"{loaded.transport_name} vs softmax"):
-                    cmp = _compare_tab(loaded)
+                with gr.Tab("Compare"):
+                    cmp = _compare_tab(comparisons)
                 with gr.Tab("Per-prompt maps"):
                     pm = _prompt_maps_tab(loaded)
                 with gr.Accordion("Use it from Python (gradio_client)", open=False):
                     gr.Markdown(API_SNIPPET)
         _wire_page(handlers, session, ins, ov, cmp, pm)
-        _wire_compare(handlers, session, ins, cmp)
+        _wire_compare(comparisons, session, ins, cmp)
         _wire_api(handlers, session, ins, pm)
         _wire_loading(handlers, status, ins)
     return demo
@@ -242,8 +277,11 @@ def _wire_page(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
     page_out = [ov.overlay, ov.applied, ov.legend, ov.files, ov.info, ov.stale, pm.choice,
                 pm.sinkhorn, pm.softmax, pm.note, cmp.slider, cmp.note, session]  # fmt: skip
 
-    def result(sess: Session, opacity: float, segmented: bool, redraw: bool = False) -> dict:
-        """The overlay tab for ``sess``'s prediction, and what the other views show after it."""
+    def result(
+        sess: Session, opacity: float, segmented: bool, redraw: bool = False, *, lam, use_mps
+    ) -> dict:
+        """The overlay tab for ``sess``'s prediction, and what the other views show after it
+        (``lam``, ``use_mps``: the page's settings, which a comparison depends on)."""
         sess.opacity = opacity
         out = {ov.stale: "", ov.applied: applied_text(handlers, sess), session: sess}
         if redraw:  # same labels: legend, downloads and summary stay as they are
@@ -255,7 +293,7 @@ def _wire_page(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
         if segmented:  # views of the previous result are cleared, the class list refreshed
             out.update({pm.choice: gr.Dropdown(choices=sess.names, value=sess.names[0]),
                         pm.sinkhorn: None, pm.softmax: None, pm.note: MAPS_STALE})  # fmt: skip
-        current = (sess.version, sess.knobs["lam"], sess.knobs["use_mps"], opacity)
+        current = compare.session_inputs_key(sess, lam, use_mps, opacity)
         if sess.compared is not None and sess.compared != current:
             out[cmp.note] = COMPARE_STALE
             if segmented:
@@ -265,7 +303,7 @@ def _wire_page(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
     def segment(image, text, attention, lam, use_mps, opacity, speed, sess, progress) -> dict:
         knobs, opacity = handlers.check_knobs(attention, lam, use_mps), check_opacity(opacity)
         sess = handlers.segment(sess, image, text, knobs, progress, check_inference(speed))
-        return result(sess, opacity, segmented=True)
+        return result(sess, opacity, segmented=True, lam=lam, use_mps=use_mps)
 
     @page_errors(session)
     def on_segment(image, text, attention, lam, use_mps, opacity, speed, sess, progress=PROGRESS):
@@ -280,11 +318,12 @@ def _wire_page(handlers: Handlers, session, ins, ov, cmp, pm) -> None:
         if not handlers.is_current(sess, image, text, speed):
             return segment(image, text, attention, lam, use_mps, opacity, speed, sess, progress)
         knobs, opacity = handlers.check_knobs(attention, lam, use_mps), check_opacity(opacity)
+        page = {"lam": lam, "use_mps": use_mps}
         if knobs == sess.knobs:
             if opacity == sess.opacity:
                 return {session: gr.skip()}  # e.g. the release after the last input event of a drag
-            return result(sess, opacity, segmented=False, redraw=True)
-        return result(handlers.rerender(sess, knobs), opacity, segmented=False)
+            return result(sess, opacity, segmented=False, redraw=True, **page)
+        return result(handlers.rerender(sess, knobs), opacity, segmented=False, **page)
 
     @page_errors(session)
     def on_prompt_maps(image, text, attention, lam, use_mps, opacity, speed, class_name, sess,
@@ -353,7 +392,7 @@ def _wire_loading(handlers: Handlers, status, ins) -> None:
                ins.run: gr.Button(interactive=loaded.mode != "none")}  # fmt: skip
         if loaded.attention_labels != planned.attention_labels:  # e.g. ZegOT → training-free
             choices = [(v, k) for k, v in loaded.attention_labels.items()]
-            out[ins.attention] = gr.Radio(choices=choices, value="sinkhorn")
+            out[ins.attention] = gr.Radio(choices=choices, value=loaded.default_attention)
             out[ins.lam] = gr.Slider(value=loaded.default_lam)
         return out
 
@@ -365,7 +404,10 @@ def applied_text(handlers: Handlers, sess: Session) -> str:
     """The settings the shown result was computed with (a setting that could not be applied
     differs from what its control shows)."""
     k = sess.knobs
-    fusion = f"λ = {k['lam']:.2f}" if k["use_mps"] else "MPS off (λ unused)"
+    if k["lam"] is None:  # a variant without the MPS map (ZegCLIP's inference)
+        fusion = "no MPS map (λ does not apply)"
+    else:
+        fusion = f"λ = {k['lam']:.2f}" if k["use_mps"] else "MPS off (λ unused)"
     return (f"Shown: **{handlers.loaded.attention_labels[k['attention']]}**, {fusion}, "
             f"opacity {sess.opacity:.2f}, {sess.predictor.mode} inference.")  # fmt: skip
 
@@ -377,16 +419,66 @@ def overlap_note(handlers: Handlers, maps: dict) -> str:
             f"**{o['softmax']:.2f}**.")  # fmt: skip
 
 
-def _wire_compare(handlers: Handlers, session, ins, cmp) -> None:
-    @user_errors
-    def on_compare(lam, use_mps, opacity, sess):
-        out = handlers.compare(sess, {"lam": lam, "use_mps": use_mps}, opacity)
-        note = f"Labels differ on **{out['changed']:.1f}%** of the pixels (λ = {float(lam):.2f})."
-        return out["images"], note, sess
+def _wire_compare(comparisons: compare.Comparisons, session, ins, cmp) -> None:
+    """Compare on the current inputs (re-encoding whatever is new), then the prompt maps. The
+    page's buttons keep the views on bad input (a toast); /compare and /compare_maps, on hidden
+    buttons, answer with the error."""
+    outputs = [cmp.sides, cmp.slider, cmp.note, cmp.table, cmp.choice, cmp.left_maps,
+               cmp.right_maps, cmp.maps_note, session]  # fmt: skip
 
-    cmp.button.click(on_compare, [ins.lam, ins.use_mps, ins.opacity, session],
-                     [cmp.slider, cmp.note, session], api_name="compare",
-                     preprocess=False)  # fmt: skip
+    def run(image, text, speed, lam, use_mps, opacity, left_model, left_attention, right_model,
+            right_attention, sess, progress) -> dict:  # fmt: skip
+        sides = (
+            compare.check_side(left_model, left_attention, "left"),
+            compare.check_side(right_model, right_attention, "right"),
+        )
+        sess, out = comparisons.compare(
+            sess, image, text, speed, lam, use_mps, opacity, sides, progress
+        )
+        return dict(zip(outputs, [
+            "\n\n".join(out["labels"]), out["images"],
+            f"Labels differ on **{out['changed']:.1f}%** of the pixels.", out["table"],
+            gr.Dropdown(choices=out["names"], value=out["names"][0]), None, None, "", sess,
+        ], strict=True))  # fmt: skip
+
+    @page_errors(session)
+    def on_compare(image, text, speed, lam, use_mps, opacity, left_model, left_attention,
+                   right_model, right_attention, sess, progress=PROGRESS):  # fmt: skip
+        return run(image, text, speed, lam, use_mps, opacity, left_model, left_attention,
+                   right_model, right_attention, sess, progress)  # fmt: skip
+
+    @user_errors
+    def api_compare(image, text, speed, lam, use_mps, opacity, left_model, left_attention,
+                    right_model, right_attention, sess):  # fmt: skip
+        out = run(image, text, speed, lam, use_mps, opacity, left_model, left_attention,
+                  right_model, right_attention, sess, None)  # fmt: skip
+        return [out[o] for o in outputs]
+
+    def maps(class_name, sess) -> dict:
+        out = comparisons.prompt_maps(sess, class_name)
+        return {cmp.left_maps: out["grids"][0], cmp.right_maps: out["grids"][1],
+                cmp.maps_note: out["note"]}  # fmt: skip
+
+    @page_errors(session)
+    def on_compare_maps(class_name, sess):
+        return maps(class_name, sess)
+
+    @user_errors
+    def api_compare_maps(class_name, sess):
+        out = maps(class_name, sess)
+        return [out[cmp.left_maps], out[cmp.right_maps], out[cmp.maps_note]]
+
+    inputs = [ins.image, ins.text, ins.speed, ins.lam, ins.use_mps, ins.opacity,
+              cmp.left_model, cmp.left_attention, cmp.right_model, cmp.right_attention, session]  # fmt: skip
+    page = {"preprocess": False, "api_name": False}
+    cmp.button.click(on_compare, inputs, outputs, **page)
+    maps_out = [cmp.left_maps, cmp.right_maps, cmp.maps_note]
+    cmp.maps_button.click(on_compare_maps, [cmp.choice, session], [*maps_out, session], **page)
+    cmp.choice.input(on_compare_maps, [cmp.choice, session], [*maps_out, session], **page)
+    hidden = gr.Button(visible=False)
+    hidden.click(api_compare, inputs, outputs, api_name="compare", preprocess=False)
+    hidden.click(api_compare_maps, [cmp.choice, session], maps_out, api_name="compare_maps",
+                 preprocess=False)  # fmt: skip
 
 
 def _wire_api(handlers: Handlers, session, ins, pm) -> None:

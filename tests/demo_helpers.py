@@ -148,3 +148,21 @@ def pickling_gpu(fn, calls: list[str]):
         return pickle.loads(pickle.dumps(result))
 
     return worker_call
+
+
+def tiny_zegclip_dir(root: Path, clip: Path, seed: int = 7) -> Path:
+    """A tiny ZegCLIP in the otseg format, with a text tower on the tiny CLIP at ``clip``."""
+    import torch
+
+    from otseg.config import tiny_config
+    from otseg.data.prompts import ZEGCLIP_15
+    from otseg.models.zegclip import build_zegclip, zegclip_config
+    from otseg.weights.clip import load_clip
+
+    torch.manual_seed(seed)
+    config = zegclip_config(tiny_config(), ZEGCLIP_15[:2]).replace(
+        clip_model=f"local-dir:{clip}", clip_pretrained=None
+    )
+    model, tokenizer = load_clip(config.clip_model)
+    build_zegclip(config, clip=model, tokenizer=tokenizer).save_pretrained(root / "zegclip")
+    return root / "zegclip"

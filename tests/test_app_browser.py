@@ -108,7 +108,7 @@ def test_live_settings_fresh_views_and_escaped_messages(served):
         session.screenshot("readme")
 
         # settings apply on release, without pressing Segment
-        page.locator("#attention").get_by_text("Softmax (baseline)").click()
+        page.locator("#attention").get_by_text("Softmax (multi-prompt ablation)").click()
         overlay = _wait_changed(page, OVERLAY, overlay)
         _release_slider(page, "lam", 1.0)
         overlay = _wait_changed(page, OVERLAY, overlay)
@@ -117,7 +117,7 @@ def test_live_settings_fresh_views_and_escaped_messages(served):
         overlay = _wait_changed(page, OVERLAY, overlay)
 
         # the comparison and the prompt maps belong to one result ...
-        page.get_by_role("tab", name="Sinkhorn vs softmax").click()
+        page.get_by_role("tab", name="Compare").click()
         page.locator("#compare").click()
         page.wait_for_function(
             "document.querySelector('#compare_note').innerText.includes('differ')"
@@ -141,7 +141,7 @@ def test_live_settings_fresh_views_and_escaped_messages(served):
         page.get_by_role("tab", name="Per-prompt maps").click()
         page.wait_for_function("!document.querySelector('#grid_sinkhorn img')")  # cleared
         assert "Pick a class" in page.locator("#maps_note").inner_text()
-        page.get_by_role("tab", name="Sinkhorn vs softmax").click()
+        page.get_by_role("tab", name="Compare").click()
         assert "Out of date" in page.locator("#compare_note").inner_text()
         assert session.page_errors == []
 

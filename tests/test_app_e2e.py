@@ -97,9 +97,13 @@ def test_segment_rerender_redraw(trained_url):
 def test_compare_and_prompt_maps(trained_url):
     c = client(trained_url)
     segment(c, CAT, "cat, sofa, background")
-    (left, right), note = c.predict(1.0, True, 0.5, api_name="/compare")
+    sides, (left, right), note, table, *_ = c.predict(
+        handle_file(str(CAT)), "cat, sofa, background", "slide", 1.0, True, 0.5, "loaded",
+        "default", "loaded", "zegclip", api_name="/compare",
+    )  # fmt: skip
     assert Image.open(left).size == Image.open(right).size == Image.open(CAT).size
-    assert "differ" in note
+    assert "differ" in note and "`sinkhorn`** (λ = 1.00)" in sides and "no MPS map" in sides
+    assert [row[0] for row in table["data"]] == ["cat", "sofa", "background"]
     sinkhorn, softmax, note = c.predict("sofa", api_name="/prompt_maps")
     assert Image.open(sinkhorn).size == Image.open(softmax).size
     assert "Sinkhorn" in note and "softmax" in note
@@ -112,9 +116,14 @@ def test_needs_an_image_first(trained_url):
     c = client(trained_url)
     with pytest.raises(AppError, match="press Segment first"):
         c.predict("softmax", 0.5, True, 0.5, api_name="/rerender")
-    for call in (("cat", "/prompt_maps"), (0.5, True, 0.5, "/compare"), (0.5, "/redraw")):
+    for call in (("cat", "/prompt_maps"), (0.5, "/redraw")):
         with pytest.raises(AppError, match=r"^Upload an image and press Segment first\.$"):
             c.predict(*call[:-1], api_name=call[-1])
+    with pytest.raises(AppError, match=r"^Upload an image \(or pick an example\) first\.$"):
+        c.predict(None, "cat", "slide", 0.5, True, 0.5, "loaded", "default", "loaded",
+                  "softmax", api_name="/compare")  # fmt: skip
+    with pytest.raises(AppError, match=r"^Press \*\*Compare on this image\*\* first\.$"):
+        c.predict("cat", api_name="/compare_maps")
     with pytest.raises(AppError, match="Upload an image"):
         c.predict(None, "cat", "sinkhorn", 0.5, True, 0.5, api_name="/segment")
 
@@ -127,7 +136,12 @@ def test_settings_are_validated_with_one_wording_before_encoding(trained_url, tm
         ("sinkhorn", 1.5, True, 0.5): "λ must be a number from 0 to 1; got “1.5”.",
         ("sinkhorn", "abc", True, 0.5): "λ must be a number from 0 to 1; got “abc”.",
         ("sinkhorn", 0.5, True, -0.1): "Opacity must be a number from 0 to 1; got “-0.1”.",
-        ("cosine", 0.5, True, 0.5): "Attention must be one of sinkhorn, softmax; got “cosine”.",
+        (
+            "cosine",
+            0.5,
+            True,
+            0.5,
+        ): "Attention must be one of sinkhorn, softmax, zegclip; got “cosine”.",
         ("sinkhorn", 0.5, "yes", 0.5): "use_mps must be true or false; got “yes”.",
     }
     for (attention, lam, use_mps, opacity), message in bad.items():
@@ -142,7 +156,11 @@ def test_settings_are_validated_with_one_wording_before_encoding(trained_url, tm
     with pytest.raises(AppError, match="^Opacity must be a number from 0 to 1; got “2”.$"):
         c.predict(2, api_name="/redraw")
     with pytest.raises(AppError, match="^λ must be a number from 0 to 1; got “-1”.$"):
-        c.predict(-1, True, 0.5, api_name="/compare")
+        c.predict(handle_file(str(CAT)), "cat", "slide", -1, True, 0.5, "loaded", "default",
+                  "loaded", "softmax", api_name="/compare")  # fmt: skip
+    with pytest.raises(AppError, match="second model must be one of the offered ones"):
+        c.predict(handle_file(str(CAT)), "cat", "slide", 0.5, True, 0.5, "loaded", "default",
+                  "some/repo", "softmax", api_name="/compare")  # fmt: skip
 
 
 def test_messages_are_plain_escaped_text(trained_url, tmp_path):

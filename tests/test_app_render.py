@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from app import render
+from app.compare import Comparisons, Side
 from app.inference import Handlers, LoadedModel
 from app.overlay import legend_rows
 from otseg.errors import UserError
@@ -105,7 +106,10 @@ def test_knob_changes_do_not_rerun_the_image_encoder(handlers, tmp_path):
     for attention, lam in (("softmax", 0.2), ("sinkhorn", 1.0), ("softmax", 0.0)):
         handlers.rerender(session, {"attention": attention, "lam": lam, "use_mps": True})
     handlers.outputs(session, 0.9)
-    handlers.compare(session, knobs, 0.5)
+    sides = (Side("loaded", "sinkhorn"), Side("loaded", "softmax"))
+    Comparisons(handlers).compare(
+        session, str(photo), "cat, class0", "slide", 0.5, True, 0.5, sides
+    )
     handlers.prompt_maps(session, "cat")
     handlers.segment(session, str(photo), "cat, dog, sky", knobs)  # new names, same image
     assert handlers.calls["image"] == windows and session.names == ["cat", "dog", "sky"]

@@ -24,6 +24,7 @@ from PIL import Image
 from torch import nn
 
 from app import gpu
+from app.compare import Comparisons, Side
 from app.inference import Handlers, LoadedModel, load_model
 from otseg.models.zegot import build_zegot, zegot_tiny_config
 from otseg.registry import model_type
@@ -80,7 +81,11 @@ def test_session_is_plain_picklable_data(tmp_path, worker_calls):
     knobs = {"attention": "sinkhorn", "lam": 0.5, "use_mps": True}
     session = handlers.segment(None, str(write_photo(tmp_path / "p.png")), "cat, class0", knobs)
     handlers.rerender(session, {**knobs, "attention": "softmax"})
-    handlers.compare(session, knobs, 0.5)
+    other = str(write_photo(tmp_path / "q.png", seed=2))  # the comparison's own predictor
+    comparisons = Comparisons(handlers)
+    sides = (Side("loaded", "sinkhorn"), Side("loaded", "zegclip"))
+    comparisons.compare(session, other, "cat, class0", "slide", 0.5, True, 0.5, sides)
+    comparisons.prompt_maps(session, "cat")
     handlers.prompt_maps(session, "cat")
     assert set(worker_calls) == set(gpu.GPU_FUNCTIONS)
 
@@ -109,7 +114,10 @@ def test_demo_end_to_end_through_the_pickling_boundary(tmp_path, worker_calls, m
         *_, info = c.predict("softmax", 0.8, True, 0.5, api_name="/rerender")
         assert info["attention"] == "softmax"
         c.predict(0.9, api_name="/redraw")
-        (left, right), _ = c.predict(0.5, True, 0.5, api_name="/compare")
+        _, (left, right), *_ = c.predict(
+            handle_file(str(CAT)), "cat, grass, class0", "slide", 0.5, True, 0.5, "loaded",
+            "sinkhorn", "loaded", "softmax", api_name="/compare",
+        )  # fmt: skip
         assert Image.open(left).size == Image.open(right).size
         *_, note = c.predict("grass", api_name="/prompt_maps")
         assert "overlap" in note

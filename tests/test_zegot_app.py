@@ -43,7 +43,7 @@ def test_the_page_describes_zegot(loaded, url):
     for label in ("Trained ZegOT", "MPOT (optimal transport)", "softmax", "no transport"):
         assert label in config, label
     assert "Sinkhorn" not in config  # title, header, compare tab and prompt maps say MPOT
-    for label in ("ZegOT — zero-shot segmentation", "MPOT vs softmax", "left: MPOT · right"):
+    for label in ("ZegOT — zero-shot segmentation", "Compare", "Left: attention"):
         assert label in config, label
     assert '"value": 0.8' in config.replace('"value":0.8', '"value": 0.8')  # the λ slider
 
