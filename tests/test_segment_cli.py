@@ -344,3 +344,38 @@ def test_two_processes_write_what_one_writes(photos, model_dir, tmp_path):
     a, b = outputs(tmp_path / "one"), outputs(tmp_path / "two")
     assert sorted(a) == sorted(b) and len(a) > 10
     assert all(a[k] == b[k] for k in a)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_with_130_leaves_whole_files_and_the_rerun_finishes(model_dir, tmp_path):
+    """A real SIGINT to the command while it writes: exit code 130, no temporary or partial
+    file, every JSON's files present; the same command again does exactly the rest."""
+    import glob
+    import signal
+    import time
+
+    photos = tmp_path / "many"
+    photos.mkdir()
+    for i in range(200):  # far more than are written before the signal arrives
+        Image.fromarray(random_photo(48, 64, seed=i % 7)).save(photos / f"p{i:03d}.png")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "otseg", "segment", str(photos), "--model", str(model_dir),
+           "--names", "cat, sofa", "--masks", "-q", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(glob.glob(str(out / "*.json"))) < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert not list(out.rglob("*.otseg-tmp")) and not (out / "summary.csv").exists()
+    first = sorted(p.name for p in out.glob("*.json"))
+    assert 5 <= len(first) < 200
+    for done in out.glob("*.json"):
+        info = json.loads(done.read_text())
+        assert Image.open(out / info["outputs"]["labels"]).size == (64, 48)
+        assert all((out / f).is_file() for f in info["outputs"]["masks"].values())
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{200 - len(first)} segmented, {len(first)} already done, 0 failed" in again.stdout
