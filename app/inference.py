@@ -88,8 +88,10 @@ class LoadedModel:
 
     @property
     def model_name(self) -> str:
-        """``"ZegOT"`` or ``"OTSeg"`` (also the training-free CLIP, which runs OTSeg's MPSA)."""
-        return "ZegOT" if self.is_zegot else "OTSeg"
+        """``"ZegOT"``, ``"ZegCLIP"`` or ``"OTSeg"`` (also the training-free CLIP, which runs
+        OTSeg's MPSA)."""
+        kind = self.kind if self.model is None else model_type(self.model)
+        return {"zegot": "ZegOT", "zegclip": "ZegCLIP"}.get(kind, "OTSeg")
 
     @property
     def transport_name(self) -> str:
@@ -108,6 +110,8 @@ class LoadedModel:
     @property
     def default_attention(self) -> str:
         """The variant the model runs by default (ZegCLIP's weights: ``"zegclip"``)."""
+        if self.model is None:
+            return "zegclip" if self.kind == "zegclip" else "sinkhorn"
         return default_attention(self.model)
 
     @property
@@ -128,10 +132,11 @@ def planned(model: str | None) -> LoadedModel:
     and λ from a local or cached config.json, OTSeg's for ``original:`` and anything else."""
     kind, lam = "otseg", 0.5
     try:
-        if model and model.startswith("original:"):
-            from otseg.weights.original import get_original
+        from otseg.weights.original import RELEASED_PREFIXES, get_released
 
-            lam = float(get_original(model).config.ensemble_lambda)
+        if model and model.startswith(RELEASED_PREFIXES):
+            config = get_released(model).config
+            kind, lam = model_type(config), float(config.ensemble_lambda)
         elif model:
             from otseg.weights.hub import CONFIG_NAME, cached_file
 
@@ -465,6 +470,8 @@ class Handlers:
         """:func:`check_knobs` against the loaded model's attention choices; a variant without
         the MPS map (``"zegclip"``) gets ``lam=None, use_mps=False`` (the page's λ and MPS
         switch do not apply to it)."""
+        if attention in NO_MPS and lam is None and use_mps is False:  # already settled
+            lam = 0.0
         knobs = check_knobs(attention, lam, use_mps, self.loaded.attention_labels)
         if knobs["attention"] in NO_MPS:
             knobs.update(lam=None, use_mps=False)

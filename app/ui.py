@@ -73,6 +73,8 @@ COMPARE_STALE = "⚠️ Out of date (settings or image changed): press **Compare
 COMPARE_INTRO = {
     "OTSeg": "Compare Sinkhorn attention (OTSeg, ECCV 2024) with softmax and with ZegCLIP's "
     "inference on the same weights, or with a second model (ZegCLIP's own weights, say).",
+    "ZegCLIP": "Compare ZegCLIP's inference with OTSeg's Sinkhorn and softmax heads on the "
+    "same weights, or with a second model (OTSeg's own weights, say).",
     "ZegOT": "Compare MPOT (ZegOT's optimal transport between its learned prompts and the "
     "pixels) with softmax.",
 }
@@ -224,7 +226,7 @@ def build(handlers: Handlers) -> gr.Blocks:
     with gr.Blocks(title=f"{loaded.model_name} — zero-shot segmentation") as demo:
         gr.Markdown(
             f"# {loaded.model_name}: zero-shot semantic segmentation\nUpload a photo, list what "
-            f"to find, press **Segment**. {COMPARE_INTRO[loaded.model_name]}"
+            f"to find, press **Segment**. {COMPARE_INTRO.get(loaded.model_name, COMPARE_INTRO['OTSeg'])}"
         )
         # called at every page load; also the API endpoint /status (the loading stage, or the model)
         status = gr.Markdown(handlers.status, elem_id="mode", label="mode")

@@ -246,3 +246,39 @@ def test_training_refuses_zegclip_presets():
     recipe = load_recipe("voc-inductive", ["preset=zegclip-voc-inductive", "model=zegclip"])
     with pytest.raises(UserError, match="ZegCLIP preset, for the authors' released weights"):
         recipe.validate()
+
+
+def test_app_serves_a_zegclip_model(mirror, monkeypatch, capsys, tmp_path):
+    """``python app.py --model zegclip:...`` in-process: downloads through the mirror, the page
+    is titled ZegCLIP with ZegCLIP's inference preselected, and /segment runs it (no λ)."""
+    import json
+    import urllib.request
+
+    import gradio as gr
+    from gradio_client import handle_file
+
+    from app.main import main
+    from tests.browser import free_port
+    from tests.demo_helpers import client, write_photo
+
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)  # main() returns
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    main(["--model", REF, "--port", str(port)])
+    try:
+        photo = write_photo(tmp_path / "photo.png")
+        *_, info = client(url).predict(
+            handle_file(str(photo)), "class0, class3", "zegclip", 0.5, True, 0.5,
+            api_name="/segment",
+        )  # fmt: skip
+        assert (info["attention"], info["lam"], info["use_mps"]) == ("zegclip", None, False)
+        assert [k["seen"] for k in info["classes"]] == [True, False]
+        config = json.loads(urllib.request.urlopen(url + "config").read())
+        page = json.dumps(config)
+        assert "ZegCLIP: zero-shot semantic segmentation" in page
+        radio = next(c for c in config["components"] if c["props"].get("elem_id") == "attention")
+        assert radio["props"]["value"] == "zegclip"
+    finally:
+        gr.close_all()
+    assert "ZegCLIP (authors' weights, tiny ZegCLIP fixture)" in capsys.readouterr().out
+    assert len(mirror.requests) == 2
