@@ -149,7 +149,7 @@ class SideModels:
         except (WeightsNotFoundError, UserError) as e:
             raise UserError(f"Could not load {source}: {_first_line(e)}") from None
         return LoadedModel(net.to(self.loaded.model.device).eval(), "trained", source,
-                           self.loaded.precision)  # fmt: skip
+                           self.loaded.precision, backend=self.loaded.backend)  # fmt: skip
 
 
 def variant_choices(loaded: LoadedModel) -> list[tuple[str, str]]:
@@ -302,7 +302,9 @@ class Comparisons:
             and entry["predictor"].mode == mode
         )
         predictor = (
-            entry["predictor"] if reuse else OTSegPredictor(gpu.RemoteModel(loaded.key), mode=mode)
+            entry["predictor"]
+            if reuse  # the tower's backend and precision apply behind the boundary (app.gpu)
+            else OTSegPredictor(gpu.RemoteModel(loaded.key), mode=mode, backend="torch")
         )
         if reuse and entry["key"] == key:
             rgb = entry["image"]

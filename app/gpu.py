@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from otseg.errors import UserError
+from otseg.inference.engine import ImageTower, image_tower
 from otseg.inference.predictor import precision_context
 from otseg.models.otseg import HeadMaps
 from otseg.nn.clip_image import ImageEmbedding
@@ -35,21 +36,34 @@ PRECISIONS = ("fp32", "bf16")  # the demo's choices of the predictor's precision
 
 _MODELS: dict[str, tuple[nn.Module, str]] = {}  # key → (model on its device, precision)
 _COUNTER = itertools.count()  # keys are never reused, also after unregister()
+_TOWERS: dict[str, ImageTower] = {}  # key → what runs its image tower (otseg.inference.engine)
 
 
-def register(model: nn.Module, precision: str = "fp32") -> str:
-    """Make ``model`` (already on its device, in eval mode) callable through this boundary."""
+def register(model: nn.Module, precision: str = "fp32", backend: str = "auto") -> str:
+    """Make ``model`` (already on its device, in eval mode) callable through this boundary.
+
+    backend: what runs the image tower (``otseg.inference.engine.choose_backend``); an engine
+    converts or loads its model for slide windows here, at start-up."""
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     key = f"{type(model).__name__}-{next(_COUNTER)}"
-    _MODELS[key] = (model.eval(), precision)
+    tower = image_tower(model.eval(), backend, precision)
+    tower.prepare((model.config.test_crop, model.config.test_crop))
+    _MODELS[key], _TOWERS[key] = (model, precision), tower
     return key
+
+
+def tower_info(key: str) -> tuple[str, str]:
+    """(backend, precision) that run the image tower of the model registered as ``key``."""
+    _lookup(key)
+    return _TOWERS[key].backend, _TOWERS[key].precision
 
 
 def unregister(key: str | None) -> None:
     """Forget a model (the comparison tab drops second models it no longer keeps); sessions
     still holding its key get a new predictor on their next comparison."""
     _MODELS.pop(key, None)
+    _TOWERS.pop(key, None)
 
 
 def is_registered(key: str | None) -> bool:
@@ -83,9 +97,9 @@ def _cpu(x: torch.Tensor | None) -> torch.Tensor | None:
 def encode_image(key: str, windows: torch.Tensor) -> dict[str, torch.Tensor]:
     """Image tower. windows: (B, 3, c, c) normalised crops → the embedding's tensors by field
     name: pixels (B, C, h, w), cls (B, C) (ZegOT also every block's pixels)."""
-    model, precision = _lookup(key)
-    with torch.inference_mode(), precision_context(model.device, precision):
-        emb = model.encode_image(windows.to(model.device))
+    model, _ = _lookup(key)
+    with torch.inference_mode():  # the tower applies the precision
+        emb = _TOWERS[key](windows.to(model.device))
     return {f.name: _cpu(getattr(emb, f.name)) for f in dataclasses.fields(emb)}
 
 

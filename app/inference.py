@@ -53,6 +53,11 @@ HOW_TO_TRAINED = (
 )
 log = logging.getLogger(__name__)
 NEED_RESULT = "Upload an image and press Segment first."
+ENGINE_LABELS = {  # the page's line on what runs the image tower
+    "torch": "Image tower: PyTorch",
+    "openvino": "Image tower: OpenVINO",
+    "inductor": "Image tower: PyTorch Inductor (torch.compile)",
+}
 INFERENCE_LABELS = {  # the predictor's modes
     "slide": "Accurate: overlapping windows, as in the paper",
     "whole": "Fast: one pass over the whole image",
@@ -69,11 +74,14 @@ class LoadedModel:
     precision: str = "fp32"  # of the towers and head, applied inside app.gpu
     kind: str = "otseg"  # without a model: the type the page is laid out for (see ``planned``)
     lam: float = 0.5  # without a model: the λ the page starts with
+    backend: str = "auto"  # what runs the image tower (otseg.inference.engine), inside app.gpu
     key: str | None = field(default=None, init=False)  # app.gpu registry key
 
     def __post_init__(self) -> None:
         if self.model is not None:
-            self.key = gpu.register(self.model, self.precision)
+            self.key = gpu.register(self.model, self.precision, self.backend)
+            self.backend, self.precision = gpu.tower_info(self.key)
+            self.status += f"\n\n{ENGINE_LABELS[self.backend]}, {self.precision}."
 
     @property
     def message(self) -> str:
@@ -160,6 +168,7 @@ def load_model(
     clip_pretrained: str | None = "openai",
     precision: str = "fp32",
     device: str = "cpu",
+    backend: str = "auto",
 ) -> LoadedModel:
     """A trained OTSeg or ZegOT from ``model`` (Hub id or directory, as its config.json says);
     else training-free CLIP; else none.
@@ -184,7 +193,7 @@ def load_model(
                 f"({len(cfg.seen)} seen of {len(cfg.class_names)} classes). Names of its seen "
                 "classes get a **seen** badge, all others **novel**."
             )
-            return LoadedModel(net.to(device), "trained", status, precision)
+            return LoadedModel(net.to(device), "trained", status, precision, backend=backend)
         except (WeightsNotFoundError, UserError) as e:  # CheckpointError is a UserError
             what = "the default model, the authors' OTSeg trained on COCO-Stuff, " if (
                 model == DEFAULT_MODEL) else ""  # fmt: skip
@@ -207,7 +216,7 @@ def load_model(
         f"{net.config.num_prompts} prompts per class with MPS; masks are coarse and every name "
         f"is novel. {HOW_TO_TRAINED}"
     )
-    return LoadedModel(net.to(device), "training-free", status, precision)
+    return LoadedModel(net.to(device), "training-free", status, precision, backend=backend)
 
 
 def _first_line(error: BaseException) -> str:
@@ -377,7 +386,12 @@ class Handlers:
     def new_session(self, mode: str = "slide") -> Session:
         if self.loaded.model is None:
             raise UserError(self.loaded.message)
-        return Session(OTSegPredictor(gpu.RemoteModel(self.loaded.key), mode=mode))
+        return Session(self._predictor(gpu.RemoteModel(self.loaded.key), mode))
+
+    @staticmethod
+    def _predictor(model: gpu.RemoteModel, mode: str) -> OTSegPredictor:
+        # The tower's backend and precision apply behind the boundary (app.gpu), not here.
+        return OTSegPredictor(model, mode=mode, backend="torch")
 
     # -- the expensive step: image and vocabulary --------------------------------------------
     def segment(
@@ -411,7 +425,7 @@ class Handlers:
         session = session or self.new_session(mode)
         with session.lock:
             if session.predictor.mode != mode:  # same model and text cache, new image encoding
-                session.predictor = OTSegPredictor(session.predictor.model, mode=mode)
+                session.predictor = self._predictor(session.predictor.model, mode)
                 session.image_key, session.names = None, []
             pred = session.predictor
             if key != session.image_key:
@@ -526,6 +540,7 @@ class Handlers:
         colors = session.colors
         rows = overlay.legend_rows(session.names, colors, session.labels, session.seen)
         facts = {"mode": self.loaded.mode, **session.knobs, "inference": session.predictor.mode,
+                 "backend": self.loaded.backend, "precision": self.loaded.precision,
                  "note": session.note}  # fmt: skip
         info = render.summary(rows, session.labels.shape, **facts)
         stem = f"{session.image_name}-otseg-{len(session.names)}-classes"

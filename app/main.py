@@ -6,8 +6,10 @@ Settings (flag, then environment variable, then default):
                                   "none": training-free CLIP)
     --clip       OTSEG_CLIP       CLIP for the training-free mode ("ViT-B-16-quickgelu")
     --clip-pretrained OTSEG_CLIP_PRETRAINED  its weights tag or file ("openai"; "" for none)
-    --precision  OTSEG_PRECISION  "fp32" or "bf16" (bf16 autocast: ~1.6× faster than fp32 on
-                                  CPUs with AVX-512 BF16)
+    --precision  OTSEG_PRECISION  "auto" (bf16 on a CPU with AMX or AVX512-BF16, else fp32),
+                                  "fp32" or "bf16"
+    --backend    OTSEG_BACKEND    what runs the image tower: "auto" (OpenVINO on x86-64 CPUs
+                                  where installed, else PyTorch), "torch", "openvino", "inductor"
     --device     OTSEG_DEVICE     "cpu", "cuda" or "mps" (default: cuda when available)
     --host       OTSEG_HOST / GRADIO_SERVER_NAME   ("127.0.0.1")
     --port       OTSEG_PORT / GRADIO_SERVER_PORT   (7860)
@@ -29,6 +31,7 @@ from app.inference import DEFAULT_MODEL, NO_MODEL, Handlers, LoadedModel, load_m
 from app.loading import ModelLoader
 from app.ui import CSS, build
 from otseg.errors import UserError
+from otseg.inference.engine import BACKENDS, auto_precision
 
 QUEUE_MAX_SIZE = 32  # waiting requests beyond this are refused with "queue full"
 MAX_FILE_SIZE = "25mb"
@@ -67,9 +70,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--precision",
-        choices=PRECISIONS,
-        default=_env("OTSEG_PRECISION", default="fp32"),
-        help="bf16: autocast towers (default: %(default)s) [OTSEG_PRECISION]",
+        choices=("auto", *PRECISIONS),
+        default=_env("OTSEG_PRECISION", default="auto"),
+        help="auto: bf16 on a CPU with AMX or AVX512-BF16, else fp32 (default: %(default)s) "
+        "[OTSEG_PRECISION]",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=_env("OTSEG_BACKEND", default="auto"),
+        help="what runs the image tower; auto: OpenVINO on an x86-64 CPU where it is installed, "
+        "else PyTorch (default: %(default)s) [OTSEG_BACKEND]",
     )
     p.add_argument(
         "--device",
@@ -94,8 +105,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="public gradio.live link [OTSEG_SHARE=1]",
     )
     args = p.parse_args(argv)
-    if args.precision not in PRECISIONS:  # choices are not applied to an environment default
-        p.error(f"OTSEG_PRECISION={args.precision}: use {' or '.join(PRECISIONS)}")
+    if args.precision not in ("auto", *PRECISIONS):  # choices skip an environment default
+        p.error(f"OTSEG_PRECISION={args.precision}: use auto, {' or '.join(PRECISIONS)}")
+    if args.backend not in BACKENDS:
+        p.error(f"OTSEG_BACKEND={args.backend}: use {', '.join(BACKENDS)}")
     return args
 
 
@@ -173,12 +186,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_model(model)
 
     def load() -> LoadedModel:
+        where = device or check_device(None)
+        precision = auto_precision(where) if args.precision == "auto" else args.precision
         loaded = load_model(
             model,
             clip_model=args.clip,
             clip_pretrained=args.clip_pretrained or None,
-            precision=args.precision,
-            device=device or check_device(None),
+            precision=precision,
+            device=where,
+            backend=args.backend,
         )
         print(loaded.message, flush=True)
         return loaded

@@ -89,13 +89,19 @@ def test_a_missing_model_directory_stops_the_demo_at_start(tmp_path, monkeypatch
 def test_environment_settings_are_checked_like_flags(monkeypatch, capsys):
     from app.main import parse_args
 
+    monkeypatch.delenv("OTSEG_BACKEND", raising=False)
+    monkeypatch.delenv("OTSEG_PRECISION", raising=False)
+    assert (parse_args([]).precision, parse_args([]).backend) == ("auto", "auto")
     monkeypatch.setenv("OTSEG_PORT", "8080")
     monkeypatch.setenv("OTSEG_PRECISION", "bf16")
+    monkeypatch.setenv("OTSEG_BACKEND", "torch")
     args = parse_args([])
-    assert (args.port, args.precision) == (8080, "bf16")
+    assert (args.port, args.precision, args.backend) == (8080, "bf16", "torch")
+    assert parse_args(["--backend", "openvino"]).backend == "openvino"  # the flag wins
     for name, value, message in (
         ("OTSEG_PORT", "abc", "argument --port: invalid int value: 'abc'"),
-        ("OTSEG_PRECISION", "fp16", "OTSEG_PRECISION=fp16: use fp32 or bf16"),
+        ("OTSEG_PRECISION", "fp16", "OTSEG_PRECISION=fp16: use auto, fp32 or bf16"),
+        ("OTSEG_BACKEND", "tensorrt", "OTSEG_BACKEND=tensorrt: use auto, torch, openvino"),
     ):
         monkeypatch.setenv(name, value)
         with pytest.raises(SystemExit) as e:
@@ -146,3 +152,37 @@ def test_the_default_is_otseg_and_none_chooses_training_free(tmp_path, monkeypat
     assert (
         "HF_HUB_OFFLINE" in fallback.status and "**Training-free mode** instead" in fallback.status
     )
+def test_precision_auto_and_backend_reach_the_model(monkeypatch):
+    import app.main
+
+    class Stop(Exception):  # ends main() once the model was loaded, before the server starts
+        pass
+
+    class LoadNow:  # the background loader, run in this thread
+        def __init__(self, load, failed):
+            self.load = load
+
+        def start(self):
+            self.load()
+            raise Stop
+
+    seen = {}
+
+    def load_model(model, **kwargs):
+        seen.update(kwargs)
+        return app.main.LoadedModel(None, "none", "nothing")
+
+    monkeypatch.delenv("OTSEG_PRECISION", raising=False)
+    monkeypatch.delenv("OTSEG_BACKEND", raising=False)
+    monkeypatch.setattr(app.main, "load_model", load_model)
+    monkeypatch.setattr(app.main, "ModelLoader", LoadNow)
+    for flags, cpu_bf16, want in (
+        ([], True, ("bf16", "auto")),  # auto: bf16 on a CPU with native bf16
+        ([], False, ("fp32", "auto")),
+        (["--precision", "fp32", "--backend", "torch"], True, ("fp32", "torch")),
+    ):
+        flagged = "bf16" if cpu_bf16 else "fp32"
+        monkeypatch.setattr(app.main, "auto_precision", lambda device, p=flagged: p)
+        with pytest.raises(Stop):
+            app.main.main(["--device", "cpu", "--model", "none", *flags])
+        assert (seen["precision"], seen["backend"]) == want

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import render
+from app import gpu, render
 from app.compare import Comparisons, Side
-from app.inference import Handlers, LoadedModel
+from app.inference import ENGINE_LABELS, Handlers, LoadedModel
 from app.overlay import legend_rows
 from otseg.errors import UserError
+from otseg.inference.engine import choose_backend
 from tests.demo_helpers import write_photo
 from tests.factories import save_tiny_clip, tiny_model
 
@@ -85,16 +86,26 @@ def handlers(tmp_path_factory):
     clip = save_tiny_clip(tmp_path_factory.mktemp("clip") / "clip")
     model = tiny_model(clip=f"local-dir:{clip}")
     calls = {"image": 0}
-    encode = model.encode_image
+    h = Handlers(LoadedModel(model, "trained", "test"), tmp_path_factory.mktemp("dl"))
+    tower = gpu._TOWERS[h.loaded.key]  # what runs this model's image tower (any backend)
 
     def counting(images):
         calls["image"] += 1
-        return encode(images)
+        return tower(images)
 
-    model.encode_image = counting
-    h = Handlers(LoadedModel(model, "trained", "test"), tmp_path_factory.mktemp("dl"))
+    gpu._TOWERS[h.loaded.key] = counting
     h.calls = calls
     return h
+
+
+def test_page_says_which_backend_and_precision_ran(handlers, tmp_path):
+    backend = choose_backend("auto", model=handlers.loaded.model)
+    assert handlers.loaded.backend == backend and handlers.loaded.precision == "fp32"
+    assert handlers.loaded.status.endswith(f"{ENGINE_LABELS[backend]}, fp32.")
+    knobs = {"attention": "sinkhorn", "lam": 0.5, "use_mps": True}
+    session = handlers.segment(None, str(write_photo(tmp_path / "p.png")), "cat", knobs)
+    info = handlers.outputs(session, 0.5)["summary"]
+    assert (info["backend"], info["precision"]) == (backend, "fp32")
 
 
 def test_knob_changes_do_not_rerun_the_image_encoder(handlers, tmp_path):

@@ -178,14 +178,21 @@ def test_only_new_class_names_cross_to_the_text_tower(tmp_path, monkeypatch):
     assert [len(names) for names in sent] == [gpu.TEXT_BATCH, 1]
 
 
-def test_bf16_runs_the_towers_under_autocast_inside_the_boundary(tmp_path):
-    """--precision bf16: autocast is entered in the GPU worker, where the model runs."""
+def test_bf16_runs_the_tower_in_bf16_inside_the_boundary(tmp_path):
+    """--precision bf16: the image tower runs in bf16 in the GPU worker, where the model runs
+    (autocast on PyTorch, the engine's own bf16 on the auto-chosen engine)."""
     _, model_dir = tiny_dirs(tmp_path)
     model = load_model(str(model_dir)).model
     crop = model.config.test_crop
     windows = torch.randn(1, 3, crop, crop)
-    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        emb = gpu.encode_image(gpu.register(model, precision), windows)
-        assert emb["pixels"].dtype == dtype, precision
+    with torch.inference_mode():
+        want = model.encode_image(windows).pixels
+    for backend in ("torch", "auto"):
+        fp32 = gpu.encode_image(gpu.register(model, "fp32", backend), windows)["pixels"]
+        key = gpu.register(model, "bf16", backend)
+        bf16 = gpu.encode_image(key, windows)["pixels"].float()
+        assert gpu.tower_info(key)[1] == "bf16"
+        assert (fp32 - want).abs().max() < 1e-4, backend
+        assert 1e-5 < (bf16 - want).abs().max() < 5e-2, backend  # rounded: bf16 ran
     with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16'\)"):
         gpu.register(model, "fp16")

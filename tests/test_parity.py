@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from factories import PARITY_DIR, fixture_config, skip_or_fail
+from otseg.inference.engine import choose_backend, image_tower
 from otseg.inference.slide import slide_inference
 from otseg.nn.losses import otseg_losses, pseudo_label, remap_labels
 from otseg.weights.convert import convert_checkpoint
@@ -127,6 +128,26 @@ def test_slide_inference_matches(slide_case):
     with torch.no_grad():
         probs = slide_inference(
             lambda crop: model(crop, text, seen=seen).scores,
+            ref["slide.input"],
+            crop=cfg.test_crop,
+            stride=cfg.test_stride,
+            out_size=ori,
+        )
+    close("slide.probs", probs, ref["slide.probs"])
+    labels_agree("slide.pred", probs.argmax(1), ref["slide.pred"], ref["slide.probs"])
+
+
+def test_slide_inference_matches_on_the_default_backend(slide_case):
+    """The same, with the image tower on the backend the predictor picks by default here
+    (OpenVINO on an x86-64 CPU where it is installed; see otseg.inference.engine)."""
+    d, cfg, model, ref = slide_case
+    tower = image_tower(model)
+    assert tower.backend == choose_backend("auto", model=model)
+    text, seen = model.embed_text(cfg.class_names), seen_mask(cfg)
+    ori = tuple(json.loads((d / "fixture.json").read_text())["slide"]["ori_shape"])
+    with torch.no_grad():
+        probs = slide_inference(
+            lambda crop: model(tower(crop), text, seen=seen).scores,
             ref["slide.input"],
             crop=cfg.test_crop,
             stride=cfg.test_stride,

@@ -54,13 +54,12 @@ def test_predictor_whole_mode_is_one_pass_and_equals_whole_inference():
     photo = random_photo(seed=4)  # 80×112: 64×96 at the test scale, slide takes 2 windows
     names = list(cfg.class_names)
     calls = []
-    encode = model.encode_image
-    model.encode_image = lambda x: calls.append(x.shape) or encode(x)
-    p = OTSegPredictor(model, mode="whole")
+    p = OTSegPredictor(model, mode="whole")  # the default backend
+    encode = p.tower
+    p.tower = lambda x: calls.append(x.shape) or encode(x)
     p.set_image(photo)
     p.set_vocabulary(names)
     pred = p.predict()
-    model.encode_image = encode
     assert len(calls) == 1 and calls[0][-2] % 16 == 0 and calls[0][-1] % 16 == 0
     assert pred.labels.shape == photo.shape[:2]
     assert pred.prompt_maps.shape[:2] == (len(names), cfg.num_prompts)

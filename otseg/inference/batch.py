@@ -146,8 +146,8 @@ class BatchSegmenter:
         mode, precision, backend: as :class:`OTSegPredictor`.
         iterations: None for the original stopping rule (the predictor, one window per head
             call); N for exactly N Sinkhorn iterations, with the windows of consecutive images
-            batched ``window_batch`` at a time (slide mode on the PyTorch backend; otherwise the
-            predictor runs with N fixed iterations).
+            batched ``window_batch`` at a time on PyTorch (slide mode, backend ``"auto"`` or
+            ``"torch"``; otherwise the predictor runs with N fixed iterations).
         workers: loader threads (0: load in the calling thread).
     """
 
@@ -163,7 +163,7 @@ class BatchSegmenter:
         calibrate_seen: bool = True,
         mode: str = "slide",
         precision: str = "fp32",
-        backend: str = "torch",
+        backend: str = "auto",
         iterations: int | None = None,
         window_batch: int = 8,
         workers: int = 2,
@@ -180,7 +180,7 @@ class BatchSegmenter:
         self.knobs = resolve_for(model, attention, lam, use_mps).as_dict()
         self.server: SlideServer | None = None
         self.predictor: OTSegPredictor | None = None
-        if iterations is not None and mode == "slide" and backend == "torch":
+        if iterations is not None and mode == "slide" and backend in ("auto", "torch"):
             if not calibrate_seen:
                 seen = [False] * len(names)
             self.server = SlideServer(

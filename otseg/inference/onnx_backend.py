@@ -44,6 +44,12 @@ def tower_key(model: OTSeg, size: int) -> str:
 class OnnxTower:
     """Callable like ``model.encode_image`` on (B, 3, S, S) crops → :class:`ImageEmbedding`."""
 
+    backend = "onnxruntime"
+    precision = "fp32"
+
+    def prepare(self, size: tuple[int, int]) -> None:
+        """Nothing to do: the session exists (the same interface as the engines' towers)."""
+
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         try:
             import onnxruntime as ort

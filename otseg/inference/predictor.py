@@ -10,7 +10,6 @@ result = predictor.predict(attention="sinkhorn", lam=0.5)   # result.labels: (H,
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,36 +25,16 @@ from ..nn.ensemble import TokenMaps, WindowScores, resize
 from ..nn.variants import check_lam, describe, resolve_for
 from ..vocabulary import check_names, check_vocabulary
 from .allocator import keep_freed_memory
+from .engine import auto_precision, image_tower
+from .precision import PRECISIONS, autocast_dtype, precision_context  # noqa: F401 - re-exported
 from .preprocess import ImageLike, ModelInput, load_image, prepare
 from .slide import Box, crops, merge_windows, slide_windows, window_probabilities
 from .whole import whole_input
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype
 # "slide": overlapping test_crop windows, as the original (the default and the parity path);
 # "whole": one pass over the whole test-scale image (otseg.inference.whole), faster, not the original's.
 MODES = ("slide", "whole")
 PROMPT_MAP_STRIDE = 8  # per-prompt maps are returned at 1/8 of the test-scale image
-
-
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The autocast dtype of a precision name (None for ``"fp32"``: no autocast)."""
-    if precision not in PRECISIONS:
-        raise UserError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
-    return PRECISIONS[precision]
-
-
-def precision_context(
-    device: torch.device | str, precision: str, *, cache_enabled: bool = True
-) -> contextlib.AbstractContextManager:
-    """Autocast to ``precision`` on ``device``'s type, or nothing for ``"fp32"``.
-
-    cache_enabled=False: no weight-cast cache (a CUDA graph must not capture casts that
-    outlive the capture)."""
-    dtype = autocast_dtype(precision)
-    if dtype is None:
-        return contextlib.nullcontext()
-    kind = torch.device(device).type
-    return torch.autocast(kind, dtype=dtype, cache_enabled=cache_enabled)
 
 
 KNOBS = ("attention", "lam", "use_mps", "calibrate_seen")  # predict()'s keyword arguments
@@ -151,17 +130,23 @@ class Prediction:
     lam: float | None  # None: the variant has no MPS map, so no λ ("zegclip")
     use_mps: bool
     description: str = ""  # what the variant computes, one sentence
+    backend: str = "torch"  # what ran the image tower (see otseg.inference.engine)
+    precision: str = "fp32"  # of the image tower and head
 
 
 class OTSegPredictor:
     """Caches the image embedding of every slide window and the vocabulary's text embeddings;
     also caches the head's maps per (attention, MPS on/off), so a new λ only re-fuses.
 
-    precision: ``"fp32"``, or autocast to ``"bf16"`` / ``"fp16"`` (fp16 for GPUs).
+    precision: ``"fp32"`` (the default and the parity path), ``"bf16"`` (the engine's bf16 for
+    the image tower, autocast for the rest) or ``"fp16"`` (autocast, for GPUs); ``"auto"``: bf16
+    on a CPU with AMX or AVX512-BF16, else fp32 (:func:`otseg.inference.engine.auto_precision`).
     mode: ``"slide"`` (overlapping windows, as the original) or ``"whole"`` (one pass over the
     whole image, see :mod:`otseg.inference.whole`: ~1.5× less work on a 4:3 photo; labels differ).
-    backend: ``"torch"``, or ``"onnxruntime"`` for the image tower (CPU, fp32, slide; see
-    :mod:`otseg.inference.onnx_backend`).
+    backend: what runs the image tower: ``"auto"`` (``$OTSEG_BACKEND``, else OpenVINO on an
+    x86-64 CPU where it is installed, else PyTorch), ``"torch"``, ``"openvino"``,
+    ``"inductor"`` (see :mod:`otseg.inference.engine`), or ``"onnxruntime"`` (CPU, fp32, slide;
+    :mod:`otseg.inference.onnx_backend`). The chosen one is ``predictor.backend``.
     """
 
     def __init__(
@@ -171,9 +156,10 @@ class OTSegPredictor:
         device: str | torch.device | None = None,
         precision: str = "fp32",
         mode: str = "slide",
-        backend: str = "torch",
+        backend: str = "auto",
     ) -> None:
-        autocast_dtype(precision)  # a bad name fails here, before any work
+        if precision != "auto":
+            autocast_dtype(precision)  # a bad name fails here, before any work
         if mode not in MODES:
             raise UserError(f"mode must be one of {MODES}, got {mode!r}")
         self.model = model.eval()
@@ -185,9 +171,10 @@ class OTSegPredictor:
                 raise UserError(f"device {str(device)!r} is not usable here: {reason}") from None
         if self.model.device.type == "cpu":
             keep_freed_memory()
+        if precision == "auto":
+            precision = auto_precision(self.model.device)
         self.precision = precision
         self.mode = mode
-        self._onnx_tower = None
         if backend == "onnxruntime":
             device = self.model.device
             if precision != "fp32" or mode != "slide" or device.type != "cpu":
@@ -197,9 +184,15 @@ class OTSegPredictor:
                 )
             from .onnx_backend import onnx_tower
 
-            self._onnx_tower = onnx_tower(self.model)
-        elif backend != "torch":
-            raise UserError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}")
+            self.tower = onnx_tower(self.model)
+        else:
+            self.tower = image_tower(self.model, backend, precision)
+            cfg = self.model.config
+            crop = (cfg.test_crop, cfg.test_crop)
+            # Convert (or load) the engine now, not in the first set_image; whole mode runs
+            # the dynamic-shape model, which any size other than the crop selects.
+            self.tower.prepare(crop if mode == "slide" else (crop[0], crop[1] + 16))
+        self.backend = self.tower.backend
         self.reset_image()
         self._names: list[str] | None = None
         self._text: torch.Tensor | None = None
@@ -247,10 +240,9 @@ class OTSegPredictor:
         else:
             boxes = slide_windows(x.shape[-2], x.shape[-1], cfg.test_crop, cfg.test_stride)
         self.reset_image()
-        encode = self._onnx_tower or self.model.encode_image
-        with self._autocast():
-            # One window at a time: a batch of two gains only a few percent on a CPU.
-            self._embeddings = [encode(window) for window in crops(x, boxes).split(1)]
+        # One window at a time: a batch of two gains only a few percent on a CPU. The tower
+        # applies the precision itself (autocast for PyTorch, the engine's own bf16).
+        self._embeddings = [self.tower(window) for window in crops(x, boxes).split(1)]
         self._boxes = boxes
         self._scaled_size = (x.shape[-2], x.shape[-1])
         self.original_size = rgb.shape[:2]
@@ -324,6 +316,8 @@ class OTSegPredictor:
             lam=lam,
             use_mps=use_mps,
             description=describe(self.model, attention),
+            backend=self.backend,
+            precision=self.precision,
         )
 
     def _head_maps(self, attention: str, use_mps: bool) -> list:

@@ -90,32 +90,21 @@ def training_free_config(
     )
 
 
-class TrainingFreeOTSeg(PostProcessing, nn.Module):
-    """Frozen CLIP (image and text towers) with a parameter-free MPS head; see module doc."""
+class DenseClipTower(nn.Module):
+    """The frozen CLIP image tower with MaskCLIP/ClearCLIP dense features in its last block
+    (see the module doc): the model's ``image_encoder``, which engines export as one module."""
 
-    attentions = ATTENTIONS
-
-    def __init__(
-        self, config: OTSegConfig, clip: nn.Module, tokenizer, *, dense: str = "maskclip"
-    ) -> None:
+    def __init__(self, visual: nn.Module, dense: str = "maskclip") -> None:
         super().__init__()
         if dense not in DENSE_MODES:
             raise UserError(f"dense must be one of {DENSE_MODES}, got {dense!r}")
-        self.config = config
+        self.visual = visual
         self.dense = dense
-        self.visual = clip.visual
-        self.text_tower = TextTower(clip, tokenizer)
-        self.text = PromptEmbedder(config.templates, tower=self.text_tower)
-        self.card: dict = {}
-        for p in self.parameters():
-            p.requires_grad_(False)
 
-    @property
-    def device(self) -> torch.device:
-        return self.visual.conv1.weight.device
+    def extra_repr(self) -> str:
+        return f"dense={self.dense!r}"
 
-    # -- the two encoders -------------------------------------------------------------------
-    def encode_image(self, images: torch.Tensor) -> ImageEmbedding:
+    def forward(self, images: torch.Tensor) -> ImageEmbedding:
         """images: (B, 3, H, W) CLIP-normalised → pixels (B, C, H/p, W/p), cls (B, C), unit-norm."""
         v = self.visual
         x, h, w = clip_tokens(v, images)
@@ -144,6 +133,42 @@ class TrainingFreeOTSeg(PostProcessing, nn.Module):
             v = F.scaled_dot_product_attention(qh, qh, vh).transpose(1, 2).reshape(b, n, width)
         out = attn.out_proj(v)
         return block.ls_1(out) if hasattr(block, "ls_1") else out
+
+
+class TrainingFreeOTSeg(PostProcessing, nn.Module):
+    """Frozen CLIP (image and text towers) with a parameter-free MPS head; see module doc."""
+
+    attentions = ATTENTIONS
+
+    def __init__(
+        self, config: OTSegConfig, clip: nn.Module, tokenizer, *, dense: str = "maskclip"
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.image_encoder = DenseClipTower(clip.visual, dense)
+        self.text_tower = TextTower(clip, tokenizer)
+        self.text = PromptEmbedder(config.templates, tower=self.text_tower)
+        self.card: dict = {}
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def visual(self) -> nn.Module:
+        """CLIP's image tower (open_clip ``VisionTransformer``)."""
+        return self.image_encoder.visual
+
+    @property
+    def dense(self) -> str:
+        return self.image_encoder.dense
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual.conv1.weight.device
+
+    # -- the two encoders -------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor) -> ImageEmbedding:
+        """images: (B, 3, H, W) CLIP-normalised → pixels (B, C, H/p, W/p), cls (B, C), unit-norm."""
+        return self.image_encoder(images)
 
     def embed_text(self, names: Sequence[str]) -> torch.Tensor:
         """K class names → (K, N, C) float32 unit-norm prompt embeddings on the model's device."""

@@ -297,7 +297,9 @@ def resize_positions(pos: torch.Tensor, grid: int | tuple[int, int]) -> torch.Te
     """
     h, w = (grid, grid) if isinstance(grid, int) else grid
     g = int(math.isqrt(pos.shape[0] - 1))
-    if (g, g) == (h, w):
+    # While exporting, always interpolate (the identity at the same grid, exactly): comparing the
+    # grid with g would specialise a dynamic-shape export to the table's grid.
+    if not torch.compiler.is_exporting() and (g, g) == (h, w):
         return pos
     spatial = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
     spatial = F.interpolate(spatial, size=(h, w), mode="bilinear", align_corners=False)
