@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from app import gpu
 from app.inference import load_model
 from app.main import LAUNCH, build_demo
 from tests.browser import chromium, launched, open_page
@@ -47,8 +48,8 @@ def served(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)  # the mode line then names the model without a temp path
         loaded = load_model(model_dir.name)
-    gate = Gate(loaded.model.encode_image)
-    loaded.model.encode_image = gate
+    gate = Gate(gpu._TOWERS[loaded.key])  # what runs the image tower, on any backend
+    gpu._TOWERS[loaded.key] = gate
     with launched(build_demo(loaded), **LAUNCH) as url, chromium() as context:
         yield url, context, gate, root
 

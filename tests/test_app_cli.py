@@ -152,6 +152,8 @@ def test_the_default_is_otseg_and_none_chooses_training_free(tmp_path, monkeypat
     assert (
         "HF_HUB_OFFLINE" in fallback.status and "**Training-free mode** instead" in fallback.status
     )
+
+
 def test_precision_auto_and_backend_reach_the_model(monkeypatch):
     import app.main
 
