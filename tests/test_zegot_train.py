@@ -235,11 +235,16 @@ def test_tiny_zegot_learns_far_above_chance(tmp_path):
     from otseg.data.synthetic import write_synthetic
     from otseg.inference.predictor import OTSegPredictor
 
-    data = write_synthetic(tmp_path / "data", "voc", num_train=64, num_val=16, seed=1)
+    # the README's data (python -m otseg.data.synthetic ... --num-train 64 --num-val 16, seed 0)
+    data = write_synthetic(tmp_path / "data", "voc", num_train=64, num_val=16, seed=0)
     out = tmp_path / "run"
-    run(TRAIN + tiny_args(data, out, config="zegot-tiny-fully"), timeout=300)
+    run(TRAIN + tiny_args(data, out, config="zegot-tiny-fully"), timeout=900)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["miou"] > 0.5, metrics  # chance: ≈ 0.04–0.1 for 5 classes
+    # chance: ≈ 0.04–0.1 for 5 classes. The mIoU swings with the data seed and the thread
+    # count: 0.38–0.72 over seeds 0–5 at 1 or 2 threads (0.425 here, 1 thread), `python
+    # bench/tiny_learning.py --config zegot-tiny-fully --seeds 0 1 2 3 4 5 [--threads 2]`;
+    # the bar lies below all of them.
+    assert metrics["miou"] > 0.3, metrics
     predictor = OTSegPredictor.from_pretrained(str(out / "model"))
     assert model_type(predictor.model) == "zegot"
     again = tmp_path / "metrics.json"
