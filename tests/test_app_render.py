@@ -247,6 +247,35 @@ def _check_views(handlers, session, path: Path, names, seen, knobs) -> None:
     np.testing.assert_array_equal(half, blend.astype(np.uint8))
 
 
+def _check_compare_and_prompt_maps(handlers, session, path: Path, names, seen, knobs) -> None:
+    """The comparison draws the library's Sinkhorn and softmax labels (at the session's λ and
+    MPS switch), and the prompt maps of a class are that class's under each attention."""
+    from app import overlay
+
+    image = np.asarray(Image.open(path).convert("RGB"))
+    colors = session.colors
+    got = handlers.compare(session, knobs, 0.4)
+    labels = {}
+    for i, attention in enumerate(("sinkhorn", "softmax")):
+        want = _library_prediction(handlers, path, names, seen, {**knobs, "attention": attention})
+        labels[attention] = want.labels
+        np.testing.assert_array_equal(
+            got["images"][i], overlay.overlay(image, want.labels, colors, 0.4)
+        )
+    assert got["changed"] == pytest.approx(100 * np.mean(labels["sinkhorn"] != labels["softmax"]))
+    name = names[-1]
+    maps = handlers.prompt_maps(session, name)
+    for attention in ("sinkhorn", "softmax"):
+        want = _library_prediction(
+            handlers, path, names, seen, {"attention": attention, "use_mps": True}
+        )
+        k = len(names) - 1
+        grid = overlay.prompt_score_grid(want.prompt_maps, k, want.templates, name)
+        np.testing.assert_array_equal(np.asarray(maps["grids"][attention]), np.asarray(grid))
+        overlap = render.prompt_overlap(np.clip(want.prompt_maps[k], 0, None))
+        assert maps["overlap"][attention] == pytest.approx(overlap)
+
+
 def test_each_view_after_each_kind_of_change_equals_the_library(handlers, tmp_path):
     """A sequence as a user clicks it: segment, upload a second image, change λ, switch the
     attention, reorder the names. After each step the labels equal the library's
@@ -266,6 +295,9 @@ def test_each_view_after_each_kind_of_change_equals_the_library(handlers, tmp_pa
     reordered = ["dog", "class0", "cat"]
     session = handlers.segment(session, str(second), ", ".join(reordered), knobs)
     _check_views(handlers, session, second, reordered, [False, True, False], knobs)
+    _check_compare_and_prompt_maps(
+        handlers, session, second, reordered, [False, True, False], {**knobs, "use_mps": True}
+    )
 
 
 def test_legend_and_overlay_colours_agree_beyond_twenty_classes(handlers, tmp_path):

@@ -199,3 +199,18 @@ def test_prompted_tower_equals_the_paper_on_random_weights():
         pixels = F.normalize(x[:, 1 + p :], dim=-1).transpose(1, 2).reshape(2, -1, 4, 4)
     torch.testing.assert_close(got.pixels, pixels, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.cls, F.normalize(x[:, 0], dim=-1), atol=1e-5, rtol=0)
+
+
+def test_positions_resize_bilinearly_without_corner_alignment():
+    """A 2×2 position grid resized to 4×4: along each axis the samples sit at source
+    coordinates −0.25, 0.25, 0.75, 1.25 (half-pixel centres, clamped at the border), i.e.
+    weights 0, ¼, ¾, 1 between the two source values. The class row is kept."""
+    from otseg.nn.clip_image import resize_positions
+
+    table = torch.tensor([[9.0], [0.0], [1.0], [2.0], [3.0]])  # class, then rows [[0, 1], [2, 3]]
+    a = torch.tensor([0.0, 0.25, 0.75, 1.0])
+    want = (2 * a[:, None] + a[None, :]).reshape(16, 1)  # value = 2·y + x
+    got = resize_positions(table, 4)
+    assert got[0].item() == 9.0
+    torch.testing.assert_close(got[1:], want)
+    assert resize_positions(table, 2) is table

@@ -104,3 +104,18 @@ def test_prompt_sets_before_every_block_or_none():
     assert VisionConfig(layers=4, num_prompt_tokens=0, deep_prompt_layers=0).layers == 4
     with pytest.raises(ValueError, match="deep_prompt_layers"):
         VisionConfig(layers=12, deep_prompt_layers=5)
+
+
+def test_fixed_iterations_apply_inside_the_context_only(model, batch):
+    """fixed_sinkhorn changes the iteration count of the MPS map and every decoder layer while
+    it is entered, and restores the stopping rule on exit."""
+    from otseg.nn.mpsa import fixed_sinkhorn
+
+    before = run(model, batch)
+    with fixed_sinkhorn(model, 2):
+        inside = run(model, batch)
+    after = run(model, batch)
+    for i in range(len(before.transports)):
+        assert not torch.allclose(inside.transports[i].plan, before.transports[i].plan)
+        assert torch.equal(after.transports[i].plan, before.transports[i].plan)
+    assert torch.equal(after.logits, before.logits)

@@ -31,14 +31,14 @@ def photo():
     return random_photo(70, 110, seed=4)  # 64×100 at the test scale: 2×3 windows
 
 
-def slide_probs(model, photo, names, *, seen, lam=None):
+def slide_probs(model, photo, names, *, seen, lam=None, **forward):
     """Slide inference with the model's forward pass, independently of the predictor."""
     cfg = model.config
     x = to_model_input(photo, cfg.resize_short, cfg.pixel_mean, cfg.pixel_std)
     text = model.embed_text(names)
     with torch.no_grad():
         return slide_inference(
-            lambda w: model(w, text, seen=seen, lam=lam).scores,
+            lambda w: model(w, text, seen=seen, lam=lam, **forward).scores,
             x,
             crop=cfg.test_crop,
             stride=cfg.test_stride,
@@ -62,6 +62,20 @@ def test_predictor_equals_slide_inference(model, photo, lam):
     assert (plain.argmax(0) != want.argmax(0)).any()
     other = slide_probs(model, photo, NAMES, seen=seen, lam=0.9)
     assert np.abs(other - want).max() > 1e-3
+
+
+def test_switches_in_any_order_equal_slide_inference(model, photo):
+    """MPS off, then on, then softmax, then Sinkhorn again on one predictor: each result is the
+    model's own slide inference with those settings (the head's cache is per setting)."""
+    p = OTSegPredictor(model)
+    p.set_image(photo)
+    p.set_vocabulary(NAMES)
+    seen = torch.tensor([True, False, True, False])
+    for attention, use_mps in (("sinkhorn", False), ("sinkhorn", True), ("softmax", True),
+                               ("softmax", False), ("sinkhorn", True)):  # fmt: skip
+        got = p.predict(attention=attention, use_mps=use_mps)
+        want = slide_probs(model, photo, NAMES, seen=seen, attention=attention, use_mps=use_mps)
+        np.testing.assert_allclose(got.probs, want, atol=2e-6, rtol=0)
 
 
 def test_lambda_away_from_one_half(model, photo):
