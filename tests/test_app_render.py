@@ -247,33 +247,18 @@ def _check_views(handlers, session, path: Path, names, seen, knobs) -> None:
     np.testing.assert_array_equal(half, blend.astype(np.uint8))
 
 
-def _check_compare_and_prompt_maps(handlers, session, path: Path, names, seen, knobs) -> None:
-    """The comparison draws the library's Sinkhorn and softmax labels (at the session's λ and
-    MPS switch), and the prompt maps of a class are that class's under each attention."""
-    from app import overlay
-
-    image = np.asarray(Image.open(path).convert("RGB"))
-    colors = session.colors
-    got = handlers.compare(session, knobs, 0.4)
-    labels = {}
-    for i, attention in enumerate(("sinkhorn", "softmax")):
-        want = _library_prediction(handlers, path, names, seen, {**knobs, "attention": attention})
-        labels[attention] = want.labels
-        np.testing.assert_array_equal(
-            got["images"][i], overlay.overlay(image, want.labels, colors, 0.4)
-        )
-    assert got["changed"] == pytest.approx(100 * np.mean(labels["sinkhorn"] != labels["softmax"]))
-    name = names[-1]
-    maps = handlers.prompt_maps(session, name)
+def _check_prompt_maps(handlers, session, path: Path, names, seen) -> None:
+    """The prompt-map view of each class shows that class's maps under each attention (its
+    overlap score equals the one of the library's per-prompt maps of that class)."""
     for attention in ("sinkhorn", "softmax"):
         want = _library_prediction(
             handlers, path, names, seen, {"attention": attention, "use_mps": True}
         )
-        k = len(names) - 1
-        grid = overlay.prompt_score_grid(want.prompt_maps, k, want.templates, name)
-        np.testing.assert_array_equal(np.asarray(maps["grids"][attention]), np.asarray(grid))
-        overlap = render.prompt_overlap(np.clip(want.prompt_maps[k], 0, None))
-        assert maps["overlap"][attention] == pytest.approx(overlap)
+        overlaps = [render.prompt_overlap(np.clip(m, 0, None)) for m in want.prompt_maps]
+        assert len({round(o, 6) for o in overlaps}) == len(names)  # the classes differ
+        for k, name in enumerate(names):
+            got = handlers.prompt_maps(session, name)["overlap"][attention]
+            assert got == pytest.approx(overlaps[k]), (attention, name)
 
 
 def test_each_view_after_each_kind_of_change_equals_the_library(handlers, tmp_path):
@@ -295,9 +280,7 @@ def test_each_view_after_each_kind_of_change_equals_the_library(handlers, tmp_pa
     reordered = ["dog", "class0", "cat"]
     session = handlers.segment(session, str(second), ", ".join(reordered), knobs)
     _check_views(handlers, session, second, reordered, [False, True, False], knobs)
-    _check_compare_and_prompt_maps(
-        handlers, session, second, reordered, [False, True, False], {**knobs, "use_mps": True}
-    )
+    _check_prompt_maps(handlers, session, second, reordered, [False, True, False])
 
 
 def test_legend_and_overlay_colours_agree_beyond_twenty_classes(handlers, tmp_path):
