@@ -114,3 +114,39 @@ def test_four_processes_train_as_one_accumulating_four(tmp_path: Path, data: Pat
     assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3  # two real Adam steps
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+PUSH_WRAPPER = """
+import os, sys, time
+from pathlib import Path
+import train.train as tt
+
+rank = os.environ["RANK"]
+try:
+    tt.main(sys.argv[1:])
+    code = 0
+except SystemExit as e:
+    code = e.code
+out = Path(sys.argv[sys.argv.index("--output-dir") + 1])
+(out / f"status_rank{rank}.txt").write_text(str(code))
+time.sleep(3 if rank == "0" else 0)  # the launcher ends the others when one fails
+raise SystemExit(code)
+"""
+
+
+@pytest.mark.slow
+def test_a_failed_push_ends_every_process_with_status_3(tmp_path: Path):
+    """The main process uploads; its failure is broadcast, so every process exits 3 (none
+    exits 0 or waits for another) and the launcher fails naming it."""
+    data = write_synthetic(tmp_path / "data", "voc", num_train=8, num_val=2)
+    script = tmp_path / "wrapper.py"
+    script.write_text(PUSH_WRAPPER)
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [*TORCHRUN, str(script),
+         *tiny_args(data, out, "--max-iters", "1", "--no-eval", "--push-to-hub", "me/tiny")],
+        cwd=REPO, env=env(ACCELERATE_USE_CPU="1"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0 and "exitcode  : 3" in done.stderr, done.stderr[-3000:]
+    assert [(out / f"status_rank{r}.txt").read_text() for r in (0, 1)] == ["3", "3"]
+    assert (out / "model" / "model.safetensors").is_file()
