@@ -105,3 +105,18 @@ def test_overlong_names_are_refused(clip):
     emb = PromptEmbedder(TEMPLATES_6, tower=TextTower(*clip))
     with pytest.raises(ValueError, match="token text context"):
         emb(["word " * 80])
+
+
+def test_the_text_context_holds_75_tokens_between_start_and_end(clip):
+    """CLIP's 77 positions minus the start and end tokens: a 75-token prompt is encoded in full
+    (equal to open_clip), a 76-token one is refused."""
+    model, tokenizer = clip
+    emb = PromptEmbedder(("a photo of a {}.",), tower=TextTower(model, tokenizer))
+    fits = " ".join(["cat"] * 70)  # "a photo of a" (4) + 70 + "." (1) = 75 tokens
+    prompt = f"a photo of a {fits}."
+    assert int(tokenizer([prompt]).argmax(-1)) == 76  # the end token sits at the last position
+    with torch.no_grad():
+        want = model.encode_text(tokenizer([prompt]), normalize=True)
+    torch.testing.assert_close(emb([fits])[:, 0], want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="token text context"):
+        emb([fits + " cat"])

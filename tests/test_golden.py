@@ -310,3 +310,33 @@ def test_zegot_class_logits_do_not_depend_on_the_other_classes(zegot_model):
         torch.testing.assert_close(
             getattr(four, field)[:, :3], getattr(three, field), atol=1e-6, rtol=0
         )
+
+
+def test_zegot_decoder_wiring(zegot_model):
+    """The score-map decoder written out per class: blocks split into consecutive FPN stages,
+    lateral 1×1 convs added top-down (from the last stage), each sum smoothed, the levels in
+    stage order with the MPOT map as one more channel, ASPP branches and an image-pooling
+    branch, fused, then one logit channel."""
+    dec = zegot_model.decoder
+    g = torch.Generator().manual_seed(19)
+    dfa = torch.randn(1, 2, zegot_model.config.vision.layers, 3, 4, generator=g)
+    mpot_map = torch.randn(1, 2, 3, 4, generator=g)
+    with torch.no_grad():
+        got = dec(dfa, mpot_map)
+        for c in range(2):
+            x = dfa[0, c][None]  # (1, L, h, w)
+            per = x.shape[1] // len(dec.lateral)
+            stages = [x[:, i * per : (i + 1) * per] for i in range(len(dec.lateral))]
+            sums = [None] * len(stages)
+            top = None
+            for i in reversed(range(len(stages))):
+                lateral = dec.lateral[i](stages[i])
+                top = lateral if top is None else lateral + top
+                sums[i] = top
+            levels = [torch.relu(dec.smooth[i][0](s)) for i, s in enumerate(sums)]
+            x = torch.cat([*levels, mpot_map[0, c][None, None]], dim=1)
+            branches = [torch.relu(branch[0](x)) for branch in dec.aspp]
+            pooled = torch.relu(dec.pool[0](x.mean(dim=(2, 3), keepdim=True))).expand(-1, -1, 3, 4)
+            fused = torch.relu(dec.fuse[0](torch.cat([*branches, pooled], dim=1)))
+            want = dec.logit(fused)[0, 0]
+            torch.testing.assert_close(got[0, c], want, atol=1e-5, rtol=1e-5)
