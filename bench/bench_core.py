@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -28,6 +29,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import otseg  # noqa: E402, F401 - torchvision patch before open_clip
+import otseg.nn.clip_image as clip_image  # noqa: E402
+import otseg.nn.mps as mps  # noqa: E402
 from otseg.inference.predictor import OTSegPredictor  # noqa: E402
 from otseg.models.otseg import build_model  # noqa: E402
 from otseg.nn.sinkhorn import sinkhorn  # noqa: E402
@@ -66,6 +69,24 @@ def original_sinkhorn(cost: torch.Tensor, eps: float = 0.05) -> torch.Tensor:
         if (u - u0).abs().mean().item() < 1e-6:
             break
     return torch.exp(kernel(u, v))
+
+
+@contextmanager
+def original_style():
+    """open_clip's attention blocks and the verbatim original Sinkhorn (the original's loop)."""
+    block_forward, sink = clip_image.block_forward, mps.sinkhorn
+
+    def original(cost, *, eps, max_iter, tol, cost_range=None):
+        batch = cost.shape[:-2]
+        plan = original_sinkhorn(cost.float().reshape(-1, *cost.shape[-2:]), eps)
+        return plan.reshape(*batch, *cost.shape[-2:])
+
+    clip_image.block_forward = lambda block, x: block(x)
+    mps.sinkhorn = original
+    try:
+        yield
+    finally:
+        clip_image.block_forward, mps.sinkhorn = block_forward, sink
 
 
 def clip_like_cost(k: int, m: int, n: int, seed: int = 0) -> torch.Tensor:

@@ -30,7 +30,7 @@ import platform
 import sys
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,14 +41,13 @@ import torch  # noqa: E402
 from bench_core import (  # noqa: E402
     clip_like_cost,
     original_sinkhorn,
+    original_style,
     photo_375x500,
     segmenter,
     uptime,
     vit_b16_model,
 )
 
-import otseg.nn.clip_image as clip_image  # noqa: E402
-import otseg.nn.mps as mps  # noqa: E402
 from otseg.inference.serving import SlideServer, capture_cuda_graph  # noqa: E402
 from otseg.nn.clip_image import ImageEmbedding  # noqa: E402
 from otseg.nn.mpsa import fixed_sinkhorn  # noqa: E402
@@ -86,24 +85,6 @@ def host_syncs(fn, device: torch.device) -> int | str:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
-
-
-@contextmanager
-def original_style():
-    """open_clip's attention blocks and the verbatim original Sinkhorn (the original's loop)."""
-    block_forward, sink = clip_image.block_forward, mps.sinkhorn
-
-    def original(cost, *, eps, max_iter, tol, cost_range=None):
-        batch = cost.shape[:-2]
-        plan = original_sinkhorn(cost.float().reshape(-1, *cost.shape[-2:]), eps)
-        return plan.reshape(*batch, *cost.shape[-2:])
-
-    clip_image.block_forward = lambda block, x: block(x)
-    mps.sinkhorn = original
-    try:
-        yield
-    finally:
-        clip_image.block_forward, mps.sinkhorn = block_forward, sink
 
 
 def build(quick: bool, device: torch.device):

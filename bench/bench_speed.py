@@ -1,34 +1,40 @@
-"""Image tower, slide vs whole inference and ONNX Runtime, measured in one run on this CPU.
+"""CPU speed of the image tower on every backend, and end to end against the original code,
+measured in one run on this CPU (its model and flags are printed first).
 
-    OMP_WAIT_POLICY=PASSIVE python bench/bench_speed.py [--threads 2] [--repeats 5] [--onnx]
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_speed.py [--threads 2] [--repeats 5] [--only ...]
 
 ViT-B/16 dimensions (VOC preset, randomly initialised open_clip ``ViT-B-16-quickgelu``, no
-download), fp32 unless stated. Variants are alternated within each repeat, so machine load
-hits them alike; the ratios are what to compare. ``uptime`` is printed before and after.
-Every variant runs with :func:`otseg.inference.allocator.keep_freed_memory` (as the predictor sets it on
-a CPU); run with ``OTSEG_MALLOC=default`` to measure glibc's default allocator instead.
+download). Variants are alternated within each repeat, so machine load hits them alike; the
+ratios are what to compare, and ``uptime`` is printed before and after. Engines convert into a
+fresh cache folder (``--cache``, default a temporary one), so first-start times are real.
 
-(a) image tower per 512 window: open_clip's own ``VisionTransformer.forward`` (1025 tokens),
-    our prompted tower run through open_clip's block modules (1035 tokens, the previous
-    implementation) and our tower (same 1035 tokens, our block forward: oneDNN GEMMs on
-    prepacked weights, per-head attention); max |Δ| of ours vs the open_clip-block tower;
-(b) slide inference of a 375×500 photo (two 512 windows) through the predictor, fp32 and bf16
-    autocast: ours vs the same predictor with open_clip's block modules (and with --onnx, the
-    ONNX Runtime tower, exported once into $OTSEG_CACHE);
-(c) whole-image inference vs slide: time, and label agreement on the example photos (random
-    weights, so agreement measures the protocol difference only, not quality);
-(d) with --onnx: the exported image tower and fixed-iteration head in ONNX Runtime vs torch;
-(e) the floor: the GEMM FLOPs of one window's tower at the rate oneDNN's GEMM reaches here on
-    the tower's largest matrix product (fp32 and bf16; beside ``F.linear`` on the same product),
-    against the measured tower.
+(a) image tower, one 512² window, fp32 and bf16, every backend side by side: open_clip's own
+    ``VisionTransformer`` (eager, 1025 tokens; bf16 as autocast), ours in eager PyTorch (1035
+    tokens; bf16 as autocast), ours through oneDNN private ops (while ``otseg.nn.onednn``
+    exists), OpenVINO, Inductor, and ONNX Runtime (fp32, when installed); max |Δ| against eager
+    fp32; the first start (conversion or compilation) and, for OpenVINO, the later start
+    (loading the converted model from the cache);
+(b) a 375×500 photo, ``set_image`` + ``predict`` (two slide windows): the original OTSeg code's
+    loop (open_clip's blocks, the verbatim original Sinkhorn, fp32, one window per call) against
+    the predictor on every backend, fp32 and bf16; bf16 labels against fp32;
+(c) whole-image against slide inference on the default backend, and their label agreement on
+    the example photos (random weights: the protocol difference only);
+(d) the demo's first overlay (``Handlers.segment`` + ``outputs`` in-process, a new session: a
+    new image and names) with the demo's defaults (precision and backend ``auto``);
+(e) the floor: the tower's GEMM FLOPs at the rate PyTorch's GEMM reaches here on its largest
+    product, fp32 and bf16.
+
+The issue's targets are printed as measured / target (≤ 1 meets a time target).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,15 +43,26 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runs from a plain checkout
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_core import photo_375x500, segmenter, uptime, vit_b16_model  # noqa: E402
+from bench_core import original_style, photo_375x500, segmenter, uptime, vit_b16_model  # noqa: E402
 
-import otseg.nn.clip_image as clip_image  # noqa: E402
+from otseg.errors import UserError  # noqa: E402
+from otseg.inference import engine  # noqa: E402
 from otseg.inference.allocator import keep_freed_memory  # noqa: E402
+from otseg.inference.engine import OpenVinoTower, choose_backend, cpu_info, image_tower  # noqa: E402
 from otseg.inference.preprocess import load_image, to_model_input  # noqa: E402
 from otseg.inference.slide import slide_inference  # noqa: E402
 from otseg.inference.whole import whole_inference  # noqa: E402
+
+ENGINES = ("openvino", "inductor")
+TARGETS = {  # the issue's targets (Intel Xeon with AMX, 2 threads)
+    "tower fp32 ms": 760,
+    "tower bf16 ms": 230,
+    "slide fp32 speed-up over the original": 1.5,
+    "slide bf16 speed-up over the original": 4.0,
+    "demo first overlay s": 0.8,
+}
+ONEDNN = importlib.util.find_spec("otseg.nn.onednn") is not None  # the former CPU fast path
 
 
 def alternate(variants: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -65,98 +82,179 @@ def alternate(variants: dict, repeats: int) -> tuple[dict[str, float], dict[str,
     return {k: med(v) for k, v in wall.items()}, {k: med(v) for k, v in cpu.items()}
 
 
-def table(t: dict, c: dict, labels: dict[str, str], ratios: list[tuple[str, str]]) -> None:
-    """Rows of wall and CPU milliseconds, then ``slow / fast`` ratios of both."""
-    print(f"{'':<46}{'wall ms':>9}{'CPU ms':>9}")
+def table(t: dict, c: dict, labels: dict[str, str], extra: dict[str, str] | None = None) -> None:
+    print(f"{'':<52}{'wall ms':>9}{'CPU ms':>9}")
     for name, label in labels.items():
-        print(f"{label:<46}{t[name]:>9.1f}{c[name]:>9.1f}")
-    for slow, fast in ratios:
-        print(
-            f"{labels[slow]} / {labels[fast]}: wall {t[slow] / t[fast]:.2f}x, "
-            f"CPU {c[slow] / c[fast]:.2f}x"
-        )
+        print(f"{label:<52}{t[name]:>9.1f}{c[name]:>9.1f}  {(extra or {}).get(name, '')}")
+
+
+def target(name: str, measured: float, *, higher_is_better: bool = False) -> None:
+    goal = TARGETS[name]
+    met = measured >= goal if higher_is_better else measured <= goal
+    ratio = measured / goal
+    print(
+        f"  target {name}: {measured:.2f} vs {goal} → {ratio:.2f} of it ({'met' if met else 'NOT met'})"
+    )
+
+
+def available_engines(model) -> dict[str, str]:
+    """Engine name → "" when it runs here, else why not."""
+    out = {}
+    for name in ENGINES:
+        try:
+            choose_backend(name, model=model)
+            out[name] = ""
+        except UserError as e:
+            out[name] = str(e)
+    return out
 
 
 @contextmanager
-def open_clip_blocks():
-    """Run our tower through open_clip's own block modules (the previous implementation)."""
-    ours = clip_image.block_forward
-    clip_image.block_forward = lambda block, x: block(x)
+def onednn_path(enabled: bool):
+    """Switch the hand-written oneDNN path of the eager tower on or off (it exists or not)."""
+    if not ONEDNN:
+        yield
+        return
+    from otseg.nn import onednn
+
+    before = onednn.AVAILABLE
+    onednn.AVAILABLE = enabled and before
     try:
         yield
     finally:
-        clip_image.block_forward = ours
+        onednn.AVAILABLE = before
 
 
-def bench_tower(model, repeats: int) -> None:
+def open_clip_tower(model):
+    """open_clip's ``VisionTransformer`` at 512² holding our tower's frozen weights."""
     from otseg.nn.clip_image import build_visual
 
     enc = model.image_encoder
-    cfg = model.config.vision
-    visual = build_visual(cfg).eval()  # open_clip's tower at 512², given our weights below
+    visual = build_visual(model.config.vision).eval()
     for name in ("conv1", "ln_pre", "transformer", "ln_post"):
         setattr(visual, name, getattr(enc, name))
     visual.class_embedding, visual.proj = enc.class_embedding, enc.proj
     visual.positional_embedding = enc.positional_embedding
-    x = torch.randn(1, 3, cfg.image_size, cfg.image_size)
+    return visual
 
-    def previous():
-        with open_clip_blocks():
-            return enc(x)
 
-    ours, ref = enc(x), previous()
-    delta = max((ours.pixels - ref.pixels).abs().max(), (ours.cls - ref.cls).abs().max())
-    t, c = alternate(
-        {"open_clip": lambda: visual(x), "previous": previous, "ours": lambda: enc(x)}, repeats
+def delta(a, b) -> float:
+    return max(
+        (a.pixels.float() - b.pixels.float()).abs().max().item(),
+        (a.cls.float() - b.cls.float()).abs().max().item(),
     )
-    print(f"\n(a) image tower, one {cfg.image_size}² window, fp32, medians")
-    labels = {
-        "open_clip": "open_clip VisionTransformer (1025 tokens)",
-        "previous": "ours via open_clip blocks (1035 tokens)",
-        "ours": "ours (1035 tokens)",
-    }
-    table(t, c, labels, [("open_clip", "ours"), ("previous", "ours")])
-    print(f"max |ours - ours via open_clip blocks| = {delta:.1e}")
 
 
-def bench_slide(model, repeats: int, onnx: bool = False) -> None:
-    photo = photo_375x500()
-    print("\n(b) 375×500 photo, set_image + predict (2 slide windows), medians")
+def bench_tower(model, repeats: int, engines: dict[str, str]) -> dict[str, float]:
+    """Section (a); returns the best wall ms per precision."""
+    size = model.config.test_crop
+    x = torch.randn(1, 3, size, size)
+    visual = open_clip_tower(model)
+    with onednn_path(False):
+        ref = image_tower(model, "torch", "fp32")(x)
+    best = {}
     for precision in ("fp32", "bf16"):
-        run = segmenter(model, photo, precision)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+        eager = image_tower(model, "torch", precision)
 
-        def previous(run=run):
-            with open_clip_blocks():
-                return run()
+        def open_clip(autocast=autocast):
+            with autocast:
+                return visual(x)
 
-        if precision == "fp32":
-            exact = run().labels
-            assert (exact == previous().labels).mean() > 0.999
-        else:  # two bf16 roundings: report how often each keeps the fp32 labels
-            print(
-                f"bf16 labels equal to fp32: ours {(run().labels == exact).mean():.4f}, "
-                f"via open_clip blocks (autocast) {(previous().labels == exact).mean():.4f}"
-            )
-        variants = {"previous": previous, "ours": run}
-        labels = {"previous": f"{precision} via open_clip blocks", "ours": f"{precision} ours"}
-        ratios = [("previous", "ours")]
-        if precision == "fp32" and onnx:
-            variants["onnx"] = segmenter(model, photo, precision, backend="onnxruntime")
-            labels["onnx"] = "fp32 ours, onnxruntime tower"
-            ratios += [("previous", "onnx"), ("ours", "onnx")]
-            agree = (variants["onnx"]().labels == run().labels).mean()
+        def portable(eager=eager):
+            with onednn_path(False):
+                return eager(x)
+
+        variants = {"open_clip": open_clip, "torch": portable}
+        labels = {
+            "open_clip": "open_clip VisionTransformer, eager",
+            "torch": "ours, PyTorch eager",
+        }
+        notes = {"torch": f"|Δ| {delta(portable(), ref):.1e}"}
+        if ONEDNN:
+            variants["onednn"] = lambda eager=eager: eager(x)
+            labels["onednn"] = "ours, eager through oneDNN private ops"
+            notes["onednn"] = f"|Δ| {delta(eager(x), ref):.1e}"
+        for name, why in engines.items():
+            if why:
+                continue
+            t = time.perf_counter()
+            tower = image_tower(model, name, precision)
+            tower.prepare((size, size))
+            first = time.perf_counter() - t
+            variants[name], labels[name] = (lambda tower=tower: tower(x)), f"ours, {name}"
+            start = f"first start {first:.1f} s"
+            if name == "openvino":
+                t = time.perf_counter()
+                OpenVinoTower(model, precision).prepare((size, size))  # a new process's start
+                start += f", later start {time.perf_counter() - t:.1f} s"
+            notes[name] = f"|Δ| {delta(tower(x), ref):.1e}, {start}"
+        if precision == "fp32" and importlib.util.find_spec("onnxruntime") is not None:
+            from otseg.inference.onnx_backend import onnx_tower
+
+            t = time.perf_counter()
+            ort = onnx_tower(model)
+            variants["onnxruntime"] = lambda: ort(x)
+            labels["onnxruntime"] = "ours, onnxruntime"
+            first = time.perf_counter() - t
+            notes["onnxruntime"] = f"|Δ| {delta(ort(x), ref):.1e}, first start {first:.1f} s"
         t, c = alternate(variants, repeats)
-        table(t, c, labels, ratios)
-        if precision == "fp32" and onnx:
-            print(f"labels onnxruntime vs torch: {agree:.4f} equal")
+        print(f"\n(a) image tower, one {size}² window, {precision}, medians")
+        table(t, c, labels, notes)
+        fastest = min((k for k in t if k != "open_clip"), key=t.get)
+        print(
+            f"  fastest: {labels[fastest]}; open_clip / it: wall {t['open_clip'] / t[fastest]:.2f}x,"
+            f" CPU {c['open_clip'] / c[fastest]:.2f}x"
+        )
+        default = choose_backend("auto", model=model, precision=precision)
+        print(f"  default here (backend='auto'): {default}")
+        best[precision] = t[default if default in t else "torch"]
+        target(f"tower {precision} ms", best[precision])
+    return best
+
+
+def bench_slide(model, repeats: int, engines: dict[str, str]) -> None:
+    photo = photo_375x500()
+    run_original = segmenter(model, photo, "fp32", backend="torch")
+
+    def original():
+        with original_style():
+            return run_original()
+
+    exact = original().labels
+
+    backends = ["torch", *(name for name, why in engines.items() if not why)]
+    variants, labels = {"original": original}, {"original": "original OTSeg code's loop, fp32"}
+    for precision in ("fp32", "bf16"):
+        for backend in backends:
+            key = f"{backend} {precision}"
+            variants[key] = segmenter(model, photo, precision, backend=backend)
+            eager = " (oneDNN path)" if backend == "torch" and ONEDNN else ""
+            labels[key] = f"predictor, {backend}{eager}, {precision}"
+    notes = {}
+    for key, run in variants.items():
+        if key != "original":
+            notes[key] = f"labels = original fp32 on {(run().labels == exact).mean():.4f}"
+    t, c = alternate(variants, repeats)
+    print("\n(b) 375×500 photo, set_image + predict (2 slide windows), medians")
+    table(t, c, labels, notes)
+    for precision in ("fp32", "bf16"):
+        for k in variants:
+            if k.endswith(precision):
+                print(f"  original / {labels[k]}: wall {t['original'] / t[k]:.2f}x, "
+                      f"CPU {c['original'] / c[k]:.2f}x")  # fmt: skip
+        key = f"{choose_backend('auto', model=model, precision=precision)} {precision}"
+        target(f"slide {precision} speed-up over the original", t["original"] / t[key],
+               higher_is_better=True)  # fmt: skip
 
 
 def bench_whole(model, repeats: int) -> None:
     cfg = model.config
     text = model.embed_text(list(cfg.class_names))
+    tower = image_tower(model, "auto", "fp32")
 
     def run(x):
-        return model(x, text).scores
+        return model(tower(x), text).scores
 
     def prepare(rgb):
         return to_model_input(rgb, cfg.resize_short, cfg.pixel_mean, cfg.pixel_std)
@@ -169,85 +267,46 @@ def bench_whole(model, repeats: int) -> None:
 
     photo = photo_375x500()
     x = prepare(photo)
+    whole(x, photo.shape[:2])  # the dynamic-shape model converts here, outside the timing
     t, c = alternate(
         {"slide": lambda: slide(x, photo.shape[:2]), "whole": lambda: whole(x, photo.shape[:2])},
         repeats,
     )
-    print("\n(c) whole-image vs slide inference (model forward, fp32), 375×500 photo, medians")
-    table(
-        t, c, {"slide": "slide (2 windows)", "whole": "whole (32×43 tokens)"}, [("slide", "whole")]
+    print(f"\n(c) whole-image vs slide inference, fp32, {tower.backend} tower, 375×500 photo")
+    table(t, c, {"slide": "slide (2 windows)", "whole": "whole (32×43 tokens)"})
+    print(
+        f"  slide / whole: wall {t['slide'] / t['whole']:.2f}x, CPU {c['slide'] / c['whole']:.2f}x"
     )
-    print("label agreement of whole with slide (random weights):")
+    print("  label agreement of whole with slide (random weights):")
     for path in sorted((REPO / "assets").glob("*.jpg")):
         rgb = load_image(path)
         x = prepare(rgb)
         a = slide(x, rgb.shape[:2]).argmax(1)
         b = whole(x, rgb.shape[:2]).argmax(1)
-        print(f"  {path.name:<14}{rgb.shape[0]}×{rgb.shape[1]:<6}{(a == b).float().mean():.3f}")
+        print(f"    {path.name:<14}{rgb.shape[0]}×{rgb.shape[1]:<6}{(a == b).float().mean():.3f}")
 
 
-def bench_onnx(model, repeats: int) -> None:
-    import tempfile
+def bench_demo(model, repeats: int) -> None:
+    import json
 
-    import onnxruntime as ort
+    from app.inference import Handlers, LoadedModel
 
-    from otseg.inference.export_onnx import (
-        HEAD_ITERATIONS,
-        export_head,
-        export_tower,
-        fixed_head_inputs,
-    )
-    from otseg.nn.mpsa import fixed_sinkhorn
-
-    cfg = model.config
-    x = torch.randn(1, 3, cfg.test_crop, cfg.test_crop)
-    text = model.embed_text(list(cfg.class_names))
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # like PASSIVE
+    precision = engine.auto_precision("cpu")
+    loaded = LoadedModel(model, "trained", "bench", precision=precision, backend="auto")
+    example = json.loads((REPO / "assets" / "examples.json").read_text())["examples"][0]
+    photo, names = str(REPO / "assets" / example["file"]), example["vocabulary"]
+    knobs = {"attention": "sinkhorn", "lam": 0.5, "use_mps": True}
     with tempfile.TemporaryDirectory() as tmp:
-        tower_path, head_path = Path(tmp) / "tower.onnx", Path(tmp) / "head.onnx"
-        export_tower(model, tower_path, size=cfg.test_crop)
-        iterations = HEAD_ITERATIONS
-        export_head(model, head_path, iterations=iterations, num_classes=len(cfg.class_names))
-        tower = ort.InferenceSession(str(tower_path), opts, providers=["CPUExecutionProvider"])
-        head = ort.InferenceSession(str(head_path), opts, providers=["CPUExecutionProvider"])
-    emb = model.encode_image(x)
-    feeds = fixed_head_inputs(emb, text)
-    pix, cls = tower.run(None, {"images": x.numpy()})
-    with fixed_sinkhorn(model, iterations):
-        torch_head = model.decode(emb, text)
-    onnx_head = head.run(None, {k: v.numpy() for k, v in feeds.items()})
-    print(f"\n(d) ONNX Runtime {ort.__version__} vs torch, fp32, median ms")
-    print(
-        f"max |Δ| tower pixels {np.abs(pix - emb.pixels.numpy()).max():.1e}, "
-        f"cls {np.abs(cls - emb.cls.numpy()).max():.1e}; head ({iterations} fixed iterations) "
-        f"decoder map {np.abs(onnx_head[0] - torch_head.decoder.numpy()).max():.1e}"
-    )
+        handlers = Handlers(loaded, Path(tmp))
 
-    def bf16_tower():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return model.encode_image(x)
+        def first():  # a new session: new image, new names (the text tower runs once, cached)
+            handlers.outputs(handlers.segment(None, photo, names, knobs), 0.5)
 
-    t, c = alternate(
-        {
-            "torch tower": lambda: model.encode_image(x),
-            "torch bf16 tower": bf16_tower,
-            "onnx tower": lambda: tower.run(None, {"images": x.numpy()}),
-            "torch head": lambda: model.decode(emb, text),  # the original rule
-            "onnx head": lambda: head.run(None, {k: v.numpy() for k, v in feeds.items()}),
-        },
-        repeats,
-    )
-    labels = {
-        "torch tower": "tower, torch fp32",
-        "onnx tower": "tower, onnxruntime fp32",
-        "torch bf16 tower": "tower, torch bf16 autocast",
-        "torch head": "head, torch (original rule)",
-        "onnx head": f"head, onnxruntime ({iterations} iterations)",
-    }
-    pairs = [("torch tower", "onnx tower"), ("onnx tower", "torch bf16 tower")]
-    table(t, c, labels, pairs + [("torch head", "onnx head")])
+        t, c = alternate({"first": first}, repeats)
+    print(f"\n(d) demo, first overlay of {example['file']} ({names}), handler in-process, "
+          f"precision {loaded.precision}, backend {loaded.backend}")  # fmt: skip
+    print(f"  {t['first']:.0f} ms wall, {c['first']:.0f} ms CPU")
+    target("demo first overlay s", t["first"] / 1000)
 
 
 def tower_flops(cfg, tokens: int) -> tuple[float, float]:
@@ -259,42 +318,25 @@ def tower_flops(cfg, tokens: int) -> tuple[float, float]:
     return dense, attention
 
 
-def bench_floor(model, repeats: int) -> None:
+def bench_floor(model, repeats: int, best: dict[str, float]) -> None:
     cfg = model.config.vision
     grid = cfg.image_size // cfg.patch_size
     tokens = 1 + cfg.num_prompt_tokens + grid * grid
     hidden = int(cfg.width * cfg.mlp_ratio)
     dense, attention = tower_flops(cfg, tokens)
     gemm = 2 * tokens * cfg.width * hidden
-    x = torch.randn(1, 3, cfg.image_size, cfg.image_size)
     print(f"\n(e) floor: one {cfg.image_size}² window, {tokens} tokens, medians")
     print(f"tower GEMM work: {dense / 1e9:.0f} GFLOP dense + {attention / 1e9:.0f} GFLOP attention")
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a = torch.randn(tokens, cfg.width).to(dtype)
-        weight = torch.ops.mkldnn._reorder_linear_weight(torch.randn(hidden, cfg.width).to(dtype))
-        bias = torch.zeros(hidden, dtype=dtype)
-
-        def product(a=a, weight=weight, bias=bias):
-            return torch.ops.mkldnn._linear_pointwise(a, weight, bias, "none", [], "")
-
-        def tower(dtype=dtype):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                return model.encode_image(x)
-
-        plain = torch.randn(hidden, cfg.width).to(dtype)
-
-        def default(a=a, plain=plain, bias=bias):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                return torch.nn.functional.linear(a, plain, bias)
-
-        t, _ = alternate({"gemm": product, "F.linear": default, "tower": tower}, repeats)
+        weight = torch.randn(hidden, cfg.width).to(dtype)
+        t, _ = alternate({"gemm": lambda a=a, weight=weight: a @ weight.T}, repeats)
         rate = gemm / (t["gemm"] / 1000)
         floor = (dense + attention) / rate * 1000
+        measured = f"; fastest tower measured {best[name]:.0f} ms" if name in best else ""
         print(
-            f"{name}: oneDNN GEMM {tokens}×{cfg.width}×{hidden} {t['gemm']:.2f} ms = "
-            f"{rate / 1e9:.0f} GFLOP/s (F.linear {t['F.linear']:.2f} ms, "
-            f"{t['F.linear'] / t['gemm']:.2f}x slower) → GEMM floor {floor:.0f} ms per window "
-            f"({2 * floor:.0f} ms for two); tower measured {t['tower']:.0f} ms"
+            f"{name}: GEMM {tokens}×{cfg.width}×{hidden} {t['gemm']:.2f} ms = {rate / 1e9:.0f} "
+            f"GFLOP/s → GEMM floor {floor:.0f} ms per window{measured}"
         )
 
 
@@ -302,27 +344,43 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--onnx", action="store_true", help="also compare ONNX Runtime")
-    ap.add_argument("--only", choices=["tower", "slide", "whole", "onnx", "floor"], default=None)
+    ap.add_argument("--cache", type=Path, default=None, help="engine cache (default: a new one)")
+    sections = ["tower", "slide", "whole", "demo", "floor"]
+    ap.add_argument("--only", choices=sections, nargs="+", default=sections)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.repeats} repeats")
-    # As the predictor does on a CPU; every variant below shares it (OTSEG_MALLOC=default: off).
+    info = cpu_info()
+    print(f"CPU: {info.model} ({info.machine}); flags: {info.isa}")
+    versions = {"torch": torch.__version__}
+    for package in ("openvino", "onnxruntime"):
+        if importlib.util.find_spec(package) is not None:
+            versions[package] = __import__(package).__version__
+    print(", ".join(f"{k} {v}" for k, v in versions.items()) + f"; {args.threads} threads, "
+          f"{args.repeats} repeats")  # fmt: skip
     print(f"glibc keeps freed memory (otseg.inference.allocator): {keep_freed_memory()}")
     print(f"uptime: {uptime()}")
-    model = vit_b16_model()
-    with torch.inference_mode():
-        if args.only in (None, "tower"):
-            bench_tower(model, args.repeats)
-        if args.only in (None, "slide"):
-            bench_slide(model, args.repeats, args.onnx)
-        if args.only in (None, "whole"):
-            bench_whole(model, args.repeats)
-        if args.only in (None, "floor"):
-            bench_floor(model, args.repeats)
-    if args.onnx or args.only == "onnx":
-        with torch.inference_mode():
-            bench_onnx(model, args.repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ[engine.ENGINE_CACHE_ENV] = str(args.cache or tmp)
+        os.environ.setdefault("OTSEG_CACHE", str(Path(tmp) / "otseg"))  # onnxruntime's export
+        model = vit_b16_model()
+        engines = available_engines(model)
+        for name, why in engines.items():
+            if why:
+                print(f"{name}: not measured ({why})")
+        best = {}
+        if "tower" in args.only:
+            with torch.inference_mode():
+                best = bench_tower(model, args.repeats, engines)
+        if "slide" in args.only:
+            bench_slide(model, args.repeats, engines)
+        if "whole" in args.only:
+            with torch.inference_mode():
+                bench_whole(model, args.repeats)
+        if "demo" in args.only:
+            bench_demo(model, args.repeats)
+        if "floor" in args.only:
+            with torch.inference_mode():
+                bench_floor(model, args.repeats, best)
     print(f"uptime: {uptime()}")
 
 
