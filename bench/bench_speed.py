@@ -10,10 +10,10 @@ fresh cache folder (``--cache``, default a temporary one), so first-start times 
 
 (a) image tower, one 512² window, fp32 and bf16, every backend side by side: open_clip's own
     ``VisionTransformer`` (eager, 1025 tokens; bf16 as autocast), ours in eager PyTorch (1035
-    tokens; bf16 as autocast), ours through oneDNN private ops (while ``otseg.nn.onednn``
-    exists), OpenVINO, Inductor, and ONNX Runtime (fp32, when installed); max |Δ| against eager
-    fp32; the first start (conversion or compilation) and, for OpenVINO, the later start
-    (loading the converted model from the cache);
+    tokens; bf16 as autocast), OpenVINO, Inductor, and ONNX Runtime (fp32, when installed: the
+    ``otseg export-onnx`` file in an ``InferenceSession``); max |Δ| against eager fp32; the
+    first start (conversion or compilation) and, for OpenVINO, the later start (loading the
+    converted model from the cache);
 (b) a 375×500 photo, ``set_image`` + ``predict`` (two slide windows): the original OTSeg code's
     loop (open_clip's blocks, the verbatim original Sinkhorn, fp32, one window per call) against
     the predictor on every backend, fp32 and bf16; bf16 labels against fp32;
@@ -36,7 +36,6 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -62,7 +61,6 @@ TARGETS = {  # the issue's targets (Intel Xeon with AMX, 2 threads)
     "slide bf16 speed-up over the original": 4.0,
     "demo first overlay s": 0.8,
 }
-ONEDNN = importlib.util.find_spec("otseg.nn.onednn") is not None  # the former CPU fast path
 
 
 def alternate(variants: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -109,22 +107,6 @@ def available_engines(model) -> dict[str, str]:
     return out
 
 
-@contextmanager
-def onednn_path(enabled: bool):
-    """Switch the hand-written oneDNN path of the eager tower on or off (it exists or not)."""
-    if not ONEDNN:
-        yield
-        return
-    from otseg.nn import onednn
-
-    before = onednn.AVAILABLE
-    onednn.AVAILABLE = enabled and before
-    try:
-        yield
-    finally:
-        onednn.AVAILABLE = before
-
-
 def open_clip_tower(model):
     """open_clip's ``VisionTransformer`` at 512² holding our tower's frozen weights."""
     from otseg.nn.clip_image import build_visual
@@ -136,6 +118,28 @@ def open_clip_tower(model):
     visual.class_embedding, visual.proj = enc.class_embedding, enc.proj
     visual.positional_embedding = enc.positional_embedding
     return visual
+
+
+def onnx_session(model, size: int):
+    """The tower exported to ONNX (``otseg.inference.export_onnx``) in an ONNX Runtime session,
+    as a callable on (1, 3, size, size) images → :class:`ImageEmbedding`."""
+    import onnxruntime as ort
+
+    from otseg.inference.export_onnx import export_tower
+    from otseg.nn.clip_image import ImageEmbedding
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_tower(model, Path(tmp) / "tower.onnx", size=size)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # like PASSIVE
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def run(images):
+        pixels, cls = session.run(None, {"images": images.numpy()})
+        return ImageEmbedding(pixels=torch.from_numpy(pixels), cls=torch.from_numpy(cls))
+
+    return run
 
 
 def delta(a, b) -> float:
@@ -150,8 +154,7 @@ def bench_tower(model, repeats: int, engines: dict[str, str]) -> dict[str, float
     size = model.config.test_crop
     x = torch.randn(1, 3, size, size)
     visual = open_clip_tower(model)
-    with onednn_path(False):
-        ref = image_tower(model, "torch", "fp32")(x)
+    ref = image_tower(model, "torch", "fp32")(x)
     best = {}
     for precision in ("fp32", "bf16"):
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -161,20 +164,12 @@ def bench_tower(model, repeats: int, engines: dict[str, str]) -> dict[str, float
             with autocast:
                 return visual(x)
 
-        def portable(eager=eager):
-            with onednn_path(False):
-                return eager(x)
-
-        variants = {"open_clip": open_clip, "torch": portable}
+        variants = {"open_clip": open_clip, "torch": lambda eager=eager: eager(x)}
         labels = {
             "open_clip": "open_clip VisionTransformer, eager",
             "torch": "ours, PyTorch eager",
         }
-        notes = {"torch": f"|Δ| {delta(portable(), ref):.1e}"}
-        if ONEDNN:
-            variants["onednn"] = lambda eager=eager: eager(x)
-            labels["onednn"] = "ours, eager through oneDNN private ops"
-            notes["onednn"] = f"|Δ| {delta(eager(x), ref):.1e}"
+        notes = {"torch": f"|Δ| {delta(eager(x), ref):.1e}"}
         for name, why in engines.items():
             if why:
                 continue
@@ -190,13 +185,11 @@ def bench_tower(model, repeats: int, engines: dict[str, str]) -> dict[str, float
                 start += f", later start {time.perf_counter() - t:.1f} s"
             notes[name] = f"|Δ| {delta(tower(x), ref):.1e}, {start}"
         if precision == "fp32" and importlib.util.find_spec("onnxruntime") is not None:
-            from otseg.inference.onnx_backend import onnx_tower
-
             t = time.perf_counter()
-            ort = onnx_tower(model)
-            variants["onnxruntime"] = lambda: ort(x)
-            labels["onnxruntime"] = "ours, onnxruntime"
+            ort = onnx_session(model, size)
             first = time.perf_counter() - t
+            variants["onnxruntime"] = lambda: ort(x)
+            labels["onnxruntime"] = "ours, onnxruntime (exported file)"
             notes["onnxruntime"] = f"|Δ| {delta(ort(x), ref):.1e}, first start {first:.1f} s"
         t, c = alternate(variants, repeats)
         print(f"\n(a) image tower, one {size}² window, {precision}, medians")
@@ -229,8 +222,7 @@ def bench_slide(model, repeats: int, engines: dict[str, str]) -> None:
         for backend in backends:
             key = f"{backend} {precision}"
             variants[key] = segmenter(model, photo, precision, backend=backend)
-            eager = " (oneDNN path)" if backend == "torch" and ONEDNN else ""
-            labels[key] = f"predictor, {backend}{eager}, {precision}"
+            labels[key] = f"predictor, {backend}, {precision}"
     notes = {}
     for key, run in variants.items():
         if key != "original":
@@ -361,7 +353,6 @@ def main() -> None:
     print(f"uptime: {uptime()}")
     with tempfile.TemporaryDirectory() as tmp:
         os.environ[engine.ENGINE_CACHE_ENV] = str(args.cache or tmp)
-        os.environ.setdefault("OTSEG_CACHE", str(Path(tmp) / "otseg"))  # onnxruntime's export
         model = vit_b16_model()
         engines = available_engines(model)
         for name, why in engines.items():

@@ -28,16 +28,16 @@ def test_short_context_equals_open_clip_encode_text(clip):
     torch.testing.assert_close(tower(prompts), ref, atol=1e-6, rtol=1e-5)
 
 
-def test_cpu_inference_runs_our_masked_block_forward(clip, monkeypatch):
-    """Without autograd on a CPU the text blocks take the oneDNN path with the causal mask; with
+def test_inference_runs_our_masked_block_forward(clip, monkeypatch):
+    """Without autograd the text blocks run our block forward with the causal mask; with
     autograd (learned prompts) open_clip's transformer runs; both equal open_clip."""
-    import otseg.nn.clip_image as clip_image
+    import otseg.nn.clip_text as clip_text
 
     model, tokenizer = clip
     tower = TextTower(model, tokenizer)
     masks = []
-    ours = clip_image._cpu_block_forward
-    monkeypatch.setattr(clip_image, "_cpu_block_forward", lambda *a: masks.append(a[3]) or ours(*a))
+    ours = clip_text.block_forward
+    monkeypatch.setattr(clip_text, "block_forward", lambda *a: masks.append(a[2]) or ours(*a))
     prompts = ["a photo of a cat.", "a bad photo of the dining table in the room."]
     tokens = tokenizer(prompts)
     with torch.no_grad():

@@ -48,67 +48,14 @@ def test_command_line_writes_both_files(tmp_path, capsys):
     assert "3 fixed Sinkhorn iterations" in capsys.readouterr().out
 
 
-def test_predictor_onnxruntime_backend_equals_torch(tmp_path, monkeypatch):
-    from factories import random_photo
-    from otseg.inference.predictor import OTSegPredictor
-
-    monkeypatch.setenv("OTSEG_CACHE", str(tmp_path))
-    model = tiny_model().eval()
-    names = list(model.config.class_names)
-    photo = random_photo(seed=2)
-    results = []
-    for backend in ("torch", "onnxruntime"):
-        p = OTSegPredictor(model, backend=backend)
-        p.set_image(photo)
-        p.set_vocabulary(names)
-        results.append(p.predict())
-    np.testing.assert_allclose(results[1].probs, results[0].probs, atol=1e-5)
-    assert len(list((tmp_path / "onnx").glob("tower-*.onnx"))) == 1  # exported once, cached
-    OTSegPredictor(model, backend="onnxruntime")  # from the cache
-    assert len(list((tmp_path / "onnx").iterdir())) == 1
-    import pytest
-
-    with pytest.raises(ValueError, match="fp32 slide windows on the CPU only, .*mode='whole'"):
-        OTSegPredictor(model, backend="onnxruntime", mode="whole")
-    elsewhere = copy.deepcopy(model).to("meta")  # any non-CPU device: the tower's output is CPU
-    with pytest.raises(ValueError, match="on the CPU only, .* on meta$"):
-        OTSegPredictor(elsewhere, backend="onnxruntime")
-
-
-def test_onnx_exports_share_the_otseg_cache(tmp_path, monkeypatch):
-    from otseg.inference.onnx_backend import cache_dir
-
-    monkeypatch.delenv("OTSEG_CACHE", raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    assert cache_dir() == tmp_path / "hf" / "otseg" / "onnx"
-    monkeypatch.setenv("OTSEG_CACHE", str(tmp_path / "c"))
-    assert cache_dir() == tmp_path / "c" / "onnx"
-
-
-def test_onnx_cache_key_follows_the_tower_weights_and_size():
-    """A fine-tuned copy must not reuse another model's exported tower."""
-    from otseg.inference.onnx_backend import tower_key
-
-    model, same = tiny_model(seed=0), tiny_model(seed=0)
-    key = tower_key(model, 64)
-    assert tower_key(same, 64) == key and tower_key(model, 80) != key
-    with torch.no_grad():
-        model.image_encoder.prompt_embeddings.add_(1e-3)
-    assert tower_key(model, 64) != key
-
-
 def test_missing_onnx_packages_raise_a_user_error_not_system_exit(tmp_path, monkeypatch):
-    """The predictor's ONNX backend exports through this path: it must not exit the process."""
+    """A library call of the export must not exit the process."""
     import sys
 
     import pytest
 
     from otseg.errors import UserError
-    from otseg.inference.onnx_backend import OnnxTower
 
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript → ImportError
     with pytest.raises(UserError, match="onnxscript"):
         export_tower(tiny_model().eval(), tmp_path / "tower.onnx")
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(UserError, match="needs onnxruntime"):
-        OnnxTower(tmp_path / "tower.onnx")

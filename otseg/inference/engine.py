@@ -396,7 +396,6 @@ def export_tower(model: Any, example: torch.Tensor, *, dynamic: bool = False):
     """``torch.export`` of ``model.image_encoder`` on (1, 3, H, W) images → an ExportedProgram
     with the embedding's fields as outputs; ``dynamic``: any H and W (multiples of the patch)."""
     shapes = ({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO},) if dynamic else None
-    # The oneDNN fast path of the eager tower (otseg.nn.onednn) steps aside while exporting.
     with torch.no_grad():
         return torch.export.export(
             _Fields(model.image_encoder).eval(), (example,), dynamic_shapes=shapes

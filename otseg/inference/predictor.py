@@ -145,8 +145,8 @@ class OTSegPredictor:
     whole image, see :mod:`otseg.inference.whole`: ~1.5× less work on a 4:3 photo; labels differ).
     backend: what runs the image tower: ``"auto"`` (``$OTSEG_BACKEND``, else OpenVINO on an
     x86-64 CPU where it is installed, else PyTorch), ``"torch"``, ``"openvino"``,
-    ``"inductor"`` (see :mod:`otseg.inference.engine`), or ``"onnxruntime"`` (CPU, fp32, slide;
-    :mod:`otseg.inference.onnx_backend`). The chosen one is ``predictor.backend``.
+    ``"inductor"`` (see :mod:`otseg.inference.engine`). The chosen one is
+    ``predictor.backend``.
     """
 
     def __init__(
@@ -175,23 +175,11 @@ class OTSegPredictor:
             precision = auto_precision(self.model.device)
         self.precision = precision
         self.mode = mode
-        if backend == "onnxruntime":
-            device = self.model.device
-            if precision != "fp32" or mode != "slide" or device.type != "cpu":
-                raise UserError(
-                    "backend='onnxruntime' runs fp32 slide windows on the CPU only, got "
-                    f"precision={precision!r}, mode={mode!r} on {device}"
-                )
-            from .onnx_backend import onnx_tower
-
-            self.tower = onnx_tower(self.model)
-        else:
-            self.tower = image_tower(self.model, backend, precision)
-            cfg = self.model.config
-            crop = (cfg.test_crop, cfg.test_crop)
-            # Convert (or load) the engine now, not in the first set_image; whole mode runs
-            # the dynamic-shape model, which any size other than the crop selects.
-            self.tower.prepare(crop if mode == "slide" else (crop[0], crop[1] + 16))
+        self.tower = image_tower(self.model, backend, precision)
+        crop = (self.model.config.test_crop, self.model.config.test_crop)
+        # Convert (or load) the engine now, not in the first set_image; whole mode runs the
+        # dynamic-shape model, which any size other than the crop selects.
+        self.tower.prepare(crop if mode == "slide" else (crop[0], crop[1] + 16))
         self.backend = self.tower.backend
         self.reset_image()
         self._names: list[str] | None = None

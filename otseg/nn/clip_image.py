@@ -3,11 +3,11 @@
 The transformer blocks, patch embedding and norms are open_clip's modules (so OpenAI CLIP
 weights load directly); the forward is ours, because OTSeg inserts and replaces prompt tokens
 between blocks and interpolates positions to any token grid. Each block runs through
-:func:`block_forward` over the block's own weights: on a CPU without autograd, oneDNN GEMMs on
-weights packed once (bias, residual and QuickGELU fused) and per-head attention; elsewhere one
-fused QKV projection and ``scaled_dot_product_attention`` instead of ``nn.MultiheadAttention``
-(whose inference path materialises the attention matrix), with in-place activations when no
-gradient is needed. Both equal open_clip's block to ~1e-6 in fp32 (see tests).
+:func:`block_forward` over the block's own weights: one fused QKV projection and
+``scaled_dot_product_attention`` instead of ``nn.MultiheadAttention`` (whose inference path
+materialises the attention matrix), with in-place activations when no gradient is needed; equal
+to open_clip's block to ~1e-6 in fp32 (see tests). On a CPU, inference runs the whole tower on
+an inference engine instead (:mod:`otseg.inference.engine`), exported from this forward.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import VisionConfig
 from ..errors import UserError
-from . import onednn
 
 
 @dataclass
@@ -99,7 +98,6 @@ class PromptedViT(FrozenClipTower):
 
 
 _QUICK_GELU = 1.702  # QuickGELU(y) = y·σ(1.702·y) = swish(1.702·y) / 1.702
-_PER_HEAD_MIN_TOKENS = 128  # CPU attention runs per head from this sequence length on
 
 
 def block_forward(
@@ -109,8 +107,7 @@ def block_forward(
 
     attn_mask: None, or an additive (L, L) float mask (the text tower's causal mask).
     Same weights and result as ``block(x, attn_mask=attn_mask)``; any other block type runs
-    as itself. CPU inference (fp32, or bf16 autocast) takes :func:`_cpu_block_forward`;
-    autograd, GPUs and export take the portable path below.
+    as itself.
     """
     attn = getattr(block, "attn", None)
     if not (
@@ -123,9 +120,6 @@ def block_forward(
         and type(block.mlp.gelu).__name__ == "QuickGELU"
     ):
         return block(x, attn_mask=attn_mask)
-    dtype = onednn.inference_dtype(x)
-    if dtype is not None:
-        return _cpu_block_forward(block, x, dtype, attn_mask)
     b, n, c = x.shape
     heads = attn.num_heads
     qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
@@ -138,98 +132,6 @@ def block_forward(
     else:
         y.mul_(torch.sigmoid(_QUICK_GELU * y))
     return x + F.linear(y, block.mlp.c_proj.weight, block.mlp.c_proj.bias)
-
-
-# -- CPU inference through oneDNN (see otseg.nn.onednn) ------------------------------------------
-
-
-@dataclass(frozen=True)
-class _PackedBlock:
-    """One block's weights in oneDNN's layout and the compute dtype, with the attention scale
-    folded into the query rows and QuickGELU's 1.702 folded into the MLP (oneDNN fuses
-    swish(y) = y·σ(y) into the GEMM, not y·σ(1.702·y)). Each field: (weight, bias)."""
-
-    qkv: tuple[torch.Tensor, torch.Tensor]
-    out: tuple[torch.Tensor, torch.Tensor]
-    fc: tuple[torch.Tensor, torch.Tensor]
-    proj: tuple[torch.Tensor, torch.Tensor]
-
-
-def _block_weights(block: nn.Module) -> tuple[torch.Tensor, ...]:
-    attn, mlp = block.attn, block.mlp
-    return (
-        attn.in_proj_weight,
-        attn.in_proj_bias,
-        attn.out_proj.weight,
-        attn.out_proj.bias,
-        mlp.c_fc.weight,
-        mlp.c_fc.bias,
-        mlp.c_proj.weight,
-        mlp.c_proj.bias,
-    )
-
-
-def _pack_block(block: nn.Module, dtype: torch.dtype) -> _PackedBlock:
-    w_qkv, b_qkv, w_out, b_out, w_fc, b_fc, w_proj, b_proj = (
-        w.detach().float().clone() for w in _block_weights(block)
-    )
-    c = w_out.shape[0]
-    scale = (c // block.attn.num_heads) ** -0.5  # as scaled_dot_product_attention
-    w_qkv[:c] *= scale
-    b_qkv[:c] *= scale
-
-    def packed(w: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return onednn.pack(w, dtype), bias.to(dtype)
-
-    return _PackedBlock(
-        qkv=packed(w_qkv, b_qkv),
-        out=packed(w_out, b_out),
-        fc=packed(w_fc * _QUICK_GELU, b_fc * _QUICK_GELU),
-        proj=packed(w_proj / _QUICK_GELU, b_proj),
-    )
-
-
-def _cpu_block_forward(
-    block: nn.Module, x: torch.Tensor, dtype: torch.dtype, attn_mask: torch.Tensor | None
-) -> torch.Tensor:
-    """:func:`block_forward` for CPU inference: oneDNN GEMMs on prepacked weights with the
-    bias, residual and QuickGELU fused, and :func:`_attention`.
-    x (B, L, W) → (B, L, W) fp32; ``dtype`` (fp32 or bf16) is the GEMMs' dtype."""
-    p = onednn.cached(block, dtype, _block_weights(block), lambda: _pack_block(block, dtype))
-    b, n, c = x.shape
-    heads = block.attn.num_heads
-    with torch.autocast("cpu", enabled=False):
-        rows = x.reshape(b * n, c).float()
-        qkv = onednn.linear(block.ln_1(rows).to(dtype), p.qkv)
-        y = _attention(qkv.view(b, n, 3, heads, c // heads), attn_mask)
-        rows = onednn.linear_add(y, p.out, rows)
-        y = onednn.linear(block.ln_2(rows).to(dtype), p.fc, "swish")  # 1.702 · QuickGELU
-        rows = onednn.linear_add(y, p.proj, rows)
-    return rows.view(b, n, c)
-
-
-def _attention(qkv: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-    """Softmax attention. qkv (B, L, 3, heads, d), queries pre-scaled → (B·L, heads·d).
-
-    Long sequences (image windows) run one head at a time as two oneDNN GEMMs and a softmax;
-    oneDNN needs contiguous operands (a strided one is ~1000× slower). Short ones (text
-    prompts: many sequences of a few tokens) run batched through
-    ``scaled_dot_product_attention``, where per-head calls would cost more than the work.
-    """
-    b, n, _, heads, d = qkv.shape
-    if attn_mask is not None or n < _PER_HEAD_MIN_TOKENS:
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, L, d) each
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
-        return y.transpose(1, 2).reshape(b * n, heads * d)
-    q = qkv[:, :, 0].transpose(1, 2).contiguous()  # (B, heads, L, d)
-    k = qkv[:, :, 1].transpose(1, 2).contiguous()
-    v_t = qkv[:, :, 2].permute(0, 2, 3, 1).contiguous()  # (B, heads, d, L)
-    out = qkv.new_empty(b, n, heads, d)
-    for i in range(b):
-        for h in range(heads):
-            weights = torch.softmax(onednn.linear(q[i, h], (k[i, h], None)), dim=-1)
-            out[i, :, h] = onednn.linear(weights, (v_t[i, h], None))
-    return out.view(b * n, heads * d)
 
 
 def build_visual(cfg: VisionConfig) -> nn.Module:

@@ -18,7 +18,6 @@ from torch import nn
 
 from ..data.prompts import fill
 from ..errors import UserError
-from . import onednn
 from .clip_image import block_forward
 
 
@@ -106,7 +105,7 @@ class TextTower(nn.Module):
         mask = self.attn_mask[:length, :length]
         try:
             batch_first = getattr(self.transformer, "batch_first", True)
-            if batch_first and onednn.inference_dtype(x) is not None:  # CPU inference
+            if batch_first and not torch.is_grad_enabled():  # inference: no attention matrix
                 for block in self.transformer.resblocks:
                     x = block_forward(block, x, mask)
             else:

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import HeadConfig
-from . import onednn
 from .mps import Transport
 from .mpsa import PromptPixelAttention
 
@@ -38,8 +37,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, dim: int, cfg: HeadConfig) -> None:
         super().__init__()
         self.multihead_attn = PromptPixelAttention(dim, cfg)
-        self.linear1 = onednn.Linear(dim, cfg.ffn_dim)
-        self.linear2 = onednn.Linear(cfg.ffn_dim, dim)
+        self.linear1 = nn.Linear(dim, cfg.ffn_dim)
+        self.linear2 = nn.Linear(cfg.ffn_dim, dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(cfg.dropout)  # inside the FFN

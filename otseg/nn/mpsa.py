@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from ..config import HeadConfig
-from . import onednn
 from .mps import Transport, mps_score, transport_args
 
 ATTENTIONS = ("sinkhorn", "softmax")
@@ -23,10 +22,10 @@ class PromptPixelAttention(nn.Module):
     def __init__(self, dim: int, cfg: HeadConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.q = onednn.Linear(dim, dim)
-        self.k = onednn.Linear(dim, dim)
-        self.v = onednn.Linear(dim, dim)
-        self.proj = onednn.Linear(dim, dim)
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
         self.attn_drop = nn.Dropout(cfg.attn_dropout)
 
     def forward(
