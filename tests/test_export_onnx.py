@@ -3,8 +3,6 @@ same outputs as torch (any number of classes)."""
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import onnxruntime as ort
 import torch

@@ -262,6 +262,9 @@ class OpenVinoTower(ImageTower):
             "INFERENCE_PRECISION_HINT": _OV_HINT[self.precision],
             "INFERENCE_NUM_THREADS": self.threads,
             "PERFORMANCE_HINT": "LATENCY",
+            # Threads not pinned to cores: on a shared machine (other processes, a Space's VM)
+            # pinned threads wait for their busy core; unpinned ran 1.1-1.3x faster here.
+            "ENABLE_CPU_PINNING": False,
         }
         return self._core.compile_model(self._core.read_model(str(xml)), "CPU", config)
 
