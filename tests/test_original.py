@@ -317,7 +317,8 @@ def test_app_serves_its_page_while_the_model_downloads(mirror, monkeypatch, caps
         with chromium() as context, open_page(context, url, "loading") as session:
             page = session.page
             mode = "(document.querySelector('#mode') || {}).innerText || ''"
-            page.wait_for_function(f"({mode}).includes('Downloading the tiny parity fixture')")
+            # the stage line comes first, the percentage once the mirror has sent bytes
+            page.wait_for_function(f"/checkpoint: \\d+ %/.test({mode})")
             shown = re.search(r"checkpoint: (\d+) %", page.evaluate(mode))
             assert shown and 0 < int(shown.group(1)) < 100, page.evaluate(mode)
             photo = write_photo(Path(os.environ["OTSEG_CACHE"]) / "photo.png")
