@@ -37,6 +37,7 @@ import tempfile
 import threading
 import warnings
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,7 +160,7 @@ def auto_precision(device: torch.device | str = "cpu", info: CpuInfo | None = No
 
 
 # -- towers -------------------------------------------------------------------------------------
-class ImageTower:
+class ImageTower(ABC):
     """Runs a model's image tower: ``tower(images)`` → the embedding ``model.encode_image``
     returns. images: (B, 3, H, W) normalised. ``backend`` and ``precision`` say what runs."""
 
@@ -167,11 +168,13 @@ class ImageTower:
     precision: str
     model: Any
 
+    @abstractmethod
     def __call__(self, images: torch.Tensor) -> Any:
-        raise NotImplementedError
+        """The embedding of ``images``, as ``model.encode_image`` returns it."""
 
     def prepare(self, size: tuple[int, int]) -> None:
         """Convert/compile for (1, 3, *size) inputs now rather than on the first call."""
+        return None  # nothing to prepare for an eager tower
 
 
 class TorchTower(ImageTower):

@@ -108,12 +108,17 @@ class OriginalModel:
         return f"https://drive.google.com/file/d/{self.drive_id}/view"
 
 
+def _title(dataset: str, setting: str) -> str:
+    """ "COCO-Stuff transductive", "PASCAL VOC fully supervised", ..."""
+    return f"{DATASET_TITLES[dataset]} {'fully supervised' if setting == 'fully' else setting}"
+
+
 def _entry(dataset: str, setting: str, drive_id: str, u: float, s: float, h: float | None, **kw):
     npy = "voc12_otseg.npy" if dataset == "voc" else f"{dataset}_otseg.npy"
     size, sha = EMBEDDING_FILES[npy]
     return OriginalModel(
         name=f"{dataset}-{setting}",
-        title=f"{DATASET_TITLES[dataset]} {'fully supervised' if setting == 'fully' else setting}",
+        title=_title(dataset, setting),
         drive_id=drive_id,
         embeddings=npy,
         preset=f"{dataset}-{setting}",
@@ -190,7 +195,7 @@ def _zegclip(dataset: str, setting: str, drive_id: str, pacc, s, u, h) -> Origin
     size, sha = ZEGCLIP_EMBEDDING_FILES[npy]
     return OriginalModel(
         name=f"{dataset}-{setting}",
-        title=f"{DATASET_TITLES[dataset]} {'fully supervised' if setting == 'fully' else setting}",
+        title=_title(dataset, setting),
         drive_id=drive_id,
         embeddings=npy,
         preset=f"zegclip-{dataset}-{setting}",
